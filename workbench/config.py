@@ -1,0 +1,117 @@
+"""Typed configuration read from ``configs/*.yaml``.
+
+A config says which model to load and how, what a reply defaults to, and which
+compression steps to apply. Every key is checked: a typo must fail loudly with the
+file and the key named, not be silently ignored and leave the user measuring the
+wrong thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_SOURCE = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config file or value the workbench cannot use; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    source: str = DEFAULT_SOURCE
+    """`embedded:NAME`, `tiny:ARCH`, a local directory, or a Hugging Face hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto` is float32 on CPU and bfloat16 on CUDA."""
+    device: str = "auto"
+    """`auto` (cuda when present, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    max_memory: dict[str | int, str] | None = None
+    """Per-device memory caps for accelerate's `device_map="auto"`, e.g. {0: "20GiB", cpu: "64GiB"}."""
+    context_limit: int = Field(8192, ge=16, le=1_048_576)
+    """Prompt plus reply tokens; 8K as on the reference phone model."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+
+class GenerationConfig(_Strict):
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    """0 means greedy decoding."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    """0 disables top-k filtering."""
+    seed: int | None = None
+    enable_thinking: bool = False
+    return_reasoning: bool = True
+
+
+class CompressionStep(BaseModel):
+    """One step of the compression pipeline: its name plus that step's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    step: str
+
+
+class WorkbenchConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    compression: list[CompressionStep] = []
+
+    @field_validator("compression")
+    @classmethod
+    def _known_steps(cls, steps: list[CompressionStep]) -> list[CompressionStep]:
+        from workbench.compress import STEPS
+
+        for step in steps:
+            if step.step not in STEPS:
+                known = ", ".join(sorted(STEPS)) or "none are available in this version"
+                raise ValueError(f"unknown compression step {step.step!r} (known steps: {known})")
+        return steps
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return error["msg"]
+
+
+def parse_config(data: Any, origin: str = "<config>") -> WorkbenchConfig:
+    """Validate an already-parsed mapping; `origin` names where it came from in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return WorkbenchConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{origin}: {_location(e['loc'])}: {_describe(e)}" for e in exc.errors()]
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> WorkbenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, origin=str(path))

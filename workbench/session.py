@@ -1,0 +1,82 @@
+"""A loaded model plus everything needed to talk to it: what notebooks and front ends hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.config import ConfigError, ModelConfig, WorkbenchConfig, load_config
+from workbench.engine import ChatRequest, Done, Engine, ReasoningDelta, Stats, TextDelta
+from workbench.models import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    reasoning: str
+    stats: Stats
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Session:
+    """`.model` and `.tokenizer` are the plain transformers objects; `.engine` streams replies."""
+
+    def __init__(self, loaded: LoadedModel, config: WorkbenchConfig):
+        self.config = config
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            context_limit=config.model.context_limit,
+            defaults=config.generation,
+        )
+
+    def chat(self, prompt: str | list[dict], **params) -> ChatResult:
+        """One reply, collected. `prompt` is a user message or a list of OpenAI-style messages;
+        `params` are ChatRequest fields (enable_thinking, max_tokens, temperature, stop, ...)."""
+        if isinstance(prompt, str):
+            request = ChatRequest.from_prompt(prompt, **params)
+        else:
+            request = ChatRequest(messages=prompt, **params)
+        text, reasoning = [], []
+        stats = None
+        for event in self.engine.stream(request):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, Done):
+                stats = event.stats
+        return ChatResult(text="".join(text), reasoning="".join(reasoning), stats=stats)
+
+    def __repr__(self) -> str:
+        return f"Session({self.loaded.summary()})"
+
+
+def _config_for(spec_or_path: str | Path, overrides: dict) -> WorkbenchConfig:
+    spec = str(spec_or_path)
+    if spec.endswith((".yaml", ".yml")):
+        config = load_config(spec)
+    else:
+        config = WorkbenchConfig(model=ModelConfig(source=spec))
+    if overrides:
+        from workbench.config import parse_config
+
+        data = config.model_dump()
+        data["model"].update(overrides)
+        config = parse_config(data, origin=f"load(..., {', '.join(overrides)}=...)")
+    return config
+
+
+def load(spec_or_path: str | Path = "configs/default.yaml", *, quiet: bool = False, **model_overrides) -> Session:
+    """A Session from a config file, a source string (`embedded:…`, `tiny:…`, a hub id) or a
+    saved model directory. Keyword arguments override the config's `model:` section,
+    e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
+    config = _config_for(spec_or_path, model_overrides)
+    if config.compression:
+        raise ConfigError("compression steps are listed but this version cannot apply them yet")
+    return Session(load_model(config.model, quiet=quiet), config)
