@@ -65,22 +65,21 @@ class CompressionStep(BaseModel):
     model_config = ConfigDict(extra="allow")
     step: str
 
+    @field_validator("step")
+    @classmethod
+    def _known_step(cls, name: str) -> str:
+        from workbench.compress import STEPS
+
+        if name not in STEPS:
+            known = ", ".join(sorted(STEPS)) or "none are available in this version"
+            raise ValueError(f"unknown compression step {name!r} (known steps: {known})")
+        return name
+
 
 class WorkbenchConfig(_Strict):
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     compression: list[CompressionStep] = []
-
-    @field_validator("compression")
-    @classmethod
-    def _known_steps(cls, steps: list[CompressionStep]) -> list[CompressionStep]:
-        from workbench.compress import STEPS
-
-        for step in steps:
-            if step.step not in STEPS:
-                known = ", ".join(sorted(STEPS)) or "none are available in this version"
-                raise ValueError(f"unknown compression step {step.step!r} (known steps: {known})")
-        return steps
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -90,7 +89,7 @@ def _location(loc: tuple[Any, ...]) -> str:
 def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
-    return error["msg"]
+    return error["msg"].removeprefix("Value error, ")
 
 
 def parse_config(data: Any, origin: str = "<config>") -> WorkbenchConfig:

@@ -139,6 +139,8 @@ class Engine:
                 logits = self._forward(torch.tensor([[token]], device=device), cache)
 
         tail = stops.feed(detokenizer.flush()) + stops.flush()
+        if stops.stopped:
+            finish_reason = "stop"
         yield from _events(parser.feed(tail) + parser.flush(), plan.return_reasoning)
         decode_s = last_token_at - first_token_at
         yield Done(

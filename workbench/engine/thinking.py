@@ -9,8 +9,8 @@ Rules (the same for every front end, so the UI's thought bubble, the server's
 - A missing close tag leaves the rest of the reply as reasoning.
 - Tags never reach the answer: a stray close tag in the answer, or a nested open tag in
   reasoning, is dropped. This holds with thinking off too, when a model emits tags anyway.
-- Whitespace right after a tag and at the very start of the reply is dropped (models
-  write `</think>\\n\\n` before the answer).
+- Whitespace right after a tag that switches channel, and at the very start of the reply,
+  is dropped (models write `</think>\\n\\n` before the answer).
 - A tag split across tokens is recognised: a tail that could still become a tag is held
   back until the next chunk decides it, or until `flush`.
 """
@@ -46,10 +46,9 @@ class ThinkingParser:
             self._emit(out, self._pending[:tag_at])
             self._pending = self._pending[tag_at + len(tag) :]
             if tag == self.open_tag and self.channel == "text":
-                self.channel = "reasoning"
+                self.channel, self._skip_space = "reasoning", True
             elif tag == self.close_tag and self.channel == "reasoning":
-                self.channel = "text"
-            self._skip_space = True
+                self.channel, self._skip_space = "text", True
         return out
 
     def flush(self) -> list[tuple[Channel, str]]:

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+import workbench
+from workbench.config import ConfigError, WorkbenchConfig, load_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_file_matches_documented_defaults():
+    config = load_config(CONFIGS / "default.yaml")
+    assert config.model.source == "embedded:smollm2-135m-instruct"
+    assert config.model.context_limit == 8192
+    assert config.model.device == "auto"
+    assert config.compression == []
+    assert config == WorkbenchConfig()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == WorkbenchConfig()
+
+
+def test_unknown_key_is_named_with_its_file(tmp_path):
+    path = write(tmp_path, "model:\n  dtyp: float32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "model.dtyp: unknown key" in str(err.value)
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"generaton: unknown key"):
+        load_config(write(tmp_path, "generaton:\n  temperature: 0\n"))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("model:\n  dtype: float8\n", "model.dtype"),
+        ("model:\n  device: gpu\n", "model.device"),
+        ("model:\n  context_limit: 0\n", "model.context_limit"),
+        ("generation:\n  temperature: -1\n", "generation.temperature"),
+        ("generation:\n  top_p: 0\n", "generation.top_p"),
+        ("generation:\n  max_tokens: many\n", "generation.max_tokens"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, yaml_text, key):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: {key}:" in str(err.value)
+
+
+def test_unknown_compression_step_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"compression\.0\.step: unknown compression step 'prune_everything'"):
+        load_config(write(tmp_path, "compression:\n  - step: prune_everything\n"))
+
+
+def test_not_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_load_overrides_are_validated_too():
+    with pytest.raises(ConfigError, match="model.devise: unknown key"):
+        workbench.load("tiny:llama", devise="cpu")
+    with pytest.raises(ConfigError, match="model.dtype"):
+        workbench.load("tiny:llama", dtype="int3")
+
+
+def test_load_override_applies():
+    session = workbench.load("tiny:llama", context_limit=64, quiet=True)
+    assert session.engine.context_limit == 64

@@ -1,0 +1,183 @@
+"""The engine on tiny random models of each architecture: behaviour, not answer quality."""
+
+import pytest
+
+import workbench
+from workbench.engine import (
+    ChatRequest,
+    ContextLengthError,
+    Done,
+    ReasoningDelta,
+    TextDelta,
+    UnsupportedInputError,
+)
+from workbench.engine.template import THINK_INSTRUCTION, render_prompt
+
+
+def collect(engine, **fields):
+    fields.setdefault("messages", [{"role": "user", "content": "hello there"}])
+    events = list(engine.stream(fields))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    return events, text, reasoning
+
+
+def test_stream_ends_with_exactly_one_done(tiny):
+    events, _, _ = collect(tiny.engine, max_tokens=8, temperature=0)
+    assert isinstance(events[-1], Done)
+    assert sum(isinstance(e, Done) for e in events) == 1
+    assert all(isinstance(e, (TextDelta, ReasoningDelta)) for e in events[:-1])
+
+
+def test_max_tokens_bounds_the_reply_and_reports_length(tiny):
+    events, _, _ = collect(tiny.engine, max_tokens=12, temperature=0)
+    stats = events[-1].stats
+    assert stats.completion_tokens <= 12
+    if stats.finish_reason == "length":
+        assert stats.completion_tokens == 12
+    assert stats.prompt_tokens > 0
+    assert 0 < stats.ttft_s <= stats.total_s
+
+
+def test_greedy_is_deterministic(tiny):
+    assert collect(tiny.engine, max_tokens=16, temperature=0)[1:] == collect(tiny.engine, max_tokens=16, temperature=0)[1:]
+
+
+def test_a_seed_reproduces_a_sampled_reply_and_other_seeds_differ(tiny):
+    same = [collect(tiny.engine, max_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=7)[1:] for _ in range(2)]
+    assert same[0] == same[1]
+    others = {collect(tiny.engine, max_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=s)[1:] for s in range(8, 12)}
+    assert len(others | {same[0]}) > 1
+
+
+def test_stop_string_ends_the_reply_and_never_appears(tiny):
+    _, visible, _ = collect(tiny.engine, max_tokens=40, temperature=0)
+    assert len(visible) >= 8, "the tiny model's greedy reply is too short to cut"
+    stop = visible[len(visible) // 2 : len(visible) // 2 + 3]
+    events, text, _ = collect(tiny.engine, max_tokens=40, temperature=0, stop=["never-there", stop])
+    assert text == visible[: visible.find(stop)]
+    assert stop not in text
+    assert events[-1].stats.finish_reason == "stop"
+
+
+def test_prompt_over_the_context_limit_fails_before_any_work(count_forwards):
+    session = workbench.load("tiny:llama", context_limit=32, quiet=True)
+    calls = count_forwards(session.model)
+    with pytest.raises(ContextLengthError, match="context limit of 32 tokens"):
+        session.engine.stream({"messages": [{"role": "user", "content": "word " * 100}]})
+    with pytest.raises(ContextLengthError, match=r"lower max_tokens to at most \d+"):
+        session.engine.stream({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30})
+    assert calls == []
+
+
+def test_default_reply_length_shrinks_to_fit_the_context():
+    session = workbench.load("tiny:llama", context_limit=48, quiet=True)
+    events, _, _ = collect(session.engine, temperature=0)
+    stats = events[-1].stats
+    assert stats.prompt_tokens + stats.completion_tokens <= 48
+
+
+def test_consumer_that_stops_iterating_stops_generation(count_forwards):
+    session = workbench.load("tiny:qwen3", quiet=True)
+    calls = count_forwards(session.model)
+    stream = session.engine.stream({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "temperature": 0})
+    taken = 0
+    for _ in stream:
+        taken += 1
+        if taken == 3:
+            break
+    stream.close()
+    # prefill + about one forward per token pulled, nowhere near the 500 allowed
+    assert len(calls) <= 3 + 4
+
+
+def test_images_and_audio_are_refused_clearly_for_a_text_model(tiny):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(UnsupportedInputError, match="has no image input"):
+        tiny.engine.stream({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]})
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    with pytest.raises(UnsupportedInputError, match="has no audio input"):
+        tiny.engine.stream({"messages": [{"role": "user", "content": [audio]}]})
+
+
+def test_text_parts_are_accepted_like_a_string(tiny):
+    as_parts = collect(tiny.engine, messages=[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}], max_tokens=6, temperature=0)
+    as_string = collect(tiny.engine, max_tokens=6, temperature=0)
+    assert as_parts[1:] == as_string[1:]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 5},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": [""]},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+    ],
+)
+def test_malformed_requests_are_rejected(tiny, bad):
+    with pytest.raises(ValueError):
+        tiny.engine.stream(bad)
+
+
+def test_assistant_reasoning_under_either_name_is_accepted(tiny):
+    for name in ("reasoning_content", "reasoning"):
+        history = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", name: "they greeted me"},
+            {"role": "user", "content": "and?"},
+        ]
+        collect(tiny.engine, messages=history, max_tokens=3)
+
+
+def test_template_switch_is_used_where_the_model_has_one():
+    qwen = workbench.load("tiny:qwen3", quiet=True)
+    msgs = ChatRequest.from_prompt("hi").messages
+    off = render_prompt(qwen.tokenizer, msgs, enable_thinking=False)
+    on = render_prompt(qwen.tokenizer, msgs, enable_thinking=True)
+    assert off.text.endswith("<think>\n\n</think>\n\n") and off.thinking_via is None
+    assert "<think>" not in on.text and on.thinking_via == "template"
+    glm = workbench.load("tiny:glm4", quiet=True)
+    assert render_prompt(glm.tokenizer, msgs, enable_thinking=False).text.endswith("<think></think>\n")
+
+
+def test_models_without_a_switch_get_a_system_instruction():
+    llama = workbench.load("tiny:llama", quiet=True)
+    msgs = ChatRequest.from_prompt("hi").messages
+    on = render_prompt(llama.tokenizer, msgs, enable_thinking=True)
+    assert THINK_INSTRUCTION in on.text and on.thinking_via == "instruction"
+    assert THINK_INSTRUCTION not in render_prompt(llama.tokenizer, msgs, enable_thinking=False).text
+    with_system = ChatRequest(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]).messages
+    text = render_prompt(llama.tokenizer, with_system, enable_thinking=True).text
+    assert "Be brief.\n\n" + THINK_INSTRUCTION in text
+
+
+@pytest.fixture
+def opens_think_block():
+    """A tiny model whose template opens the think block itself, as DeepSeek-R1's does."""
+    session = workbench.load("tiny:llama", quiet=True)
+    session.tokenizer.chat_template += "{%- if add_generation_prompt %}{{- '<think>\n' }}{%- endif %}"
+    return session
+
+
+def test_reply_starts_in_reasoning_when_the_template_opened_the_block(opens_think_block):
+    events, text, reasoning = collect(opens_think_block.engine, max_tokens=16, temperature=0)
+    stats = events[-1].stats
+    # A random model never closes the block: the whole reply is reasoning.
+    assert reasoning and not text
+    assert stats.reasoning_tokens == stats.completion_tokens == 16
+
+
+def test_return_reasoning_false_hides_it_but_still_counts_it(opens_think_block):
+    events, text, reasoning = collect(opens_think_block.engine, max_tokens=16, temperature=0, return_reasoning=False)
+    assert reasoning == "" and not any(isinstance(e, ReasoningDelta) for e in events)
+    assert events[-1].stats.reasoning_tokens == 16
+
+
+def test_session_chat_collects_text_reasoning_and_stats(tiny):
+    result = tiny.chat("hi", max_tokens=5, temperature=0)
+    assert result.stats.completion_tokens <= 5
+    assert str(result) == result.text
+    assert isinstance(result.reasoning, str)
