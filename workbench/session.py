@@ -57,9 +57,11 @@ class Session:
         return f"Session({self.loaded.summary()})"
 
 
-def _config_for(spec_or_path: str | Path, overrides: dict) -> WorkbenchConfig:
-    spec = str(spec_or_path)
-    if spec.endswith((".yaml", ".yml")):
+def _config_for(spec_or_path: str | Path | None, overrides: dict) -> WorkbenchConfig:
+    spec = None if spec_or_path is None else str(spec_or_path)
+    if spec is None:
+        config = WorkbenchConfig()
+    elif spec.endswith((".yaml", ".yml")):
         config = load_config(spec)
     else:
         config = WorkbenchConfig(model=ModelConfig(source=spec))
@@ -72,9 +74,10 @@ def _config_for(spec_or_path: str | Path, overrides: dict) -> WorkbenchConfig:
     return config
 
 
-def load(spec_or_path: str | Path = "configs/default.yaml", *, quiet: bool = False, **model_overrides) -> Session:
+def load(spec_or_path: str | Path | None = None, *, quiet: bool = False, **model_overrides) -> Session:
     """A Session from a config file, a source string (`embedded:…`, `tiny:…`, a hub id) or a
-    saved model directory. Keyword arguments override the config's `model:` section,
+    saved model directory; nothing means the defaults of configs/default.yaml (the embedded
+    model). Keyword arguments override the config's `model:` section,
     e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
     config = _config_for(spec_or_path, model_overrides)
     if config.compression:

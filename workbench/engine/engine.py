@@ -39,6 +39,7 @@ class _Plan:
     seed: int | None
     stop: list[str]
     return_reasoning: bool
+    ignore_eos: bool
     started: float
 
 
@@ -95,6 +96,7 @@ class Engine:
             seed=d.seed if request.seed is None else request.seed,
             stop=request.stop,
             return_reasoning=d.return_reasoning if request.return_reasoning is None else request.return_reasoning,
+            ignore_eos=request.ignore_eos,
             started=started,
         )
 
@@ -124,7 +126,7 @@ class Engine:
             last_token_at = time.perf_counter()
             if generated == 1:
                 first_token_at = last_token_at
-            if token in self.eos_ids:
+            if token in self.eos_ids and not plan.ignore_eos:
                 finish_reason = "stop"
                 break
             was_reasoning = parser.channel == "reasoning"

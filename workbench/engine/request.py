@@ -79,6 +79,8 @@ class ChatRequest(BaseModel):
     stop: list[str] = []
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None
+    ignore_eos: bool = False
+    """Keep generating past end-of-turn (vLLM's name): benchmarks need equal token counts."""
 
     @field_validator("stop", mode="before")
     @classmethod

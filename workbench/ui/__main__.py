@@ -10,7 +10,7 @@ from workbench.ui.app import build_app
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.ui", description=__doc__)
-    parser.add_argument("--config", default="configs/default.yaml", help="config file or model source")
+    parser.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 keeps it on this machine)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")

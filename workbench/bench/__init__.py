@@ -1,0 +1,1 @@
+"""Measurements written as files: `python -m workbench.bench decode ...`."""
