@@ -69,7 +69,7 @@ def build_app(session: Session) -> gr.Blocks:
             f"## workbench chat\n`{info.source}` · {info.weight_bytes / 1e9:.2f} GB weights · "
             f"device {info.device} · context {session.engine.context_limit} tokens"
         )
-        stats = gr.Markdown(elem_id="stats")
+        stats = gr.Markdown(elem_id="stats", render=False)
 
         # A generator function (not a lambda returning one): Gradio streams only those.
         def respond(message, history, thinking, temperature, max_tokens):
@@ -78,12 +78,14 @@ def build_app(session: Session) -> gr.Blocks:
         gr.ChatInterface(
             fn=respond,
             additional_inputs=[
-                gr.Checkbox(value=session.config.generation.enable_thinking, label="Thinking"),
-                gr.Slider(0.0, 2.0, value=session.config.generation.temperature, step=0.05, label="Temperature"),
-                gr.Slider(1, 2048, value=min(session.config.generation.max_tokens, 2048), step=1, label="Max tokens"),
+                gr.Checkbox(value=session.config.generation.enable_thinking, label="Thinking", render=False),
+                gr.Slider(0.0, 2.0, value=session.config.generation.temperature, step=0.05, label="Temperature", render=False),
+                gr.Slider(1, 2048, value=min(session.config.generation.max_tokens, 2048), step=1, label="Max tokens", render=False),
             ],
+            additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
             additional_outputs=[stats],
             examples=[["What is the capital of France?"], ["Give me three tips for saving phone battery."]],
             api_name="chat",
         )
+        stats.render()
     return app
