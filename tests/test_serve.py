@@ -1,0 +1,347 @@
+"""The OpenAI-compatible server over real HTTP: the openai SDK, langchain-openai, raw requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+
+import workbench
+from tests.serving import LiveServer, free_port
+
+MODEL = "autoglm-phone-9b"
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(embedded):
+    with LiveServer(embedded, max_body_bytes=1024 * 1024) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
+
+
+@pytest.fixture(scope="module")
+def thinking_server():
+    """A tiny model whose template opens the think block, so every reply is reasoning."""
+    session = workbench.load("tiny:qwen3", quiet=True)
+    session.tokenizer.chat_template += "{%- if add_generation_prompt %}{{- '<think>\n' }}{%- endif %}"
+    with LiveServer(session) as live:
+        yield live
+
+
+def still_serving(server) -> None:
+    assert httpx.get(server.base_url + "/health").json()["status"] == "ok"
+    reply = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+@pytest.mark.embedded
+def test_openai_sdk_plain_completion(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+    )
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert reply.usage.prompt_tokens == 37 and reply.usage.total_tokens == 37 + reply.usage.completion_tokens
+
+
+@pytest.mark.embedded
+def test_openai_sdk_stream_with_usage(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.embedded
+def test_max_tokens_gives_finish_reason_length(client):
+    for field in ("max_tokens", "max_completion_tokens"):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], temperature=0, **{field: 4}
+        )
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_langchain_snippet_works(server, streaming):
+    chat_model = ChatOpenAI(
+        model=MODEL,
+        temperature=0.5,
+        base_url=server.base_url + "/v1",
+        api_key="EMPTY",
+        extra_body={"enable_thinking": True, "return_reasoning": True},
+        streaming=streaming,
+        max_tokens=48,
+    )
+    content = chat_model.invoke("你是谁?").content
+    assert isinstance(content, str) and content.strip()
+    assert "<think>" not in content and "</think>" not in content
+
+
+# --- reasoning --------------------------------------------------------------------------
+
+
+def test_reasoning_comes_back_under_both_names(thinking_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    message = httpx.post(thinking_server.base_url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message["reasoning"] and message["reasoning"] == message["reasoning_content"]
+    assert "<think>" not in message["content"]
+
+
+def test_streamed_reasoning_deltas_carry_both_names(thinking_server):
+    sdk = openai.OpenAI(base_url=thinking_server.base_url + "/v1", api_key="EMPTY")
+    chunks = list(
+        sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+        )
+    )
+    deltas = [c.choices[0].delta.model_extra for c in chunks if c.choices and c.choices[0].delta.model_extra]
+    assert deltas and all(d["reasoning"] == d["reasoning_content"] for d in deltas)
+
+
+def test_return_reasoning_false_drops_it_but_usage_counts_it(thinking_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0, "return_reasoning": False}
+    reply = httpx.post(thinking_server.base_url + "/v1/chat/completions", json=body).json()
+    assert "reasoning" not in reply["choices"][0]["message"]
+    assert reply["usage"]["completion_tokens_details"]["reasoning_tokens"] == 8
+
+
+def test_chat_template_kwargs_switch_thinking_like_vllm():
+    session = workbench.load("tiny:qwen3", quiet=True)  # its template adds an empty think block when off
+    with LiveServer(session) as live:
+        def prompt_tokens(extra):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}
+            return httpx.post(live.base_url + "/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+
+        on = prompt_tokens({"chat_template_kwargs": {"enable_thinking": True}})
+        off = prompt_tokens({"chat_template_kwargs": {"enable_thinking": False}})
+        top_level = prompt_tokens({"enable_thinking": False})
+    assert off == top_level > on
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_assistant_messages_sent_back_with_reasoning_are_accepted(thinking_server, field):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", field: "they said hi"},
+        {"role": "user", "content": [{"type": "text", "text": "again"}]},
+    ]
+    reply = httpx.post(thinking_server.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def post_raw(server, content: bytes | str, headers=None):
+    return httpx.post(
+        server.base_url + "/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=60,
+    )
+
+
+def user(text="hi"):
+    return [{"role": "user", "content": text}]
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "x", "messages": [', 400, "invalid_json", None),
+    ("not an object", b"[1, 2]", 400, "invalid_json", None),
+    ("missing messages", {"model": MODEL}, 400, "invalid_value", "messages"),
+    ("empty messages", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
+    ("wrong type", {"model": MODEL, "messages": user(), "temperature": "hot"}, 400, "invalid_value", "temperature"),
+    ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+    ("n above one", {"model": MODEL, "messages": user(), "n": 2}, 400, "invalid_value", "n"),
+    ("empty stop string", {"model": MODEL, "messages": user(), "stop": [""]}, 400, "invalid_value", "stop"),
+    ("unknown model", {"model": "gpt-9", "messages": user()}, 404, "model_not_found", "model"),
+    ("over the context limit", {"model": MODEL, "messages": user("phone " * 9000)}, 400, "context_length_exceeded", "messages"),
+    ("max_tokens past the limit", {"model": MODEL, "messages": user(), "max_tokens": 9000}, 400, "context_length_exceeded", "messages"),
+    (
+        "image for a text model",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+        400, "unsupported_content", "messages",
+    ),
+    (
+        "bad base64 audio",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "%%%not base64", "format": "wav"}}]}]},
+        400, "unsupported_content", "messages",
+    ),
+    ("unknown part type", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]}, 400, "invalid_value", None),
+]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize(("name", "body", "status", "code", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, name, body, status, code, param):
+    reply = post_raw(server, body if isinstance(body, bytes) else json.dumps(body))
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+    still_serving(server)
+
+
+@pytest.mark.embedded
+def test_body_over_the_size_limit_is_413(server):
+    huge = json.dumps({"model": MODEL, "messages": user("x" * (2 * 1024 * 1024))})
+    reply = post_raw(server, huge)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
+    still_serving(server)
+
+
+@pytest.mark.embedded
+def test_sdk_raises_its_own_error_types(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=user())
+    with pytest.raises(openai.BadRequestError, match="context limit"):
+        client.chat.completions.create(model=MODEL, messages=user(), max_tokens=100_000)
+
+
+# --- security -----------------------------------------------------------------------------
+
+
+def test_api_key_is_required_when_set():
+    session = workbench.load("tiny:llama", quiet=True)
+    with LiveServer(session, api_key="s3cret") as live:
+        url = live.base_url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": user(), "max_tokens": 2}
+        assert httpx.post(url, json=body).status_code == 401
+        wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(live.base_url + "/v1/models").status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        sdk = openai.OpenAI(base_url=live.base_url + "/v1", api_key="s3cret")
+        assert sdk.chat.completions.create(model=MODEL, messages=user(), max_tokens=2).choices[0].finish_reason
+        assert httpx.get(live.base_url + "/health").status_code == 200
+
+
+# --- load ---------------------------------------------------------------------------------
+
+PROMPTS = [f"Name one thing that is {c}." for c in ("red", "blue", "green", "yellow", "round", "cold", "loud", "tiny")]
+
+
+@pytest.mark.embedded
+def test_eight_parallel_streams_all_finish_ungarbled(server, client):
+    def expected(prompt):
+        return client.chat.completions.create(model=MODEL, messages=user(prompt), temperature=0, max_tokens=12).choices[0].message.content
+
+    def streamed(prompt):
+        stream = client.chat.completions.create(model=MODEL, messages=user(prompt), temperature=0, max_tokens=12, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    want = [expected(p) for p in PROMPTS]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(streamed, PROMPTS))
+    # Greedy decoding is deterministic: each stream must carry exactly its own reply.
+    assert got == want
+
+
+def metric(server, name: str) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.embedded
+def test_client_disconnect_cancels_generation(server, embedded):
+    forwards: list[int] = []
+    hook = embedded.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        body = {"model": MODEL, "messages": user("Tell me a very long story."), "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for _ in range(6):
+                next(lines)
+        deadline = time.monotonic() + 20
+        while metric(server, "workbench_requests_in_flight") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # the worker finishes the token it was computing, then stops
+        settled = len(forwards)
+        time.sleep(1.0)
+        assert len(forwards) == settled, "generation went on after the client left"
+        assert settled < 100
+        assert metric(server, 'workbench_requests_total{status="499"}') >= 1
+    finally:
+        hook.remove()
+    still_serving(server)
+
+
+# --- other endpoints and the command line -------------------------------------------------
+
+
+@pytest.mark.embedded
+def test_models_health_metrics_and_status_page(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server.base_url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("workbench_requests_total", "workbench_completion_tokens_total", "workbench_time_to_first_token_seconds", "workbench_requests_in_flight"):
+        assert name in text
+    page = httpx.get(server.base_url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert MODEL in page.text and "Recent requests" in page.text and 'id="health"' in page.text
+
+
+def test_unknown_route_is_an_openai_shaped_404(thinking_server):
+    reply = httpx.get(thinking_server.base_url + "/v1/nothing")
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found_error"
+
+
+def test_command_line_server_logs_what_a_person_needs():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.serve", "--config", "tiny:llama", "--port", str(port), "--model-name", "tiny"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        log = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            log.append(line)
+            if "Uvicorn running" in line or proc.poll() is not None:
+                break
+        text = "".join(log)
+        assert "Model loaded in" in text and "Memory used:" in text and "device cpu" in text
+        assert f"http://127.0.0.1:{port}" in text
+        assert "OpenAI-compatible endpoint enabled: /v1/chat/completions" in text
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 2})
+        assert reply.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,271 @@
+"""The OpenAI-compatible HTTP app on top of the one engine.
+
+Generation is CPU/GPU-bound and the model is shared, so requests are queued, not run
+side by side: each generation runs on a single worker thread, in arrival order, while
+the event loop keeps accepting connections, validating requests (errors come back at
+once, without waiting in the queue) and streaming tokens out. A client that disconnects
+sets its request's cancel flag; the worker stops that generation at the next token and
+moves on to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import psutil
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workbench.engine import ContextLengthError, Done, Event, ReasoningDelta, RequestError, TextDelta, UnsupportedInputError
+from workbench.serve import protocol
+from workbench.serve.metrics import ServerMetrics
+from workbench.serve.status_page import render_status
+from workbench.session import Session
+
+_END = object()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(protocol.error_body(self.message, self.type, param=self.param, code=self.code), self.status)
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+class GenerationQueue:
+    """One generation at a time, first come first served, on one worker thread."""
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-generate")
+
+    async def events(self, stream: Iterator[Event]) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                cancelled.set()
+
+        def work() -> None:
+            try:
+                if not cancelled.is_set():
+                    for event in stream:
+                        put(event)
+                        if cancelled.is_set():
+                            break
+            except Exception as exc:  # reported to the waiting request, not lost in the thread
+                put(exc)
+            finally:
+                stream.close()
+                put(_END)
+
+        self._executor.submit(work)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+    return APIError(400, f"invalid request: {detail}", param=param, code="invalid_value")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def create_app(session: Session, settings: ServerSettings) -> FastAPI:
+    generation = GenerationQueue()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        generation.shutdown()
+
+    app = FastAPI(title="workbench OpenAI-compatible server", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    metrics = ServerMetrics()
+    started = time.time()
+    served_names = {settings.model_name, session.loaded.source}
+    process = psutil.Process()
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type_).response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+                return APIError(
+                    401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    "authentication_error", code="invalid_api_key",
+                ).response()
+        return await call_next(request)
+
+    def _parse(body: bytes) -> protocol.ChatCompletionRequest:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = protocol.ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if req.model not in served_names:
+            raise APIError(
+                404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}",
+                param="model", code="model_not_found",
+            )
+        return req
+
+    def _start(req: protocol.ChatCompletionRequest) -> Iterator[Event]:
+        try:
+            return session.engine.stream(req.to_engine())
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        except ContextLengthError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except UnsupportedInputError as exc:
+            raise APIError(400, str(exc), param="messages", code="unsupported_content") from None
+        except RequestError as exc:
+            raise APIError(400, str(exc)) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(await _read_body(request, settings.max_body_bytes))
+        stream = _start(req)
+        completion_id = protocol.new_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(generation.events(stream), completion_id, req.model, include_usage, metrics),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        metrics.started()
+        text, reasoning, stats = [], [], None
+        try:
+            async for event in generation.events(stream):
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                elif isinstance(event, ReasoningDelta):
+                    reasoning.append(event.text)
+                elif isinstance(event, Done):
+                    stats = event.stats
+        except Exception:
+            metrics.finished(stream=False, stats=None, status=500, outcome="error")
+            raise
+        finally:
+            metrics.ended()
+        metrics.finished(stream=False, stats=stats)
+        return JSONResponse(protocol.completion(completion_id, req.model, "".join(text), "".join(reasoning), stats))
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "workbench"}],
+        }
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "source": session.loaded.source,
+            "device": session.loaded.device,
+            "in_flight": metrics.active,
+            "uptime_s": round(time.time() - started, 1),
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def status():
+        return render_status(session, settings.model_name, metrics, started, process.memory_info().rss)
+
+    return app
+
+
+async def _sse(
+    events: AsyncIterator[Event], completion_id: str, model: str, include_usage: bool, metrics: ServerMetrics
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def frame(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    metrics.started()
+    stats = None
+    try:
+        yield frame(protocol.chunk(completion_id, model, created, delta={"role": "assistant", "content": ""}))
+        async for event in events:
+            if isinstance(event, TextDelta):
+                yield frame(protocol.chunk(completion_id, model, created, delta=protocol.text_delta(event.text)))
+            elif isinstance(event, ReasoningDelta):
+                yield frame(protocol.chunk(completion_id, model, created, delta=protocol.reasoning_delta(event.text)))
+            elif isinstance(event, Done):
+                stats = event.stats
+        yield frame(protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason))
+        if include_usage:
+            yield frame(protocol.chunk(completion_id, model, created, usage_stats=stats))
+        yield "data: [DONE]\n\n"
+        metrics.finished(stream=True, stats=stats)
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.finished(stream=True, stats=None, status=499, outcome="client disconnected")
+        raise
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does, then end the stream
+        metrics.finished(stream=True, stats=None, status=500, outcome=f"error: {exc}")
+        yield frame(protocol.error_body(f"generation failed: {exc}", "server_error"))
+        yield "data: [DONE]\n\n"
+    finally:
+        metrics.ended()
