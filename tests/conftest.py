@@ -3,9 +3,16 @@ so the suite proves the first (converting) load and the cached second load every
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
+from hypothesis import settings
+
+# CI runs a fixed set of examples so a red build is reproducible; local runs keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 import workbench
 

@@ -16,3 +16,23 @@ def test_decode_bench_runs_both_paths_and_writes_results(tmp_path, capsys):
     assert data["summary"]["engine"]["decode_ratio_to_generate"] > 0
     assert "| engine |" in (tmp_path / "decode.md").read_text()
     assert "| generate |" in capsys.readouterr().out
+
+
+def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):
+    main(["serve", "--config", "tiny:llama", "--concurrency", "1,3", "--requests", "1", "--tokens", "4", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert [level["concurrency"] for level in data["levels"]] == [1, 3]
+    assert all(level["failed"] == 0 for level in data["levels"])
+    assert [level["requests"] for level in data["levels"]] == [1, 3]
+    assert all(r["completion_tokens"] == 4 and r["ttft_s"] > 0 for r in data["runs"])
+    assert data["levels"][1]["aggregate_tok_s"] > 0
+    assert "| 3 | 3 (0) |" in capsys.readouterr().out
+
+
+def test_serve_bench_reports_failures_of_a_foreign_endpoint(tmp_path):
+    from workbench.serve.live import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    main(["serve", "--base-url", url, "--model", "m", "--concurrency", "1", "--requests", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert data["levels"][0]["failed"] == 1 and "ConnectError" in data["runs"][0]["error"]

@@ -14,7 +14,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 
 import workbench
-from tests.serving import LiveServer, free_port
+from workbench.serve.live import LiveServer, free_port
 
 MODEL = "autoglm-phone-9b"
 pytestmark = pytest.mark.timeout(300)

@@ -1,31 +1,34 @@
-"""`python -m workbench.bench decode [--config FILE|SOURCE] [--tokens N] [--repeats R] [--out DIR]`"""
+"""python -m workbench.bench decode|serve ...
+
+  decode  engine vs plain model.generate on the same weights: time to first token, decode tok/s
+  serve   streaming clients at 1, 4, 8 concurrency against an OpenAI-compatible endpoint
+          (this workbench's server by default, started in-process; or --base-url for any other)
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 from pathlib import Path
 
 import torch
 
 import workbench
-from workbench.bench.decode import run_decode, summarise, to_markdown, write_results
+from workbench.bench import decode as decode_bench
+from workbench.bench import serve as serve_bench
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="bench", required=True)
-    decode = sub.add_parser("decode", help="engine vs plain model.generate: time to first token, decode tok/s")
-    decode.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
-    decode.add_argument("--tokens", type=int, default=64, help="new tokens per reply (end of turn ignored)")
-    decode.add_argument("--repeats", type=int, default=3, help="rounds over the fixed prompt set")
-    decode.add_argument("--out", type=Path, default=None, help="results folder (default runs/decode-TIMESTAMP)")
-    args = parser.parse_args(argv)
+def _out(path: Path | None, kind: str) -> Path:
+    return path or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
 
+
+def _decode(args) -> None:
     start = time.perf_counter()
     session = workbench.load(args.config)
     load_s = time.perf_counter() - start
-    runs = run_decode(session, tokens=args.tokens, repeats=args.repeats)
+    runs = decode_bench.run_decode(session, tokens=args.tokens, repeats=args.repeats)
     meta = {
         "source": session.loaded.source,
         "dtype": str(session.loaded.dtype).removeprefix("torch."),
@@ -36,11 +39,61 @@ def main(argv: list[str] | None = None) -> None:
         "load_s": load_s,
         "torch": torch.__version__,
     }
-    summary = summarise(runs)
-    out = args.out or Path("runs") / time.strftime("decode-%Y%m%d-%H%M%S")
-    write_results(out, runs, summary, meta)
-    print(to_markdown(summary, meta))
+    summary = decode_bench.summarise(runs)
+    out = _out(args.out, "decode")
+    decode_bench.write_results(out, runs, summary, meta)
+    print(decode_bench.to_markdown(summary, meta))
     print(f"Results in {out}/decode.json and decode.md")
+
+
+def _serve(args) -> None:
+    levels = tuple(int(c) for c in args.concurrency.split(","))
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    with contextlib.ExitStack() as stack:
+        if args.base_url:
+            base_url, model, target = args.base_url, args.model, args.base_url
+            if not model:
+                raise SystemExit("--model is required with --base-url (the model id that endpoint serves)")
+        else:
+            from workbench.serve.live import LiveServer
+
+            session = workbench.load(args.config)
+            live = stack.enter_context(LiveServer(session, model_name="workbench"))
+            base_url, model, target = live.base_url + "/v1", "workbench", f"workbench server ({session.loaded.source}, {session.loaded.device})"
+        rows, runs = serve_bench.run_serve(
+            base_url, model, api_key=api_key, levels=levels, requests_per_client=args.requests, tokens=args.tokens
+        )
+    meta = {"target": target, "model": model, "tokens": args.tokens, "requests_per_client": args.requests, "levels": list(levels)}
+    out = _out(args.out, "serve")
+    serve_bench.write_results(out, rows, runs, meta)
+    print(serve_bench.to_markdown(rows, meta))
+    print(f"Results in {out}/serve.json and serve.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+
+    decode = sub.add_parser("decode", help="engine vs plain model.generate")
+    decode.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
+    decode.add_argument("--tokens", type=int, default=64, help="new tokens per reply (end of turn ignored)")
+    decode.add_argument("--repeats", type=int, default=3, help="rounds over the fixed prompt set")
+    decode.add_argument("--out", type=Path, default=None, help="results folder (default runs/decode-TIMESTAMP)")
+    decode.set_defaults(run=_decode)
+
+    serve = sub.add_parser("serve", help="HTTP latency and throughput at several concurrency levels")
+    serve.add_argument("--base-url", default=None, help="an OpenAI-compatible base URL ending in /v1 (default: start this workbench's server)")
+    serve.add_argument("--model", default=None, help="model id to send (required with --base-url)")
+    serve.add_argument("--api-key-env", default=None, help="name of the environment variable holding the endpoint's API key")
+    serve.add_argument("--config", default=None, help="config or source for the in-process server (default: the embedded model)")
+    serve.add_argument("--concurrency", default="1,4,8", help="comma-separated concurrent client counts")
+    serve.add_argument("--requests", type=int, default=2, help="requests each client sends back to back")
+    serve.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
+    serve.add_argument("--out", type=Path, default=None, help="results folder (default runs/serve-TIMESTAMP)")
+    serve.set_defaults(run=_serve)
+
+    args = parser.parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free loopback port, in a thread, for the server tests."""
+"""A real uvicorn server on a free loopback port, in a thread: for tests and for the serve
+bench when it measures this workbench's own server."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class LiveServer:
         deadline = time.monotonic() + 30
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("test server did not start")
+                raise RuntimeError(f"the server on port {self.port} did not start")
             time.sleep(0.05)
         return self
 
