@@ -79,3 +79,14 @@ def test_done_carries_usage(embedded):
     done = events[-1]
     assert isinstance(done, Done)
     assert done.stats.prompt_tokens == len(embedded.tokenizer.apply_chat_template([{"role": "user", "content": FRANCE}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_a_batch_answers_exactly_as_one_request_at_a_time(embedded):
+    prompts = ["What is the capital of France?", "Hi", "Name one thing that is blue.", "Explain in two sentences what a KV cache is."]
+    alone = [embedded.chat(p, temperature=0, max_tokens=20).text for p in prompts]
+    plans = [embedded.engine.plan(ChatRequest.from_prompt(p, temperature=0, max_tokens=20)) for p in prompts]
+    together = [""] * len(prompts)
+    for index, event in embedded.engine.generate(plans):
+        if isinstance(event, TextDelta):
+            together[index] += event.text
+    assert together == alone

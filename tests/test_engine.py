@@ -1,6 +1,8 @@
 """The engine on tiny random models of each architecture: behaviour, not answer quality."""
 
 import pytest
+import torch
+from transformers import DynamicCache
 
 import workbench
 from workbench.engine import (
@@ -11,6 +13,7 @@ from workbench.engine import (
     TextDelta,
     UnsupportedInputError,
 )
+from workbench.engine.engine import left_pad, positions_of
 from workbench.engine.template import THINK_INSTRUCTION, render_prompt
 
 
@@ -181,3 +184,63 @@ def test_session_chat_collects_text_reasoning_and_stats(tiny):
     assert result.stats.completion_tokens <= 5
     assert str(result) == result.text
     assert isinstance(result.reasoning, str)
+
+
+# --- batches ------------------------------------------------------------------------------
+
+BATCH_PROMPTS = ["hi", "what is the capital of France? tell me now", "你好", "one two three four five six seven"]
+
+
+def run_batch(engine, prompts, cancel=None, **fields):
+    fields.setdefault("temperature", 0)
+    fields.setdefault("max_tokens", 10)
+    plans = [engine.plan(ChatRequest.from_prompt(p, **fields)) for p in prompts]
+    texts, dones = [""] * len(prompts), [[] for _ in prompts]
+    for index, event in engine.generate(plans, cancel):
+        if isinstance(event, TextDelta):
+            texts[index] += event.text
+        elif isinstance(event, Done):
+            dones[index].append(event.stats)
+    return texts, dones
+
+
+def test_left_padded_batch_gives_each_row_its_own_logits(tiny):
+    """Positions and masks per row: a padded batch must compute what each prompt alone does."""
+    engine = tiny.engine
+    prompts = [engine.plan(ChatRequest.from_prompt(p)).prompt.ids for p in BATCH_PROMPTS]
+    ids, mask = left_pad(prompts, engine.pad_id)
+    assert not mask.all()
+    batched = engine._forward(ids, DynamicCache(config=tiny.model.config), mask, positions_of(mask))
+    for row, prompt in enumerate(prompts):
+        alone = engine._forward(torch.tensor([prompt]), DynamicCache(config=tiny.model.config))
+        torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_every_request_in_a_batch_gets_its_reply_and_one_done(tiny):
+    texts, dones = run_batch(tiny.engine, BATCH_PROMPTS, max_tokens=7, ignore_eos=True)
+    assert all(len(d) == 1 and d[0].completion_tokens == 7 for d in dones)
+    assert [d[0].prompt_tokens for d in dones] == [len(tiny.engine.plan(ChatRequest.from_prompt(p)).prompt.ids) for p in BATCH_PROMPTS]
+
+
+def test_a_cancelled_row_leaves_the_batch_and_the_others_finish(tiny):
+    steps = {"n": 0}
+
+    def cancel(index):
+        steps["n"] += 1
+        return index == 1 and steps["n"] > 8
+
+    texts, dones = run_batch(tiny.engine, BATCH_PROMPTS, cancel, max_tokens=12, ignore_eos=True)
+    assert dones[1] == []
+    assert all(len(dones[i]) == 1 and dones[i][0].completion_tokens == 12 for i in (0, 2, 3))
+
+
+def test_mixed_lengths_and_early_finishes_in_one_batch(tiny):
+    engine = tiny.engine
+    plans = [
+        engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=3, ignore_eos=True)),
+        engine.plan(ChatRequest.from_prompt("a longer prompt than the first one", temperature=0, max_tokens=9, ignore_eos=True)),
+    ]
+    done = {i: e.stats for i, e in engine.generate(plans) if isinstance(e, Done)}
+    assert done[0].completion_tokens == 3 and done[1].completion_tokens == 9
+    alone = collect(engine, messages=[{"role": "user", "content": "a longer prompt than the first one"}], temperature=0, max_tokens=9, ignore_eos=True)
+    assert alone[0][-1].stats.completion_tokens == 9

@@ -1,46 +1,29 @@
-"""The one generation path: everything that answers a chat calls `Engine.stream`.
+"""The one generation path: everything that answers a chat goes through this loop.
 
 The hot loop is plain and visible, in the manner of gpt-fast: a prefill forward over the
-prompt, then one forward per token against a KV cache, each token flowing through
-detokenizer -> stop matcher -> thinking parser -> events. Because the loop is a
-generator that only runs while its consumer pulls, a consumer that stops iterating (a
-closed UI tab, a disconnected HTTP client) stops generation at the next token.
+prompts, then one forward per step against a KV cache. It runs a batch of requests at
+once (a single request is a batch of one): prompts are left-padded to one length, each
+row gets its own positions and mask, and a row whose reply is finished or cancelled is
+dropped from the batch and the cache, so the others go on at full speed. Each sampled
+token flows through its request's `Sequence` (detokenizer -> stop matcher -> thinking
+parser -> events). The loop is a generator that only runs while its consumer pulls, so a
+consumer that stops iterating stops generation at the next token.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from workbench.config import GenerationConfig
-from workbench.engine.detokenize import IncrementalDetokenizer
 from workbench.engine.errors import ContextLengthError
-from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta
+from workbench.engine.events import Event
 from workbench.engine.request import ChatRequest
-from workbench.engine.sampling import Sampler
-from workbench.engine.stops import StopMatcher
-from workbench.engine.template import Prompt, render_prompt
-from workbench.engine.thinking import ThinkingParser
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """A validated request with every default filled in: what the loop will do."""
-
-    prompt: Prompt
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    return_reasoning: bool
-    ignore_eos: bool
-    started: float
+from workbench.engine.sequence import Plan, Sequence
+from workbench.engine.template import render_prompt
 
 
 class Engine:
@@ -58,6 +41,8 @@ class Engine:
         model_limit = getattr(model.config, "max_position_embeddings", None) or context_limit
         self.context_limit = min(context_limit, model_limit)
         self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0
 
     @property
     def device(self) -> torch.device:
@@ -65,9 +50,9 @@ class Engine:
 
     def stream(self, request: ChatRequest | dict) -> Iterator[Event]:
         """Validate `request` now (raising RequestError before any work), then generate lazily."""
-        return self._generate(self.plan(request))
+        return _events_of(self.generate([self.plan(request)]))
 
-    def plan(self, request: ChatRequest | dict) -> _Plan:
+    def plan(self, request: ChatRequest | dict) -> Plan:
         started = time.perf_counter()
         if not isinstance(request, ChatRequest):
             request = ChatRequest.model_validate(request)
@@ -87,7 +72,7 @@ class Engine:
                 f"{n_prompt + request.max_tokens}, over this session's context limit of "
                 f"{self.context_limit} tokens; lower max_tokens to at most {room} or shorten the conversation"
             )
-        return _Plan(
+        return Plan(
             prompt=prompt,
             max_new_tokens=request.max_tokens if request.max_tokens is not None else min(d.max_tokens, room),
             temperature=d.temperature if request.temperature is None else request.temperature,
@@ -100,70 +85,86 @@ class Engine:
             started=started,
         )
 
-    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
         # inference_mode is entered per forward, never held across a `yield`: a generator
         # suspended inside it would leak inference mode into the consumer's code.
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :]
 
-    def _generate(self, plan: _Plan) -> Iterator[Event]:
+    def generate(
+        self, plans: list[Plan], is_cancelled: Callable[[int], bool] | None = None
+    ) -> Iterator[tuple[int, Event]]:
+        """Generate every plan in one batch; yields (plan index, event). A plan whose
+        `is_cancelled(index)` turns true is dropped at the next step, with no more events."""
         device = self.device
-        prompt_ids = torch.tensor([plan.prompt.ids], device=device)
-        sampler = Sampler(temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, device=device)
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(plan.stop)
-        parser = ThinkingParser(start_in_reasoning=plan.prompt.starts_in_reasoning)
+        sequences = [Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in plans]
+        input_ids, mask = left_pad([plan.prompt.ids for plan in plans], self.pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        padded = not bool(mask.all())
         cache = DynamicCache(config=self.model.config)
+        if padded:
+            logits = self._forward(input_ids, cache, mask, positions_of(mask))
+        else:
+            logits = self._forward(input_ids, cache)
 
-        logits = self._forward(prompt_ids, cache)
-        generated = reasoning_tokens = 0
-        first_token_at = last_token_at = 0.0
-        finish_reason = "length"
-        while generated < plan.max_new_tokens:
-            token = sampler(logits, prompt_ids)
-            generated += 1
-            last_token_at = time.perf_counter()
-            if generated == 1:
-                first_token_at = last_token_at
-            if token in self.eos_ids and not plan.ignore_eos:
-                finish_reason = "stop"
-                break
-            was_reasoning = parser.channel == "reasoning"
-            parts = parser.feed(stops.feed(detokenizer.add(token)))
-            if was_reasoning or parser.channel == "reasoning":
-                reasoning_tokens += 1
-            yield from _events(parts, plan.return_reasoning)
-            if stops.stopped:
-                finish_reason = "stop"
-                break
-            if generated < plan.max_new_tokens:
-                logits = self._forward(torch.tensor([[token]], device=device), cache)
-
-        tail = stops.feed(detokenizer.flush()) + stops.flush()
-        if stops.stopped:
-            finish_reason = "stop"
-        yield from _events(parser.feed(tail) + parser.flush(), plan.return_reasoning)
-        decode_s = last_token_at - first_token_at
-        yield Done(
-            Stats(
-                finish_reason=finish_reason,
-                prompt_tokens=len(plan.prompt.ids),
-                completion_tokens=generated,
-                reasoning_tokens=reasoning_tokens,
-                ttft_s=first_token_at - plan.started,
-                decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
-                total_s=time.perf_counter() - plan.started,
-            )
-        )
+        active = list(range(len(plans)))  # batch row -> plan index
+        while active:
+            keep, tokens = [], []
+            for row, index in enumerate(active):
+                if is_cancelled is not None and is_cancelled(index):
+                    continue
+                token, events = sequences[index].accept(logits[row : row + 1])
+                for event in events:
+                    yield index, event
+                if not sequences[index].finished:
+                    keep.append(row)
+                    tokens.append(token)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, device=device)
+                cache.batch_select_indices(rows)
+                mask = mask[rows]
+                active = [active[row] for row in keep]
+            step = torch.tensor(tokens, device=device).view(-1, 1)
+            if padded:
+                positions = mask.sum(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(positions)], dim=-1)
+                logits = self._forward(step, cache, mask, positions)
+            else:
+                logits = self._forward(step, cache)
 
 
-def _events(parts: list[tuple[str, str]], return_reasoning: bool) -> Iterator[Event]:
-    for channel, text in parts:
-        if channel == "text":
-            yield TextDelta(text)
-        elif return_reasoning:
-            yield ReasoningDelta(text)
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one (batch, longest) tensor, and the mask of real tokens."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding shifts nothing: each row's positions count its own tokens only."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _events_of(batch: Iterator[tuple[int, Event]]) -> Iterator[Event]:
+    try:
+        for _, event in batch:
+            yield event
+    finally:
+        batch.close()  # a consumer that stops here stops the loop, not just this wrapper
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -11,6 +11,9 @@ from transformers.generation.logits_process import (
 )
 
 
+_NO_IDS = torch.empty((1, 0), dtype=torch.long)
+
+
 class Sampler:
     def __init__(self, *, temperature: float, top_p: float, top_k: int, seed: int | None, device: torch.device):
         self.greedy = temperature == 0.0
@@ -28,10 +31,11 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, generated: torch.Tensor) -> int:
-        """`logits` is (1, vocab) for the last position; `generated` is (1, n) ids so far."""
+    def __call__(self, logits: torch.Tensor) -> int:
+        """`logits` is (1, vocab) for the last position."""
         if self.greedy:
             return int(logits.argmax(dim=-1))
-        scores = self.warpers(generated, logits.float())
+        # These warpers look only at the scores; the ids argument is part of their interface.
+        scores = self.warpers(_NO_IDS, logits.float())
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator))

@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"), help="require `Authorization: Bearer KEY` (or set WORKBENCH_API_KEY)")
     parser.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists")
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one batch")
     args = parser.parse_args(argv)
 
     session = workbench.load(args.config)
     name = args.model_name or default_model_name(session)
-    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_batch=args.max_batch)
     app = create_app(session, settings)
     rss = psutil.Process().memory_info().rss
     for line in (

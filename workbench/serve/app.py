@@ -1,21 +1,21 @@
 """The OpenAI-compatible HTTP app on top of the one engine.
 
-Generation is CPU/GPU-bound and the model is shared, so requests are queued, not run
-side by side: each generation runs on a single worker thread, in arrival order, while
-the event loop keeps accepting connections, validating requests (errors come back at
-once, without waiting in the queue) and streaming tokens out. A client that disconnects
-sets its request's cancel flag; the worker stops that generation at the next token and
-moves on to the next request.
+Generation is CPU/GPU-bound and the model is shared, so it runs on one worker thread that
+takes waiting requests in arrival order and decodes them together as a batch, while the
+event loop keeps accepting connections, validating requests (errors come back at once,
+without waiting) and streaming tokens out. A client that disconnects sets its request's
+cancel flag; the worker drops that row from the batch at the next token and the others
+go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,7 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workbench.engine import ContextLengthError, Done, Event, ReasoningDelta, RequestError, TextDelta, UnsupportedInputError
+from workbench.engine import ContextLengthError, Done, Engine, Event, ReasoningDelta, RequestError, TextDelta, UnsupportedInputError
+from workbench.engine.sequence import Plan
 from workbench.serve import protocol
 from workbench.serve.metrics import ServerMetrics
 from workbench.serve.status_page import render_status
@@ -49,49 +50,86 @@ class ServerSettings:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
+    max_batch: int = 8
+
+
+@dataclass
+class _Job:
+    plan: Plan
+    put: Callable[[object], None]
+    cancelled: threading.Event
 
 
 class GenerationQueue:
-    """One generation at a time, first come first served, on one worker thread."""
+    """Batches the requests that are waiting, up to `max_batch`, on one worker thread.
 
-    def __init__(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-generate")
+    The worker takes the oldest request, gathers whatever else arrives within `gather_s`,
+    and generates them as one batch. Requests arriving while a batch runs wait for the next
+    one (static batching: joining a running batch is the next step)."""
 
-    async def events(self, stream: Iterator[Event]) -> AsyncIterator[Event]:
+    def __init__(self, engine: Engine, *, max_batch: int = 8, gather_s: float = 0.01):
+        self._engine = engine
+        self._max_batch = max_batch
+        self._gather_s = gather_s
+        self._pending: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="workbench-generate", daemon=True)
+        self._worker.start()
+
+    async def events(self, plan: Plan) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
         def put(item) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 cancelled.set()
 
-        def work() -> None:
-            try:
-                if not cancelled.is_set():
-                    for event in stream:
-                        put(event)
-                        if cancelled.is_set():
-                            break
-            except Exception as exc:  # reported to the waiting request, not lost in the thread
-                put(exc)
-            finally:
-                stream.close()
-                put(_END)
-
-        self._executor.submit(work)
+        self._pending.put(_Job(plan, put, cancelled))
         try:
-            while (item := await queue.get()) is not _END:
+            while (item := await inbox.get()) is not _END:
                 if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
             cancelled.set()
 
+    def _gather(self, first: _Job) -> list[_Job]:
+        batch = [first]
+        deadline = time.monotonic() + self._gather_s
+        while len(batch) < self._max_batch:
+            try:
+                job = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self._pending.put(None)
+                break
+            batch.append(job)
+        for job in batch:
+            if job.cancelled.is_set():
+                job.put(_END)
+        return [job for job in batch if not job.cancelled.is_set()]
+
+    def _work(self) -> None:
+        while (first := self._pending.get()) is not None:
+            batch = self._gather(first)
+            if not batch:
+                continue
+            try:
+                plans = [job.plan for job in batch]
+                for index, event in self._engine.generate(plans, lambda i: batch[i].cancelled.is_set()):
+                    batch[index].put(event)
+            except Exception as exc:  # reported to the waiting requests, not lost in the thread
+                for job in batch:
+                    job.put(exc)
+            finally:
+                for job in batch:
+                    job.put(_END)
+
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pending.put(None)
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -114,7 +152,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(session: Session, settings: ServerSettings) -> FastAPI:
-    generation = GenerationQueue()
+    generation = GenerationQueue(session.engine, max_batch=settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -165,9 +203,9 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
             )
         return req
 
-    def _start(req: protocol.ChatCompletionRequest) -> Iterator[Event]:
+    def _plan(req: protocol.ChatCompletionRequest) -> Plan:
         try:
-            return session.engine.stream(req.to_engine())
+            return session.engine.plan(req.to_engine())
         except ValidationError as exc:
             raise _validation_error(exc) from None
         except ContextLengthError as exc:
@@ -180,19 +218,19 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = _parse(await _read_body(request, settings.max_body_bytes))
-        stream = _start(req)
+        plan = _plan(req)
         completion_id = protocol.new_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse(generation.events(stream), completion_id, req.model, include_usage, metrics),
+                _sse(generation.events(plan), completion_id, req.model, include_usage, metrics),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         metrics.started()
         text, reasoning, stats = [], [], None
         try:
-            async for event in generation.events(stream):
+            async for event in generation.events(plan):
                 if isinstance(event, TextDelta):
                     text.append(event.text)
                 elif isinstance(event, ReasoningDelta):

@@ -1,0 +1,106 @@
+"""One reply in progress: the per-request half of the generation loop.
+
+The loop in engine.py owns the model, the batch and the KV cache; each `Sequence` owns
+what belongs to one request: its sampler, detokenizer, stop matcher, thinking parser,
+counters and clocks. A sampled token goes in, events come out, and the sequence says
+when it is finished. Kept apart so that one request and eight batched requests run
+through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from workbench.engine.detokenize import IncrementalDetokenizer
+from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta
+from workbench.engine.sampling import Sampler
+from workbench.engine.stops import StopMatcher
+from workbench.engine.template import Prompt
+from workbench.engine.thinking import ThinkingParser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request with every default filled in: what the loop will do."""
+
+    prompt: Prompt
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    return_reasoning: bool
+    ignore_eos: bool
+    started: float
+
+
+class Sequence:
+    def __init__(self, plan: Plan, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], device: torch.device):
+        self.plan = plan
+        self.eos_ids = eos_ids
+        self.sampler = Sampler(temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, device=device)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(plan.stop)
+        self.parser = ThinkingParser(start_in_reasoning=plan.prompt.starts_in_reasoning)
+        self.generated = 0
+        self.reasoning_tokens = 0
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, logits: torch.Tensor) -> tuple[int, list[Event]]:
+        """Sample from this sequence's (1, vocab) logits; return the token and its events."""
+        token = self.sampler(logits)
+        self.generated += 1
+        self.last_token_at = time.perf_counter()
+        if self.generated == 1:
+            self.first_token_at = self.last_token_at
+        if token in self.eos_ids and not self.plan.ignore_eos:
+            self.finish_reason = "stop"
+            return token, list(self._finish())
+        was_reasoning = self.parser.channel == "reasoning"
+        events = list(self._events(self.parser.feed(self.stops.feed(self.detokenizer.add(token)))))
+        if was_reasoning or self.parser.channel == "reasoning":
+            self.reasoning_tokens += 1
+        if self.stops.stopped:
+            self.finish_reason = "stop"
+        elif self.generated >= self.plan.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finished:
+            events.extend(self._finish())
+        return token, events
+
+    def _finish(self) -> Iterator[Event]:
+        tail = self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
+        if self.stops.stopped:
+            self.finish_reason = "stop"
+        yield from self._events(self.parser.feed(tail) + self.parser.flush())
+        decode_s = self.last_token_at - self.first_token_at
+        yield Done(
+            Stats(
+                finish_reason=self.finish_reason,
+                prompt_tokens=len(self.plan.prompt.ids),
+                completion_tokens=self.generated,
+                reasoning_tokens=self.reasoning_tokens,
+                ttft_s=self.first_token_at - self.plan.started,
+                decode_tokens_per_s=(self.generated - 1) / decode_s if self.generated > 1 and decode_s > 0 else 0.0,
+                total_s=time.perf_counter() - self.plan.started,
+            )
+        )
+
+    def _events(self, parts: list[tuple[str, str]]) -> Iterator[Event]:
+        for channel, text in parts:
+            if channel == "text":
+                yield TextDelta(text)
+            elif self.plan.return_reasoning:
+                yield ReasoningDelta(text)
