@@ -14,10 +14,12 @@ class StopMatcher:
         if self.stopped:
             return ""
         self._pending += text
-        hits = [at for at in (self._pending.find(s) for s in self.stops) if at >= 0]
+        # The stop that completes first wins (as generation would halt there); of two that
+        # complete together, the one that started earlier. Token boundaries cannot change this.
+        hits = [(at + len(s), at) for s in self.stops if (at := self._pending.find(s)) >= 0]
         if hits:
             self.stopped = True
-            safe, self._pending = self._pending[: min(hits)], ""
+            safe, self._pending = self._pending[: min(hits)[1]], ""
             return safe
         keep = self._partial_stop_length()
         safe = self._pending[: len(self._pending) - keep]
