@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SOURCE = "embedded:smollm2-135m-instruct"
 
@@ -74,6 +74,21 @@ class CompressionStep(BaseModel):
             known = ", ".join(sorted(STEPS)) or "none are available in this version"
             raise ValueError(f"unknown compression step {name!r} (known steps: {known})")
         return name
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> CompressionStep:
+        from workbench.compress import STEPS
+
+        options_model, _ = STEPS[self.step]
+        try:
+            options_model.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {_describe(e)}" if e["loc"] else _describe(e)
+                for e in exc.errors()
+            )
+            raise ValueError(f"{self.step}: {problems}") from None
+        return self
 
 
 class WorkbenchConfig(_Strict):

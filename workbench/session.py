@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.config import ConfigError, ModelConfig, WorkbenchConfig, load_config
+from workbench.config import ModelConfig, WorkbenchConfig, load_config
 from workbench.engine import ChatRequest, Done, Engine, ReasoningDelta, Stats, TextDelta
 from workbench.models import LoadedModel, load_model
 
@@ -34,6 +35,18 @@ class Session:
             context_limit=config.model.context_limit,
             defaults=config.generation,
         )
+        self.reports: list[dict] = []
+        """What each compression step applied to this session changed."""
+
+    def save(self, directory: str | Path) -> Path:
+        """A transformers checkpoint of the model as it is now (pruned shapes included) that
+        `workbench.load(directory)` reads back, plus the compression reports."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / "compression.json").write_text(json.dumps(self.reports, indent=2))
+        return directory
 
     def chat(self, prompt: str | list[dict], **params) -> ChatResult:
         """One reply, collected. `prompt` is a user message or a list of OpenAI-style messages;
@@ -80,6 +93,9 @@ def load(spec_or_path: str | Path | None = None, *, quiet: bool = False, **model
     model). Keyword arguments override the config's `model:` section,
     e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
     config = _config_for(spec_or_path, model_overrides)
+    session = Session(load_model(config.model, quiet=quiet), config)
     if config.compression:
-        raise ConfigError("compression steps are listed but this version cannot apply them yet")
-    return Session(load_model(config.model, quiet=quiet), config)
+        from workbench.compress.pipeline import apply
+
+        session.reports = apply(session, config.compression)
+    return session

@@ -1,11 +1,17 @@
-"""Compression steps (pruning, quantization, KV-cache policy) applied in config order.
+"""Compression steps applied in config order, each a plain function returning a report.
 
-`STEPS` maps a step name, as written in a config's `compression:` list, to the function
-that applies it to a Session. It is empty until the pipeline lands; configs are checked
-against it so an unknown step fails at load time, before any work.
+`STEPS` maps a step name, as written in a config's `compression:` list, to the options
+model it takes and the function that applies it to a Session. Configs are checked against
+both when they are read, so an unknown step or a bad option fails before any work.
 """
 
 from collections.abc import Callable
 from typing import Any
 
-STEPS: dict[str, Callable[..., Any]] = {}
+from pydantic import BaseModel
+
+from workbench.compress.pruning import PruneOptions, prune_heads
+
+STEPS: dict[str, tuple[type[BaseModel], Callable[..., Any]]] = {
+    "prune_heads": (PruneOptions, prune_heads),
+}

@@ -10,6 +10,7 @@ Whatever the source, the result holds the plain transformers model and tokenizer
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -107,7 +108,34 @@ def _load_local(path: Path, cfg: ModelConfig, device: str, dtype: torch.dtype):
         raise ModelSourceError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} is not a transformers checkpoint: it has no config.json")
+    if "key_value_heads_per_layer" in json.loads((path / "config.json").read_text()):
+        return _load_pruned(path, device, dtype)
     return _from_pretrained(str(path), cfg, device, dtype)
+
+
+def _load_pruned(path: Path, device: str, dtype: torch.dtype):
+    """A head-pruned checkpoint: its layers have fewer heads than the config's global count,
+    which from_pretrained cannot build. Build at full size, shrink each layer to the counts
+    the config records, then load the weights strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, GenerationConfig
+
+    from workbench.compress.pruning import restore_pruned_shapes
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    restore_pruned_shapes(model)
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
+    missing = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded] if missing else []
+    if missing or unexpected:
+        raise ModelSourceError(f"{path}: weights do not match the pruned config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.to(device), AutoTokenizer.from_pretrained(path)
 
 
 def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):

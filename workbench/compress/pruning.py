@@ -1,0 +1,316 @@
+"""Structured attention-head pruning that really removes heads.
+
+Unit of pruning: a key/value group. With grouped-query attention each KV head serves a
+group of query heads; removing the KV head together with its whole query group keeps
+every layer's group size uniform (which transformers' attention kernels require) and
+shrinks the KV cache, the memory that bounds context on a phone. So pruning takes rows
+out of q/k/v (and their biases) and columns out of o_proj, group by group, and records
+the per-layer head counts in the config so a saved model loads back at its new size.
+
+Importance, after Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"):
+- `taylor`: |dL/dm| for a mask m multiplying each group's attention output, summed over
+  calibration text, normalised per layer;
+- `attention_entropy`: groups whose heads attend diffusely (high entropy) go first;
+- `weight_norm`: Frobenius norm of the group's q/k/v rows and o_proj columns;
+- `random`: the control every criterion must beat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+Criterion = Literal["taylor", "attention_entropy", "weight_norm", "random"]
+CRITERIA: tuple[str, ...] = ("taylor", "attention_entropy", "weight_norm", "random")
+
+
+class PruneOptions(BaseModel):
+    """Options of the `prune_heads` step, checked when the config is read."""
+
+    model_config = ConfigDict(extra="forbid")
+    criterion: Criterion = "taylor"
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    """Fraction of all KV groups (with their query heads) to remove, ranked across layers."""
+    per_layer: int | None = Field(None, ge=0)
+    """Or: this many KV groups removed from every layer."""
+    min_groups_per_layer: int = Field(1, ge=1)
+    seed: int = 0
+    calibration_texts: int = Field(16, ge=1)
+    calibration_tokens: int = Field(256, ge=16)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.ratio is None) == (self.per_layer is None):
+            raise ValueError("give exactly one budget: `ratio` (global fraction) or `per_layer` (groups per layer)")
+        return self
+
+
+@dataclass
+class PruneReport:
+    step: str
+    criterion: str
+    group_size: int
+    removed: dict[int, list[int]]
+    """layer -> removed KV group indices (in the unpruned numbering)"""
+    heads_before: list[int]
+    heads_after: list[int]
+    kv_heads_before: list[int]
+    kv_heads_after: list[int]
+    params_before: int
+    params_after: int
+    importance: list[list[float]] = field(default_factory=list)
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"prune_heads needs a decoder with model.layers; {type(model).__name__} has none")
+    attns = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            raise ValueError(
+                f"prune_heads supports attention with separate q/k/v/o projections (llama, qwen3, glm4, ...); "
+                f"layer {i} of {type(model).__name__} has {type(attn).__name__}"
+            )
+        attns.append(attn)
+    return attns
+
+
+def kv_groups(attn: nn.Module) -> int:
+    return attn.k_proj.out_features // attn.head_dim
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias.detach() if dim == 1 else linear.bias.detach().index_select(0, index)
+        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def keep_groups(attn: nn.Module, keep: Sequence[int]) -> None:
+    """Shrink one attention module to the KV groups in `keep` (and their query heads)."""
+    hd, gs = attn.head_dim, attn.num_key_value_groups
+    device = attn.q_proj.weight.device
+    q_index = torch.tensor([g * gs * hd + i for g in keep for i in range(gs * hd)], device=device)
+    kv_index = torch.tensor([g * hd + i for g in keep for i in range(hd)], device=device)
+    attn.q_proj = _slice_linear(attn.q_proj, q_index, 0)
+    attn.k_proj = _slice_linear(attn.k_proj, kv_index, 0)
+    attn.v_proj = _slice_linear(attn.v_proj, kv_index, 0)
+    attn.o_proj = _slice_linear(attn.o_proj, q_index, 1)
+
+
+def record_in_config(model: nn.Module, attns: list[nn.Module]) -> None:
+    config = model.config
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = attns[0].head_dim  # never re-derived from hidden_size / heads again
+    config.key_value_heads_per_layer = [kv_groups(a) for a in attns]
+    config.attention_heads_per_layer = [kv_groups(a) * a.num_key_value_groups for a in attns]
+
+
+def restore_pruned_shapes(model: nn.Module) -> None:
+    """Give a freshly built model the per-layer head counts its config records, so a pruned
+    checkpoint's weights fit. Which groups survive is irrelevant: the weights overwrite them."""
+    counts = getattr(model.config, "key_value_heads_per_layer", None)
+    if not counts:
+        return
+    for attn, n in zip(attention_layers(model), counts):
+        if kv_groups(attn) != n:
+            keep_groups(attn, range(n))
+
+
+# --- importance ---------------------------------------------------------------------------
+
+
+def _group_mask_hooks(attns: list[nn.Module], mask: torch.Tensor):
+    """Multiply each group's slice of the attention output (o_proj's input) by mask[layer, group]."""
+    handles = []
+    for layer, attn in enumerate(attns):
+        hd, gs, groups = attn.head_dim, attn.num_key_value_groups, kv_groups(attn)
+
+        def scale(module, args, layer=layer, hd=hd, gs=gs, groups=groups):
+            (x,) = args
+            shaped = x.view(*x.shape[:-1], groups, gs * hd) * mask[layer, :groups, None].to(x.dtype)
+            return (shaped.view_as(x),)
+
+        handles.append(attn.o_proj.register_forward_pre_hook(scale))
+    return handles
+
+
+def _calibration_batches(tokenizer, texts: list[str], n: int, tokens: int, device) -> list[torch.Tensor]:
+    batches = []
+    for text in texts[:n]:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :tokens]
+        if ids.shape[1] >= 8:
+            batches.append(ids.to(device))
+    if not batches:
+        raise ValueError("calibration text is empty or too short to measure head importance")
+    return batches
+
+
+def taylor_importance(model, attns, batches) -> torch.Tensor:
+    groups = max(kv_groups(a) for a in attns)
+    mask = torch.ones(len(attns), groups, device=batches[0].device, requires_grad=True)
+    handles = _group_mask_hooks(attns, mask)
+    grads = torch.zeros(len(attns), groups, device=mask.device)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (grad,) = torch.autograd.grad(loss, mask)
+            grads += grad.abs()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    # Michel et al. normalise importance within each layer (L2) before ranking across layers.
+    return grads / grads.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def entropy_importance(model, attns, batches) -> torch.Tensor:
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # only eager attention returns probabilities
+    try:
+        groups = max(kv_groups(a) for a in attns)
+        entropy = torch.zeros(len(attns), groups, device=batches[0].device)
+        with torch.inference_mode():
+            for ids in batches:
+                probs = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+                for layer, (attn, p) in enumerate(zip(attns, probs)):
+                    h = -(p * p.clamp(min=1e-12).log()).sum(-1).mean(dim=(0, 2))  # per query head
+                    entropy[layer, : kv_groups(attn)] += h.view(kv_groups(attn), attn.num_key_value_groups).mean(-1)
+    finally:
+        model.set_attn_implementation(previous)
+    return -entropy / len(batches)
+
+
+def weight_norm_importance(attns) -> torch.Tensor:
+    groups = max(kv_groups(a) for a in attns)
+    scores = torch.zeros(len(attns), groups)
+    for layer, attn in enumerate(attns):
+        hd, gs = attn.head_dim, attn.num_key_value_groups
+        for g in range(kv_groups(attn)):
+            q = attn.q_proj.weight[g * gs * hd : (g + 1) * gs * hd]
+            k = attn.k_proj.weight[g * hd : (g + 1) * hd]
+            v = attn.v_proj.weight[g * hd : (g + 1) * hd]
+            o = attn.o_proj.weight[:, g * gs * hd : (g + 1) * gs * hd]
+            scores[layer, g] = sum(float(t.detach().float().norm()) for t in (q, k, v, o))
+    return scores
+
+
+def random_importance(attns, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(len(attns), max(kv_groups(a) for a in attns), generator=generator)
+
+
+def importance(model, tokenizer, criterion: str, *, texts: list[str] | None = None, seed: int = 0,
+               calibration_texts: int = 16, calibration_tokens: int = 256) -> torch.Tensor:
+    """[layer, kv group] scores; higher means keep."""
+    attns = attention_layers(model)
+    if criterion == "random":
+        return random_importance(attns, seed)
+    if criterion == "weight_norm":
+        return weight_norm_importance(attns)
+    if texts is None:
+        from workbench.compress.data import calibration_texts as load_texts
+
+        texts = load_texts()
+    device = attns[0].q_proj.weight.device
+    batches = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
+    if criterion == "taylor":
+        return taylor_importance(model, attns, batches).detach().cpu()
+    if criterion == "attention_entropy":
+        return entropy_importance(model, attns, batches).detach().cpu()
+    raise ValueError(f"unknown importance criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+
+
+# --- selection and the step ---------------------------------------------------------------
+
+
+def choose_groups(scores: torch.Tensor, counts: list[int], *, ratio: float | None, per_layer: int | None,
+                  min_groups_per_layer: int = 1) -> dict[int, list[int]]:
+    """Which KV groups to remove: the least important, within the budget and the floor."""
+    if per_layer is not None:
+        for layer, n in enumerate(counts):
+            if n - per_layer < min_groups_per_layer:
+                raise ValueError(
+                    f"per_layer={per_layer} would leave layer {layer} with {max(n - per_layer, 0)} of its {n} KV groups; "
+                    f"at least {min_groups_per_layer} must stay (lower per_layer)"
+                )
+    else:
+        removable = sum(max(n - min_groups_per_layer, 0) for n in counts)
+        wanted = math.floor(ratio * sum(counts) + 1e-9)
+        if wanted > removable:
+            raise ValueError(
+                f"ratio={ratio} asks for {wanted} of {sum(counts)} KV groups, but only {removable} can go while "
+                f"every layer keeps {min_groups_per_layer}; lower the ratio"
+            )
+    removed: dict[int, list[int]] = {}
+    if per_layer is not None:
+        for layer, n in enumerate(counts):
+            order = sorted(range(n), key=lambda g: float(scores[layer, g]))
+            removed[layer] = sorted(order[:per_layer])
+        return {k: v for k, v in removed.items() if v}
+    budget = math.floor(ratio * sum(counts) + 1e-9)
+    ranked = sorted(((float(scores[l, g]), l, g) for l, n in enumerate(counts) for g in range(n)))
+    left = list(counts)
+    for _, layer, group in ranked:
+        if budget == 0:
+            break
+        if left[layer] <= min_groups_per_layer:
+            continue
+        removed.setdefault(layer, []).append(group)
+        left[layer] -= 1
+        budget -= 1
+    return {layer: sorted(groups) for layer, groups in sorted(removed.items())}
+
+
+def prune_groups(model: nn.Module, removed: dict[int, list[int]]) -> None:
+    attns = attention_layers(model)
+    for layer, groups in removed.items():
+        n = kv_groups(attns[layer])
+        if len(groups) >= n:
+            raise ValueError(f"removing groups {groups} would leave layer {layer} with no attention heads")
+        keep_groups(attns[layer], [g for g in range(n) if g not in set(groups)])
+    record_in_config(model, attns)
+
+
+def prune_heads(session, **options) -> PruneReport:
+    opts = PruneOptions.model_validate(options)
+    model = session.model
+    attns = attention_layers(model)
+    counts = [kv_groups(a) for a in attns]
+    gs = attns[0].num_key_value_groups
+    params_before = sum(p.numel() for p in model.parameters())
+    scores = importance(model, session.tokenizer, opts.criterion, seed=opts.seed,
+                        calibration_texts=opts.calibration_texts, calibration_tokens=opts.calibration_tokens)
+    removed = choose_groups(scores, counts, ratio=opts.ratio, per_layer=opts.per_layer,
+                            min_groups_per_layer=opts.min_groups_per_layer)
+    prune_groups(model, removed)
+    after = [kv_groups(a) for a in attns]
+    return PruneReport(
+        step="prune_heads",
+        criterion=opts.criterion,
+        group_size=gs,
+        removed={int(k): v for k, v in removed.items()},
+        heads_before=[n * gs for n in counts],
+        heads_after=[n * gs for n in after],
+        kv_heads_before=counts,
+        kv_heads_after=after,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+        importance=[[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
+    )
