@@ -41,6 +41,11 @@ class Session:
     def save(self, directory: str | Path) -> Path:
         """A transformers checkpoint of the model as it is now (pruned shapes included) that
         `workbench.load(directory)` reads back, plus the compression reports."""
+        if any(report.get("step") == "quantize" for report in self.reports):
+            raise ValueError(
+                "saving a quantized session is not supported yet (torchao tensors); save before the "
+                "quantize step, or keep the config and rebuild the model with workbench.load(config)"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)

@@ -1,0 +1,109 @@
+"""Quantization and mixed precision through torchao, on tiny models (CPU)."""
+
+import pytest
+import torch
+
+import workbench
+from workbench.compress.quantization import linear_bytes, plan_schemes, quantize, QuantizeOptions
+from workbench.config import ConfigError, parse_config
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 31]])
+
+
+def logits(session):
+    with torch.inference_mode():
+        return session.model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])
+def test_int8_shrinks_the_quantized_layers_about_four_times_and_stays_close(scheme):
+    session = workbench.load("tiny:qwen3", quiet=True)
+    before = logits(session)
+    report = quantize(session, scheme=scheme, rules=[{"pattern": "lm_head", "scheme": scheme}], group_size=32)
+    assert report.schemes == {scheme: 15}
+    assert report.linear_bytes_before / report.linear_bytes_after > 3.5
+    after = logits(session)
+    assert not torch.equal(after, before)
+    assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
+    assert session.chat("hi", max_tokens=4, temperature=0).stats.completion_tokens <= 4
+
+
+def test_lm_head_is_kept_unless_a_rule_names_it():
+    session = workbench.load("tiny:llama", quiet=True)
+    plan = plan_schemes(session.model, QuantizeOptions(scheme="int8_weight_only"))
+    assert plan["lm_head"] == "keep"
+    assert plan["model.layers.0.mlp.down_proj"] == "int8_weight_only"
+
+
+def test_mixed_rules_first_match_wins_and_fp16_layers_mix_with_fp32():
+    session = workbench.load("tiny:glm4", quiet=True)
+    before = logits(session)
+    report = quantize(
+        session,
+        scheme="keep",
+        rules=[
+            {"pattern": "model.layers.*.mlp.*", "scheme": "int8_weight_only"},
+            {"pattern": "model.layers.*.self_attn.*", "scheme": "fp16"},
+        ],
+    )
+    assert report.schemes == {"int8_weight_only": 4, "fp16": 8, "keep": 1}
+    attn = session.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.dtype == torch.float16
+    after = logits(session)
+    assert after.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
+
+
+def test_bf16_everywhere_halves_the_block_weights():
+    session = workbench.load("tiny:llama", quiet=True)
+    report = quantize(session, scheme="bf16", rules=[{"pattern": "lm_head", "scheme": "bf16"}])
+    assert report.linear_bytes_before == 2 * report.linear_bytes_after
+    assert session.chat("hi", max_tokens=3, temperature=0).text is not None
+
+
+def test_a_scheme_without_a_kernel_here_fails_before_any_change():
+    session = workbench.load("tiny:llama", quiet=True)
+    before = linear_bytes(session.model)
+    try:
+        quantize(session, scheme="int4_weight_only", group_size=16)
+    except ValueError as exc:
+        assert "int4_weight_only is not available" in str(exc) and "choose another scheme" in str(exc)
+        assert linear_bytes(session.model) == before
+    else:  # a torchao build with a CPU int4 kernel: then it must really have shrunk
+        assert linear_bytes(session.model) < before / 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scheme": "int3"}, "scheme: Input should be"),
+        ({"rules": [{"pattern": "*", "scheme": "fp8"}]}, "rules.0.scheme"),
+        ({"rules": [{"glob": "*", "scheme": "fp16"}]}, "rules.0.glob: unknown key"),
+        ({"group_size": 4}, "group_size: Input should be greater than or equal to 16"),
+    ],
+)
+def test_bad_quantize_configs_fail_when_read(options, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"compression": [{"step": "quantize", **options}]}, "q.yaml")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from workbench.config import load_config
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_saving_a_quantized_session_says_what_to_do_instead(tmp_path):
+    session = workbench.load(str(_write(tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n")), quiet=True)
+    with pytest.raises(ValueError, match="rebuild the model with workbench.load"):
+        session.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,46 @@
+"""`python -m workbench.compress CONFIG --out DIR`: apply a config's compression steps to its
+model and measure before and after in one run; writes report.json, report.md, report.html
+and, where the result can be saved (pruning), the compressed model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workbench.compress.pipeline import apply
+from workbench.compress.report import measure, to_markdown, write_report
+from workbench.config import load_config
+from workbench.models import load_model
+from workbench.session import Session
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workbench.compress", description=__doc__)
+    parser.add_argument("config", help="a config with a `compression:` list, e.g. configs/pruned-25.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report and the compressed model")
+    parser.add_argument("--windows", type=int, default=8, help="512-token windows of held-out text for perplexity")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode-speed figure")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)  # a bad config fails here, before any model is loaded
+    if not config.compression:
+        raise SystemExit(f"{args.config} lists no compression steps; nothing to compress")
+    session = Session(load_model(config.model), config)
+    print("Measuring the original model ...", file=sys.stderr, flush=True)
+    before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
+    session.reports = apply(session, config.compression)
+    print("Measuring the compressed model ...", file=sys.stderr, flush=True)
+    after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
+    write_report(args.out, args.config, before, after, session.reports)
+    if any(r["step"] == "quantize" for r in session.reports):
+        print("(quantized weights are torchao tensors; the model is not saved: load the config to rebuild it)")
+    else:
+        session.save(args.out / "model")
+        print(f"Compressed model saved to {args.out / 'model'}: workbench.load('{args.out / 'model'}')")
+    print(to_markdown(args.config, before, after, session.reports))
+    print(f"Report in {args.out}/report.md, report.json, report.html")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Weight quantization and mixed precision, module by module, with torchao as the backend.
+
+Each linear layer gets one scheme, chosen by the first glob rule its name matches (e.g.
+`model.layers.*.mlp.*` -> int8_weight_only, `*.self_attn.*` -> fp16), else the step's
+default scheme; `keep` leaves a layer as it is. `lm_head` is kept unless a rule names it:
+the output projection is where quantization error costs perplexity most, and with tied
+embeddings it is the embedding table too. Embeddings and norms are never touched.
+
+Schemes:
+- `fp16`, `bf16`: the layer's weights are stored in that dtype; its input is cast on the
+  way in and its output cast back, so it mixes with float32 neighbours;
+- `int8_weight_only`, `int8_dynamic` (int8 activations too), `int4_weight_only`
+  (grouped, `group_size`): torchao's tensor subclasses.
+Where a scheme has no kernel on the model's device the step says so before any work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+# torchao's wheel carries CUDA-only extensions and warns on every CPU import that they
+# fail to load; that is expected here and says nothing about the CPU schemes.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
+_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    """fnmatch glob over module names, e.g. `model.layers.*.mlp.*`"""
+    scheme: Scheme
+
+
+class QuantizeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scheme: Scheme = "int8_weight_only"
+    rules: list[Rule] = []
+    group_size: int = Field(64, ge=16)
+    """int4 only: weights share a scale per this many input features"""
+
+
+@dataclass
+class QuantizeReport:
+    step: str
+    schemes: dict[str, int]
+    """scheme -> number of linear layers"""
+    linear_bytes_before: int
+    linear_bytes_after: int
+    modules: dict[str, str] = field(default_factory=dict)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage of a tensor, looking inside torchao's subclasses (int data + scales)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
+def linear_bytes(model: nn.Module) -> int:
+    return sum(tensor_bytes(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
+    plan = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        rule = next((r for r in opts.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+        if rule is not None:
+            plan[name] = rule.scheme
+        elif name == "lm_head" or name.endswith(".lm_head"):
+            plan[name] = "keep"
+        else:
+            plan[name] = opts.scheme
+    return plan
+
+
+def _torchao_config(scheme: str, group_size: int):
+    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    if scheme == "int8_weight_only":
+        return Int8WeightOnlyConfig()
+    if scheme == "int8_dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    return Int4WeightOnlyConfig(group_size=group_size)
+
+
+def check_supported(scheme: str, group_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize a small layer on the model's device: the honest test that a kernel exists."""
+    if scheme in ("keep", "fp16", "bf16"):
+        return
+    from torchao.quantization import quantize_
+
+    probe = nn.Sequential(nn.Linear(group_size * 2, 32)).to(device=device, dtype=dtype)
+    try:
+        quantize_(probe, _torchao_config(scheme, group_size))
+        probe(torch.randn(2, group_size * 2, device=device, dtype=dtype))
+    except Exception as exc:  # torchao raises many kinds; all mean "not here"
+        raise ValueError(
+            f"{scheme} is not available for {dtype} on {device.type} with this torchao "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); choose another scheme"
+        ) from None
+
+
+def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
+    module.to(dtype)
+    module.register_forward_pre_hook(lambda m, args: tuple(a.to(dtype) if torch.is_tensor(a) else a for a in args))
+    module.register_forward_hook(lambda m, args, out: out.to(args[0].dtype) if torch.is_tensor(args[0]) else out)
+
+
+def quantize(session, **options) -> QuantizeReport:
+    opts = QuantizeOptions.model_validate(options)
+    model = session.model
+    plan = plan_schemes(model, opts)
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    for scheme in set(plan.values()):
+        check_supported(scheme, opts.group_size, device, dtype)
+    if "int4_weight_only" in plan.values():
+        bad = [n for n, s in plan.items() if s == "int4_weight_only" and model.get_submodule(n).in_features % opts.group_size]
+        if bad:
+            raise ValueError(f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64")
+    before = linear_bytes(model)
+    from torchao.quantization import quantize_
+
+    for scheme in sorted(set(plan.values()) - {"keep"}):
+        names = {n for n, s in plan.items() if s == scheme}
+        if scheme in _FLOAT:
+            for name in names:
+                _cast_io(model.get_submodule(name), _FLOAT[scheme])
+        else:
+            quantize_(model, _torchao_config(scheme, opts.group_size), filter_fn=lambda m, fqn, names=names: fqn in names)
+    counts: dict[str, int] = {}
+    for scheme in plan.values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    return QuantizeReport(
+        step="quantize",
+        schemes=counts,
+        linear_bytes_before=before,
+        linear_bytes_after=linear_bytes(model),
+        modules=plan,
+    )

@@ -1,0 +1,123 @@
+"""Before/after measurements of a compression config, written as JSON, Markdown and plotly HTML.
+
+Both models are measured in the same run, the same way: parameters, weight bytes per
+dtype, KV-cache bytes per token, attention heads per layer, perplexity on the shipped
+held-out text, and greedy decode speed through the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workbench.compress.data import evaluation_texts
+from workbench.compress.quality import perplexity
+from workbench.compress.quantization import tensor_bytes
+from workbench.engine import ChatRequest, Done
+
+BENCH_PROMPT = "Explain in two sentences what a KV cache is."
+
+
+@dataclass
+class Measurement:
+    params: int
+    weight_bytes: int
+    bytes_by_dtype: dict[str, int]
+    heads_per_layer: list[int]
+    kv_heads_per_layer: list[int]
+    kv_bytes_per_token: int
+    perplexity: float
+    decode_tokens_per_s: float
+    ttft_s: float
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        return type(t).__name__
+    return str(t.dtype).removeprefix("torch.")
+
+
+def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
+    model = session.model
+    params = sum(p.numel() for p in model.parameters())
+    seen, by_dtype = set(), Counter()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            by_dtype[_dtype_name(tensor)] += tensor_bytes(tensor)
+    layers = model.model.layers
+    kv_heads = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers]
+    heads = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in layers]
+    head_dim = layers[0].self_attn.head_dim
+    kv_dtype_bytes = model.get_input_embeddings().weight.element_size()
+    request = ChatRequest.from_prompt(BENCH_PROMPT, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    stats = [e.stats for e in session.engine.stream(request) if isinstance(e, Done)][0]
+    return Measurement(
+        params=params,
+        weight_bytes=sum(by_dtype.values()),
+        bytes_by_dtype=dict(by_dtype),
+        heads_per_layer=heads,
+        kv_heads_per_layer=kv_heads,
+        kv_bytes_per_token=sum(kv_heads) * head_dim * 2 * kv_dtype_bytes,
+        perplexity=perplexity(model, session.tokenizer, evaluation_texts(), max_windows=windows),
+        decode_tokens_per_s=stats.decode_tokens_per_s,
+        ttft_s=stats.ttft_s,
+    )
+
+
+def to_markdown(config_path: str, before: Measurement, after: Measurement, steps: list[dict]) -> str:
+    def row(name, b, a, fmt="{:,}"):
+        ratio = f"{a / b:.3f}x" if isinstance(b, (int, float)) and b else ""
+        return f"| {name} | {fmt.format(b)} | {fmt.format(a)} | {ratio} |"
+
+    lines = [
+        f"# Compression report: {config_path}",
+        "",
+        "| measure | before | after | after / before |",
+        "|---|---|---|---|",
+        row("parameters", before.params, after.params),
+        row("weight bytes", before.weight_bytes, after.weight_bytes),
+        row("KV-cache bytes per token", before.kv_bytes_per_token, after.kv_bytes_per_token),
+        row("attention heads (all layers)", sum(before.heads_per_layer), sum(after.heads_per_layer)),
+        row("perplexity (held-out)", before.perplexity, after.perplexity, "{:.3f}"),
+        row("decode tok/s", before.decode_tokens_per_s, after.decode_tokens_per_s, "{:.1f}"),
+        row("time to first token, s", before.ttft_s, after.ttft_s, "{:.3f}"),
+        "",
+        "Weight bytes by storage type: before "
+        + ", ".join(f"{k} {v:,}" for k, v in before.bytes_by_dtype.items())
+        + "; after "
+        + ", ".join(f"{k} {v:,}" for k, v in after.bytes_by_dtype.items()),
+        "",
+        "Steps: " + ", ".join(s["step"] for s in steps),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("attention heads per layer", "weight bytes by storage type"))
+    layers = list(range(len(before.heads_per_layer)))
+    fig.add_bar(x=layers, y=before.heads_per_layer, name="heads before", row=1, col=1)
+    fig.add_bar(x=layers, y=after.heads_per_layer, name="heads after", row=1, col=1)
+    for label, m in (("before", before), ("after", after)):
+        fig.add_bar(x=list(m.bytes_by_dtype), y=[v / 1e6 for v in m.bytes_by_dtype.values()], name=f"MB {label}", row=1, col=2)
+    fig.update_layout(barmode="group", height=420, width=1100)
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(title_text="MB", row=1, col=2)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def write_report(out: Path, config_path: str, before: Measurement, after: Measurement, steps: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(
+        json.dumps({"config": config_path, "before": asdict(before), "after": asdict(after), "steps": steps}, indent=2)
+    )
+    (out / "report.md").write_text(to_markdown(config_path, before, after, steps))
+    write_plots(out / "report.html", before, after)
