@@ -54,11 +54,20 @@ def test_mixed_rules_first_match_wins_and_fp16_layers_mix_with_fp32():
     assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
 
 
-def test_bf16_everywhere_halves_the_block_weights():
-    session = workbench.load("tiny:llama", quiet=True)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "glm4"])
+def test_bf16_everywhere_halves_the_block_weights_and_callers_keep_their_dtype(arch):
+    session = workbench.load(f"tiny:{arch}", quiet=True)
     report = quantize(session, scheme="bf16", rules=[{"pattern": "lm_head", "scheme": "bf16"}])
     assert report.linear_bytes_before == 2 * report.linear_bytes_after
-    assert session.chat("hi", max_tokens=3, temperature=0).text is not None
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for m in session.model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        assert logits(session).dtype == torch.float32
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert session.chat("hi", max_tokens=3, temperature=0).stats.completion_tokens <= 3
 
 
 def test_a_scheme_without_a_kernel_here_fails_before_any_change():

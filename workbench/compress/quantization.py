@@ -113,9 +113,18 @@ def check_supported(scheme: str, group_size: int, device: torch.device, dtype: t
 
 
 def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
+    """Store the layer in `dtype`; its caller keeps seeing its own dtype in and out."""
     module.to(dtype)
-    module.register_forward_pre_hook(lambda m, args: tuple(a.to(dtype) if torch.is_tensor(a) else a for a in args))
-    module.register_forward_hook(lambda m, args, out: out.to(args[0].dtype) if torch.is_tensor(args[0]) else out)
+
+    def cast_in(m, args):
+        m._caller_dtype = args[0].dtype
+        return (args[0].to(dtype), *args[1:])
+
+    def cast_out(m, args, out):
+        return out.to(m._caller_dtype)
+
+    module.register_forward_pre_hook(cast_in)
+    module.register_forward_hook(cast_out)
 
 
 def quantize(session, **options) -> QuantizeReport:
