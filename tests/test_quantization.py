@@ -22,6 +22,7 @@ def test_int8_shrinks_the_quantized_layers_about_four_times_and_stays_close(sche
     report = quantize(session, scheme=scheme, rules=[{"pattern": "lm_head", "scheme": scheme}], group_size=32)
     assert report.schemes == {scheme: 15}
     assert report.linear_bytes_before / report.linear_bytes_after > 3.5
+    assert report.changed_bytes_before == report.linear_bytes_before
     after = logits(session)
     assert not torch.equal(after, before)
     assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99

@@ -5,7 +5,15 @@
     reply.text, reply.reasoning, reply.stats
 """
 
-from workbench.config import ConfigError, WorkbenchConfig, load_config
+import logging
+
+# torchao (imported by transformers once installed) warns on every import that its CUDA-only
+# extensions do not load, and torch's pytree warns about torchao's enums; neither affects
+# anything the workbench runs, and both would bury the lines a person needs.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from workbench.config import ConfigError, WorkbenchConfig, load_config  # noqa: E402
 from workbench.engine import ChatRequest, ContextLengthError, Engine, RequestError
 from workbench.models import ModelSourceError
 from workbench.session import ChatResult, Session, load

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.config import ModelConfig, WorkbenchConfig, load_config
-from workbench.engine import ChatRequest, Done, Engine, ReasoningDelta, Stats, TextDelta
+from workbench.engine import ChatRequest, Engine
+from workbench.engine.events import ChatResult, ReplyBuilder
 from workbench.models import LoadedModel, load_model
-
-
-@dataclass(frozen=True)
-class ChatResult:
-    text: str
-    reasoning: str
-    stats: Stats
-
-    def __str__(self) -> str:
-        return self.text
 
 
 class Session:
@@ -60,16 +50,10 @@ class Session:
             request = ChatRequest.from_prompt(prompt, **params)
         else:
             request = ChatRequest(messages=prompt, **params)
-        text, reasoning = [], []
-        stats = None
+        reply = ReplyBuilder()
         for event in self.engine.stream(request):
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-            elif isinstance(event, ReasoningDelta):
-                reasoning.append(event.text)
-            elif isinstance(event, Done):
-                stats = event.stats
-        return ChatResult(text="".join(text), reasoning="".join(reasoning), stats=stats)
+            reply.add(event)
+        return reply.result()
 
     def __repr__(self) -> str:
         return f"Session({self.loaded.summary()})"

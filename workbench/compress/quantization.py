@@ -17,17 +17,12 @@ Where a scheme has no kernel on the model's device the step says so before any w
 from __future__ import annotations
 
 import fnmatch
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-# torchao's wheel carries CUDA-only extensions and warns on every CPU import that they
-# fail to load; that is expected here and says nothing about the CPU schemes.
-logging.getLogger("torchao").setLevel(logging.ERROR)
 
 Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,6 +50,9 @@ class QuantizeReport:
     """scheme -> number of linear layers"""
     linear_bytes_before: int
     linear_bytes_after: int
+    changed_bytes_before: int
+    """bytes of just the layers given a scheme other than keep, before and after"""
+    changed_bytes_after: int
     modules: dict[str, str] = field(default_factory=dict)
 
 
@@ -140,6 +138,8 @@ def quantize(session, **options) -> QuantizeReport:
         if bad:
             raise ValueError(f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64")
     before = linear_bytes(model)
+    changed = [n for n, scheme in plan.items() if scheme != "keep"]
+    changed_before = sum(tensor_bytes(model.get_submodule(n).weight) for n in changed)
     from torchao.quantization import quantize_
 
     for scheme in sorted(set(plan.values()) - {"keep"}):
@@ -157,5 +157,7 @@ def quantize(session, **options) -> QuantizeReport:
         schemes=counts,
         linear_bytes_before=before,
         linear_bytes_after=linear_bytes(model),
+        changed_bytes_before=changed_before,
+        changed_bytes_after=sum(tensor_bytes(model.get_submodule(n).weight) for n in changed),
         modules=plan,
     )

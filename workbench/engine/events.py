@@ -42,3 +42,37 @@ class Done:
 
 
 Event = TextDelta | ReasoningDelta | Done
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A whole reply: the answer, the reasoning (empty when none or not returned), the stats."""
+
+    text: str
+    reasoning: str
+    stats: Stats
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ReplyBuilder:
+    """Collects a stream's events into a ChatResult; for sync and async consumers alike."""
+
+    def __init__(self):
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._stats: Stats | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self._text.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            self._reasoning.append(event.text)
+        elif isinstance(event, Done):
+            self._stats = event.stats
+
+    def result(self) -> ChatResult:
+        if self._stats is None:
+            raise RuntimeError("the reply ended without its Done event")
+        return ChatResult(text="".join(self._text), reasoning="".join(self._reasoning), stats=self._stats)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workbench.engine import ContextLengthError, Done, Engine, Event, ReasoningDelta, RequestError, TextDelta, UnsupportedInputError
+from workbench.engine.events import ReplyBuilder
 from workbench.engine.sequence import Plan
 from workbench.serve import protocol
 from workbench.serve.metrics import ServerMetrics
@@ -228,22 +229,18 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         metrics.started()
-        text, reasoning, stats = [], [], None
+        reply = ReplyBuilder()
         try:
             async for event in generation.events(plan):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, ReasoningDelta):
-                    reasoning.append(event.text)
-                elif isinstance(event, Done):
-                    stats = event.stats
+                reply.add(event)
+            result = reply.result()
         except Exception:
             metrics.finished(stream=False, stats=None, status=500, outcome="error")
             raise
         finally:
             metrics.ended()
-        metrics.finished(stream=False, stats=stats)
-        return JSONResponse(protocol.completion(completion_id, req.model, "".join(text), "".join(reasoning), stats))
+        metrics.finished(stream=False, stats=result.stats)
+        return JSONResponse(protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats))
 
     @app.get("/v1/models")
     async def models():
