@@ -36,3 +36,16 @@ def test_serve_bench_reports_failures_of_a_foreign_endpoint(tmp_path):
     main(["serve", "--base-url", url, "--model", "m", "--concurrency", "1", "--requests", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "serve.json").read_text())
     assert data["levels"][0]["failed"] == 1 and "ConnectError" in data["runs"][0]["error"]
+
+
+def test_pruning_curve_covers_every_ratio_and_criterion(tmp_path, capsys):
+    main(["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor,random", "--seeds", "0,1",
+          "--windows", "1", "--calibration-texts", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "pruning.json").read_text())
+    assert {(r["ratio"], r["criterion"], r["seed"]) for r in data["rows"]} == {
+        (0.0, "taylor", 0), (0.0, "random", 0), (0.0, "random", 1), (0.5, "taylor", 0), (0.5, "random", 0), (0.5, "random", 1)
+    }
+    heads = {(s["ratio"], s["criterion"]): s["heads"] for s in data["summary"]}
+    assert heads[(0.0, "taylor")] == 8 and heads[(0.5, "taylor")] == 4
+    assert (tmp_path / "pruning.html").exists()
+    assert "| 50% | 4 |" in capsys.readouterr().out

@@ -3,6 +3,7 @@
   decode  engine vs plain model.generate on the same weights: time to first token, decode tok/s
   serve   streaming clients at 1, 4, 8 concurrency against an OpenAI-compatible endpoint
           (this workbench's server by default, started in-process; or --base-url for any other)
+  pruning perplexity against the share of heads pruned, for each importance criterion
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import workbench
 from workbench.bench import decode as decode_bench
+from workbench.bench import pruning as pruning_bench
 from workbench.bench import serve as serve_bench
 
 
@@ -70,6 +72,20 @@ def _serve(args) -> None:
     print(f"Results in {out}/serve.json and serve.md")
 
 
+def _pruning(args) -> None:
+    ratios = [float(r) for r in args.ratios.split(",")]
+    criteria = args.criteria.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = pruning_bench.run_curve(args.config, ratios, criteria, seeds, args.windows, args.calibration_texts)
+    summary = pruning_bench.summarise(rows)
+    meta = {"source": args.config or "embedded:smollm2-135m-instruct", "windows": args.windows, "seeds": seeds,
+            "ratios": ratios, "criteria": criteria}
+    out = _out(args.out, "pruning")
+    pruning_bench.write_results(out, rows, summary, meta)
+    print(pruning_bench.to_markdown(summary, meta))
+    print(f"Results in {out}/pruning.json, pruning.md, pruning.html")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -91,6 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
     serve.add_argument("--out", type=Path, default=None, help="results folder (default runs/serve-TIMESTAMP)")
     serve.set_defaults(run=_serve)
+
+    pruning = sub.add_parser("pruning", help="perplexity vs share of heads pruned, per importance criterion")
+    pruning.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
+    pruning.add_argument("--ratios", default="0,0.1,0.2,0.3,0.4,0.5", help="comma-separated shares of KV groups to remove")
+    pruning.add_argument("--criteria", default="taylor,attention_entropy,weight_norm,random")
+    pruning.add_argument("--seeds", default="0,1,2", help="seeds for random (others use the first)")
+    pruning.add_argument("--windows", type=int, default=4, help="512-token windows of held-out text per perplexity")
+    pruning.add_argument("--calibration-texts", type=int, default=16, help="calibration documents for taylor / entropy")
+    pruning.add_argument("--out", type=Path, default=None, help="results folder (default runs/pruning-TIMESTAMP)")
+    pruning.set_defaults(run=_pruning)
 
     args = parser.parse_args(argv)
     args.run(args)
