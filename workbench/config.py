@@ -96,6 +96,14 @@ class WorkbenchConfig(_Strict):
     generation: GenerationConfig = GenerationConfig()
     compression: list[CompressionStep] = []
 
+    @field_validator("compression")
+    @classmethod
+    def _prune_before_quantize(cls, steps: list[CompressionStep]) -> list[CompressionStep]:
+        names = [s.step for s in steps]
+        if "quantize" in names and "prune_heads" in names[names.index("quantize") :]:
+            raise ValueError("prune_heads must come before quantize: pruning slices plain weight matrices")
+        return steps
+
 
 def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"

@@ -10,10 +10,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from workbench.compress.kvcache import KVCacheOptions, kv_cache
 from workbench.compress.pruning import PruneOptions, prune_heads
 from workbench.compress.quantization import QuantizeOptions, quantize
 
 STEPS: dict[str, tuple[type[BaseModel], Callable[..., Any]]] = {
     "prune_heads": (PruneOptions, prune_heads),
     "quantize": (QuantizeOptions, quantize),
+    "kv_cache": (KVCacheOptions, kv_cache),
 }

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
 from workbench.engine.errors import ContextLengthError
@@ -43,6 +44,10 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
+        self.cache_factory: Callable[[object], Cache] = lambda config: DynamicCache(config=config)
+        """Builds each generation's KV cache; the kv_cache compression step swaps it."""
+        self.max_batch: int | None = None
+        """Most requests one generate() may batch; None is no limit (a cache policy may set 1)."""
 
     @property
     def device(self) -> torch.device:
@@ -104,12 +109,14 @@ class Engine:
     ) -> Iterator[tuple[int, Event]]:
         """Generate every plan in one batch; yields (plan index, event). A plan whose
         `is_cancelled(index)` turns true is dropped at the next step, with no more events."""
+        if self.max_batch is not None and len(plans) > self.max_batch:
+            raise ValueError(f"this engine's KV-cache policy generates at most {self.max_batch} request(s) at a time")
         device = self.device
         sequences = [Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in plans]
         input_ids, mask = left_pad([plan.prompt.ids for plan in plans], self.pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         padded = not bool(mask.all())
-        cache = DynamicCache(config=self.model.config)
+        cache = self.cache_factory(self.model.config)
         if padded:
             logits = self._forward(input_ids, cache, mask, positions_of(mask))
         else:

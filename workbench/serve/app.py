@@ -99,7 +99,8 @@ class GenerationQueue:
     def _gather(self, first: _Job) -> list[_Job]:
         batch = [first]
         deadline = time.monotonic() + self._gather_s
-        while len(batch) < self._max_batch:
+        limit = min(self._max_batch, self._engine.max_batch or self._max_batch)
+        while len(batch) < limit:
             try:
                 job = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
