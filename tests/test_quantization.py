@@ -117,3 +117,21 @@ def _write(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_scheme_without_a_kernel_fails_before_the_model_loads(tmp_path, monkeypatch):
+    from workbench.compress import quantization
+
+    def unsupported(scheme, group_size, device, dtype):
+        if scheme == "int4_weight_only":
+            raise ValueError("int4_weight_only is not available for torch.float32 on cpu")
+
+    monkeypatch.setattr(quantization, "check_supported", unsupported)
+    import workbench.session as session_module
+
+    loads = []
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: loads.append(1))
+    path = _write(tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int4_weight_only\n")
+    with pytest.raises(ValueError, match="int4_weight_only is not available"):
+        workbench.load(path)
+    assert loads == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import torch
 from pathlib import Path
 
 from workbench.config import ModelConfig, WorkbenchConfig, load_config
@@ -76,12 +78,26 @@ def _config_for(spec_or_path: str | Path | None, overrides: dict) -> WorkbenchCo
     return config
 
 
+def preflight(config: WorkbenchConfig) -> None:
+    """Fail before loading anything when a compression step cannot run on this machine."""
+    from workbench.compress.quantization import preflight as quantize_preflight
+    from workbench.models.loader import resolve_device, resolve_dtype
+
+    steps = [s for s in config.compression if s.step == "quantize"]
+    if steps:
+        device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, device)
+        for step in steps:
+            quantize_preflight(step.model_extra or {}, torch.device(device), dtype)
+
+
 def load(spec_or_path: str | Path | None = None, *, quiet: bool = False, **model_overrides) -> Session:
     """A Session from a config file, a source string (`embedded:…`, `tiny:…`, a hub id) or a
     saved model directory; nothing means the defaults of configs/default.yaml (the embedded
     model). Keyword arguments override the config's `model:` section,
     e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
     config = _config_for(spec_or_path, model_overrides)
+    preflight(config)
     session = Session(load_model(config.model, quiet=quiet), config)
     if config.compression:
         from workbench.compress.pipeline import apply

@@ -12,7 +12,7 @@ from workbench.compress.pipeline import apply
 from workbench.compress.report import measure, to_markdown, write_report
 from workbench.config import load_config
 from workbench.models import load_model
-from workbench.session import Session
+from workbench.session import Session, preflight
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config)  # a bad config fails here, before any model is loaded
     if not config.compression:
         raise SystemExit(f"{args.config} lists no compression steps; nothing to compress")
+    preflight(config)
     session = Session(load_model(config.model), config)
     print("Measuring the original model ...", file=sys.stderr, flush=True)
     before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)

@@ -110,6 +110,13 @@ def check_supported(scheme: str, group_size: int, device: torch.device, dtype: t
         ) from None
 
 
+def preflight(options: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """Check, before a model is loaded, that every scheme the options name runs here."""
+    opts = QuantizeOptions.model_validate(options)
+    for scheme in {opts.scheme, *(r.scheme for r in opts.rules)}:
+        check_supported(scheme, opts.group_size, device, dtype)
+
+
 def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
     """Store the layer in `dtype`; its caller keeps seeing its own dtype in and out."""
     module.to(dtype)

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -34,6 +35,8 @@ class Measurement:
     perplexity: float
     decode_tokens_per_s: float
     ttft_s: float
+    memory_bytes: int
+    """CUDA: peak allocated during the measurement; CPU: process resident memory after it"""
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -55,8 +58,13 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
     heads = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in layers]
     head_dim = layers[0].self_attn.head_dim
     kv_dtype_bytes = model.get_input_embeddings().weight.element_size()
+    device = session.engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     request = ChatRequest.from_prompt(BENCH_PROMPT, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     stats = [e.stats for e in session.engine.stream(request) if isinstance(e, Done)][0]
+    ppl = perplexity(model, session.tokenizer, evaluation_texts(), max_windows=windows)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
     return Measurement(
         params=params,
         weight_bytes=sum(by_dtype.values()),
@@ -64,9 +72,10 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
         heads_per_layer=heads,
         kv_heads_per_layer=kv_heads,
         kv_bytes_per_token=sum(kv_heads) * head_dim * 2 * kv_dtype_bytes,
-        perplexity=perplexity(model, session.tokenizer, evaluation_texts(), max_windows=windows),
+        perplexity=ppl,
         decode_tokens_per_s=stats.decode_tokens_per_s,
         ttft_s=stats.ttft_s,
+        memory_bytes=memory,
     )
 
 
@@ -87,6 +96,7 @@ def to_markdown(config_path: str, before: Measurement, after: Measurement, steps
         row("perplexity (held-out)", before.perplexity, after.perplexity, "{:.3f}"),
         row("decode tok/s", before.decode_tokens_per_s, after.decode_tokens_per_s, "{:.1f}"),
         row("time to first token, s", before.ttft_s, after.ttft_s, "{:.3f}"),
+        row("memory (CUDA peak, or CPU process resident)", before.memory_bytes, after.memory_bytes),
         "",
         "Weight bytes by storage type: before "
         + ", ".join(f"{k} {v:,}" for k, v in before.bytes_by_dtype.items())
