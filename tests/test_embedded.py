@@ -3,8 +3,8 @@
 import pytest
 
 from workbench.engine import ContextLengthError, Done, TextDelta
-from workbench.engine.template import THINK_INSTRUCTION, render_prompt
 from workbench.engine.request import ChatRequest
+from workbench.engine.template import THINK_INSTRUCTION, render_prompt
 
 pytestmark = pytest.mark.embedded
 

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import workbench
-from workbench.compress.quantization import linear_bytes, plan_schemes, quantize, QuantizeOptions
+from workbench.compress.quantization import (
+    QuantizeOptions,
+    linear_bytes,
+    plan_schemes,
+    quantize,
+)
 from workbench.config import ConfigError, parse_config
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 31]])

@@ -5,7 +5,12 @@ import re
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from workbench.engine.thinking import CLOSE_TAG, OPEN_TAG, ThinkingParser, split_thinking
+from workbench.engine.thinking import (
+    CLOSE_TAG,
+    OPEN_TAG,
+    ThinkingParser,
+    split_thinking,
+)
 
 
 def reference_split(text: str, start_in_reasoning: bool = False) -> tuple[str, str]:

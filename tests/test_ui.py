@@ -5,7 +5,6 @@ import socket
 import pytest
 from gradio_client import Client
 
-import workbench
 from workbench.ui.app import build_app, history_to_messages
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 from workbench.config import ModelConfig, WorkbenchConfig, load_config
 from workbench.engine import ChatRequest, Engine

@@ -84,7 +84,11 @@ def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
 
 
 def _torchao_config(scheme: str, group_size: int):
-    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
 
     if scheme == "int8_weight_only":
         return Int8WeightOnlyConfig()

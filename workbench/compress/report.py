@@ -109,7 +109,6 @@ def to_markdown(config_path: str, before: Measurement, after: Measurement, steps
 
 
 def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("attention heads per layer", "weight bytes by storage type"))

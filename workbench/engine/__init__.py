@@ -1,7 +1,11 @@
 """Streaming chat generation: requests in OpenAI's shape, events out, thinking split once."""
 
 from workbench.engine.engine import Engine
-from workbench.engine.errors import ContextLengthError, RequestError, UnsupportedInputError
+from workbench.engine.errors import (
+    ContextLengthError,
+    RequestError,
+    UnsupportedInputError,
+)
 from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta
 from workbench.engine.request import ChatRequest, Message
 from workbench.engine.thinking import ThinkingParser, split_thinking

@@ -10,7 +10,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-
 _NO_IDS = torch.empty((1, 0), dtype=torch.long)
 
 

@@ -26,7 +26,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workbench.engine import ContextLengthError, Done, Engine, Event, ReasoningDelta, RequestError, TextDelta, UnsupportedInputError
+from workbench.engine import (
+    ContextLengthError,
+    Done,
+    Engine,
+    Event,
+    ReasoningDelta,
+    RequestError,
+    TextDelta,
+    UnsupportedInputError,
+)
 from workbench.engine.events import ReplyBuilder
 from workbench.engine.sequence import Plan
 from workbench.serve import protocol
