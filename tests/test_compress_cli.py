@@ -26,12 +26,29 @@ def test_compress_command_measures_before_and_after_and_saves_a_loadable_model(t
     assert "Compressed model saved" in capsys.readouterr().out
 
 
-def test_quantize_config_reports_bytes_and_is_not_saved(tmp_path, capsys):
-    config = tmp_path / "q.yaml"
-    config.write_text("model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int8_weight_only\n")
+def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, capsys):
+    import torch
+
+    import workbench
+
+    config = tmp_path / "mobile.yaml"
+    config.write_text(
+        "model:\n  source: tiny:llama\ncompression:\n"
+        "  - step: prune_heads\n    criterion: weight_norm\n    per_layer: 1\n"
+        "  - step: quantize\n    scheme: int8_weight_only\n"
+        "  - step: kv_cache\n    policy: sliding_window\n    window: 64\n"
+    )
     main([str(config), "--out", str(tmp_path / "out"), "--windows", "1", "--decode-tokens", "3"])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["after"]["weight_bytes"] < report["before"]["weight_bytes"]
     assert any("Int8Tensor" in k for k in report["after"]["bytes_by_dtype"])
-    assert not (tmp_path / "out" / "model").exists()
-    assert "not saved" in capsys.readouterr().out
+    assert "re-applies quantize, kv_cache" in capsys.readouterr().out
+
+    reloaded = workbench.load(str(tmp_path / "out" / "model"), quiet=True)
+    direct = workbench.load(config, quiet=True)
+    assert [r["step"] for r in reloaded.reports] == ["quantize", "kv_cache"]
+    assert reloaded.engine.max_batch == 1  # the sliding-window policy came back too
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded.model(input_ids=ids).logits, direct.model(input_ids=ids).logits, atol=0, rtol=0)
+    assert reloaded.chat("hi", temperature=0, max_tokens=5).text == direct.chat("hi", temperature=0, max_tokens=5).text

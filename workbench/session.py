@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from workbench.config import ModelConfig, WorkbenchConfig, load_config
 from workbench.engine import ChatRequest, Engine
 from workbench.engine.events import ChatResult, ReplyBuilder
 from workbench.models import LoadedModel, load_model
+
+
+SAVED_CONFIG = "workbench.yaml"
 
 
 class Session:
@@ -30,19 +34,24 @@ class Session:
         self.reports: list[dict] = []
         """What each compression step applied to this session changed."""
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, reapply: list | None = None) -> Path:
         """A transformers checkpoint of the model as it is now (pruned shapes included) that
-        `workbench.load(directory)` reads back, plus the compression reports."""
+        `workbench.load(directory)` reads back, plus the compression reports. `reapply` lists
+        compression steps (quantize, kv_cache) not yet applied that loading the folder applies."""
         if any(report.get("step") == "quantize" for report in self.reports):
             raise ValueError(
-                "saving a quantized session is not supported yet (torchao tensors); save before the "
-                "quantize step, or keep the config and rebuild the model with workbench.load(config)"
+                "saving a quantized session is not supported (torchao tensors); save before the "
+                "quantize step with reapply=[...], or keep the config and rebuild the model with workbench.load(config)"
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         (directory / "compression.json").write_text(json.dumps(self.reports, indent=2))
+        config = self.config.model_dump(mode="json")
+        config["model"]["source"] = "."  # this folder, wherever it is moved
+        config["compression"] = [step.model_dump(mode="json") for step in reapply or []]
+        (directory / SAVED_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         return directory
 
     def chat(self, prompt: str | list[dict], **params) -> ChatResult:
@@ -67,6 +76,10 @@ def _config_for(spec_or_path: str | Path | None, overrides: dict) -> WorkbenchCo
         config = WorkbenchConfig()
     elif spec.endswith((".yaml", ".yml")):
         config = load_config(spec)
+    elif (Path(spec).expanduser() / SAVED_CONFIG).is_file():
+        # A folder written by Session.save: its config, with the folder as the source.
+        config = load_config(Path(spec).expanduser() / SAVED_CONFIG)
+        config.model.source = str(Path(spec).expanduser())
     else:
         config = WorkbenchConfig(model=ModelConfig(source=spec))
     if overrides:

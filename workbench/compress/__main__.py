@@ -1,6 +1,7 @@
 """`python -m workbench.compress CONFIG --out DIR`: apply a config's compression steps to its
 model and measure before and after in one run; writes report.json, report.md, report.html
-and, where the result can be saved (pruning), the compressed model."""
+and the compressed model: pruned weights as a checkpoint, quantization and the KV-cache
+policy recorded in its workbench.yaml and re-applied by `workbench.load(DIR/model)`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.compress.pipeline import apply
+from workbench.compress.pipeline import apply, split_steps
 from workbench.compress.report import measure, to_markdown, write_report
 from workbench.config import load_config
 from workbench.models import load_model
@@ -30,15 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     session = Session(load_model(config.model), config)
     print("Measuring the original model ...", file=sys.stderr, flush=True)
     before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
-    session.reports = apply(session, config.compression)
+    in_weights, reapplied = split_steps(config.compression)
+    session.reports = apply(session, in_weights)
+    model_dir = args.out / "model"
+    session.save(model_dir, reapply=reapplied)
+    session.reports += apply(session, reapplied)
     print("Measuring the compressed model ...", file=sys.stderr, flush=True)
     after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
     write_report(args.out, args.config, before, after, session.reports)
-    if any(r["step"] == "quantize" for r in session.reports):
-        print("(quantized weights are torchao tensors; the model is not saved: load the config to rebuild it)")
-    else:
-        session.save(args.out / "model")
-        print(f"Compressed model saved to {args.out / 'model'}: workbench.load('{args.out / 'model'}')")
+    print(f"Compressed model saved to {model_dir}: workbench.load('{model_dir}')"
+          + (f" re-applies {', '.join(s.step for s in reapplied)}" if reapplied else ""))
     print(to_markdown(args.config, before, after, session.reports))
     print(f"Report in {args.out}/report.md, report.json, report.html")
 
