@@ -90,3 +90,17 @@ def test_a_batch_answers_exactly_as_one_request_at_a_time(embedded):
         if isinstance(event, TextDelta):
             together[index] += event.text
     assert together == alone
+
+
+def test_a_request_that_joins_mid_batch_answers_as_it_would_alone(embedded):
+    late = embedded.engine.plan(ChatRequest.from_prompt("Name one thing that is blue.", temperature=0, max_tokens=20))
+    expected = embedded.chat("Name one thing that is blue.", temperature=0, max_tokens=20).text
+    calls = []
+
+    def admit(room):
+        calls.append(1)
+        return [late] if len(calls) == 5 else []
+
+    first = embedded.engine.plan(ChatRequest.from_prompt("Tell me a story about a phone.", temperature=0, max_tokens=30, ignore_eos=True))
+    text = "".join(e.text for i, e in embedded.engine.generate([first], admit=admit) if i == 1 and isinstance(e, TextDelta))
+    assert text == expected

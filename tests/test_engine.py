@@ -13,7 +13,7 @@ from workbench.engine import (
     TextDelta,
     UnsupportedInputError,
 )
-from workbench.engine.engine import left_pad, positions_of
+from workbench.engine.batch import left_pad, positions_of
 from workbench.engine.template import THINK_INSTRUCTION, render_prompt
 
 
@@ -244,3 +244,38 @@ def test_mixed_lengths_and_early_finishes_in_one_batch(tiny):
     assert done[0].completion_tokens == 3 and done[1].completion_tokens == 9
     alone = collect(engine, messages=[{"role": "user", "content": "a longer prompt than the first one"}], temperature=0, max_tokens=9, ignore_eos=True)
     assert alone[0][-1].stats.completion_tokens == 9
+
+
+def test_requests_join_a_running_batch_and_each_gets_its_own_reply(tiny):
+    engine = tiny.engine
+    first = engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=12, ignore_eos=True))
+    late = [engine.plan(ChatRequest.from_prompt(p, temperature=0, max_tokens=5, ignore_eos=True)) for p in ("a much longer prompt than hi", "你好")]
+    asked = []
+
+    def admit(room):
+        asked.append(room)
+        return late if len(asked) == 4 else []  # join after three steps
+
+    done = {i: e.stats for i, e in engine.generate([first], admit=admit, max_rows=3) if isinstance(e, Done)}
+    assert sorted(done) == [0, 1, 2]
+    assert done[0].completion_tokens == 12 and done[1].completion_tokens == done[2].completion_tokens == 5
+    assert asked[0] == 2  # room left under max_rows=3 with one request running
+
+
+def test_joined_rows_compute_what_they_would_alone(tiny):
+    """A row that joins mid-batch is left-padded into the running cache: its logits must not move."""
+    engine = tiny.engine
+    late_plan = engine.plan(ChatRequest.from_prompt("a much longer prompt than hi", temperature=0, max_tokens=6, ignore_eos=True))
+    alone = collect(engine, messages=[{"role": "user", "content": "a much longer prompt than hi"}], temperature=0, max_tokens=6, ignore_eos=True)
+
+    joined_text, admitted = [], []
+
+    def admit(room):
+        admitted.append(1)
+        return [late_plan] if len(admitted) == 2 else []
+
+    first = engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=10, ignore_eos=True))
+    for index, event in engine.generate([first], admit=admit):
+        if index == 1 and isinstance(event, TextDelta):
+            joined_text.append(event.text)
+    assert "".join(joined_text) == alone[1]

@@ -20,6 +20,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
+from workbench.engine.batch import Batch, can_join
 from workbench.engine.errors import ContextLengthError
 from workbench.engine.events import Event
 from workbench.engine.request import ChatRequest
@@ -105,30 +106,41 @@ class Engine:
         return out.logits[:, -1, :]
 
     def generate(
-        self, plans: list[Plan], is_cancelled: Callable[[int], bool] | None = None
+        self,
+        plans: list[Plan],
+        is_cancelled: Callable[[int], bool] | None = None,
+        admit: Callable[[int], list[Plan]] | None = None,
+        max_rows: int | None = None,
     ) -> Iterator[tuple[int, Event]]:
         """Generate every plan in one batch; yields (plan index, event). A plan whose
-        `is_cancelled(index)` turns true is dropped at the next step, with no more events."""
+        `is_cancelled(index)` turns true is dropped at the next step, with no more events.
+        `admit(room)`, asked before each step, may return up to `room` more plans to join the
+        running batch (continuous batching); they take the next indices, in order. At most
+        `max_rows` requests decode at once (and at most the cache policy's `max_batch`)."""
         if self.max_batch is not None and len(plans) > self.max_batch:
             raise ValueError(f"this engine's KV-cache policy generates at most {self.max_batch} request(s) at a time")
         device = self.device
-        sequences = [Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in plans]
-        input_ids, mask = left_pad([plan.prompt.ids for plan in plans], self.pad_id)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        padded = not bool(mask.all())
-        cache = self.cache_factory(self.model.config)
-        if padded:
-            logits = self._forward(input_ids, cache, mask, positions_of(mask))
-        else:
-            logits = self._forward(input_ids, cache)
+        sequences: list[Sequence] = []
+        batch = Batch(self._forward, lambda: self.cache_factory(self.model.config), self.pad_id, device)
 
-        active = list(range(len(plans)))  # batch row -> plan index
-        while active:
+        def join(new: list[Plan]) -> None:
+            first = len(sequences)
+            sequences.extend(Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in new)
+            batch.add(list(range(first, len(sequences))), [plan.prompt.ids for plan in new])
+
+        join(plans)
+        limit = min(n for n in (self.max_batch, max_rows, 1 << 30) if n is not None)
+        while batch.rows:
+            room = limit - len(batch.rows)
+            if admit is not None and room > 0 and can_join(batch.cache):
+                new = admit(room)[:room]
+                if new:
+                    join(new)
             keep, tokens = [], []
-            for row, index in enumerate(active):
+            for row, index in enumerate(batch.rows):
                 if is_cancelled is not None and is_cancelled(index):
                     continue
-                token, events = sequences[index].accept(logits[row : row + 1])
+                token, events = sequences[index].accept(batch.logits[row : row + 1])
                 for event in events:
                     yield index, event
                 if not sequences[index].finished:
@@ -136,34 +148,8 @@ class Engine:
                     tokens.append(token)
             if not keep:
                 return
-            if len(keep) < len(active):
-                rows = torch.tensor(keep, device=device)
-                cache.batch_select_indices(rows)
-                mask = mask[rows]
-                active = [active[row] for row in keep]
-            step = torch.tensor(tokens, device=device).view(-1, 1)
-            if padded:
-                positions = mask.sum(-1, keepdim=True)
-                mask = torch.cat([mask, torch.ones_like(positions)], dim=-1)
-                logits = self._forward(step, cache, mask, positions)
-            else:
-                logits = self._forward(step, cache)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts right-aligned in one (batch, longest) tensor, and the mask of real tokens."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        mask[row, width - len(ids) :] = 1
-    return input_ids, mask
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Left padding shifts nothing: each row's positions count its own tokens only."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+            batch.keep(keep)
+            batch.step(tokens)
 
 
 def _events_of(batch: Iterator[tuple[int, Event]]) -> Iterator[Event]:

@@ -71,11 +71,11 @@ class _Job:
 
 
 class GenerationQueue:
-    """Batches the requests that are waiting, up to `max_batch`, on one worker thread.
+    """Continuous batching on one worker thread, at most `max_batch` requests decoding at once.
 
     The worker takes the oldest request, gathers whatever else arrives within `gather_s`,
-    and generates them as one batch. Requests arriving while a batch runs wait for the next
-    one (static batching: joining a running batch is the next step)."""
+    and starts a batch; requests that arrive while it runs join it at the next step, and a
+    request's stream ends as soon as its own reply does."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 8, gather_s: float = 0.01):
         self._engine = engine
@@ -123,6 +123,24 @@ class GenerationQueue:
                 job.put(_END)
         return [job for job in batch if not job.cancelled.is_set()]
 
+    def _admit(self, batch: list[_Job], room: int) -> list[Plan]:
+        """Requests that arrived while the batch runs join it at the next step."""
+        joined = []
+        while len(joined) < room:
+            try:
+                job = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._pending.put(None)
+                break
+            if job.cancelled.is_set():
+                job.put(_END)
+                continue
+            batch.append(job)
+            joined.append(job.plan)
+        return joined
+
     def _work(self) -> None:
         while (first := self._pending.get()) is not None:
             batch = self._gather(first)
@@ -130,8 +148,16 @@ class GenerationQueue:
                 continue
             try:
                 plans = [job.plan for job in batch]
-                for index, event in self._engine.generate(plans, lambda i: batch[i].cancelled.is_set()):
+                events = self._engine.generate(
+                    plans,
+                    is_cancelled=lambda i: batch[i].cancelled.is_set(),
+                    admit=lambda room: self._admit(batch, room),
+                    max_rows=self._max_batch,
+                )
+                for index, event in events:
                     batch[index].put(event)
+                    if isinstance(event, Done):
+                        batch[index].put(_END)
             except Exception as exc:  # reported to the waiting requests, not lost in the thread
                 for job in batch:
                     job.put(exc)

@@ -1,0 +1,93 @@
+"""The running batch: which requests are in it, their KV cache, mask and next logits.
+
+Rows are left-padded so every row's newest token sits in the last column; each row's
+positions count only its own tokens. Requests can join a running batch (continuous
+batching): they are prefilled on their own, then their cache and mask are left-padded to
+the batch's length and stacked under it. Rows that finish leave the batch and the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one (batch, longest) tensor, and the mask of real tokens."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding shifts nothing: each row's positions count its own tokens only."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def can_join(cache: Cache) -> bool:
+    """Only plain dynamic layers can be padded and stacked; other policies run alone."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class Batch:
+    def __init__(self, forward: Callable, new_cache: Callable[[], Cache], pad_id: int, device: torch.device):
+        self._forward = forward
+        self._new_cache = new_cache
+        self._pad_id = pad_id
+        self._device = device
+        self.rows: list[int] = []
+        """batch row -> request index"""
+        self.cache: Cache | None = None
+        self.mask: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.padded = False
+
+    def add(self, indices: list[int], prompts: list[list[int]]) -> None:
+        """Prefill these prompts and put them in the batch, their next logits ready."""
+        ids, mask = left_pad(prompts, self._pad_id)
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        cache = self._new_cache()
+        padded = not bool(mask.all())
+        logits = self._forward(ids, cache, mask, positions_of(mask)) if padded else self._forward(ids, cache)
+        if self.cache is None:
+            self.cache, self.mask, self.logits, self.padded = cache, mask, logits, padded
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_pad_seq(old.keys, width), _pad_seq(new.keys, width)])
+                old.values = torch.cat([_pad_seq(old.values, width), _pad_seq(new.values, width)])
+            self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+            self.logits = torch.cat([self.logits, logits])
+            self.padded = True
+        self.rows += indices
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these batch rows (finished and cancelled ones leave)."""
+        if len(rows) == len(self.rows):
+            return
+        index = torch.tensor(rows, device=self._device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.rows = [self.rows[r] for r in rows]
+
+    def step(self, tokens: list[int]) -> None:
+        """Feed each remaining row its sampled token; the next logits are ready after."""
+        step = torch.tensor(tokens, device=self._device).view(-1, 1)
+        if self.padded:
+            positions = self.mask.sum(-1, keepdim=True)
+            self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=-1)
+            self.logits = self._forward(step, self.cache, self.mask, positions)
+        else:
+            self.logits = self._forward(step, self.cache)
+
+
+def _pad_seq(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a (batch, heads, seq, dim) cache tensor along seq with zeros (masked out)."""
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))
