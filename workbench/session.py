@@ -13,7 +13,6 @@ from workbench.engine import ChatRequest, Engine
 from workbench.engine.events import ChatResult, ReplyBuilder
 from workbench.models import LoadedModel, load_model
 
-
 SAVED_CONFIG = "workbench.yaml"
 
 

@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 
 from workbench.compress import STEPS
 
-
 IN_WEIGHTS = {"prune_heads"}
 """Steps whose result lives in the weights and shapes a checkpoint stores. The others
 (quantize, kv_cache) are recorded in the saved folder's workbench.yaml and re-applied on

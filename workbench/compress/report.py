@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from workbench.compress.data import evaluation_texts
+from workbench.compress.kvcache import kv_bytes_per_token
+from workbench.compress.pruning import attention_layers, kv_groups
 from workbench.compress.quality import perplexity
 from workbench.compress.quantization import tensor_bytes
 from workbench.engine import ChatRequest, Done
@@ -53,11 +55,9 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             by_dtype[_dtype_name(tensor)] += tensor_bytes(tensor)
-    layers = model.model.layers
-    kv_heads = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers]
-    heads = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in layers]
-    head_dim = layers[0].self_attn.head_dim
-    kv_dtype_bytes = model.get_input_embeddings().weight.element_size()
+    attns = attention_layers(model)
+    kv_heads = [kv_groups(attn) for attn in attns]
+    heads = [kv_groups(attn) * attn.num_key_value_groups for attn in attns]
     device = session.engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -71,7 +71,7 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
         bytes_by_dtype=dict(by_dtype),
         heads_per_layer=heads,
         kv_heads_per_layer=kv_heads,
-        kv_bytes_per_token=sum(kv_heads) * head_dim * 2 * kv_dtype_bytes,
+        kv_bytes_per_token=kv_bytes_per_token(model),
         perplexity=ppl,
         decode_tokens_per_s=stats.decode_tokens_per_s,
         ttft_s=stats.ttft_s,

@@ -134,8 +134,10 @@ def _load_pruned(path: Path, device: str, dtype: torch.dtype):
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
-    missing = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded] if missing else []
+    # A tied weight (lm_head = embeddings) is absent from the file but shares a loaded tensor.
+    params = dict(model.named_parameters())
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    missing = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded]
     if missing or unexpected:
         raise ModelSourceError(f"{path}: weights do not match the pruned config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if (path / "generation_config.json").is_file():
