@@ -140,3 +140,32 @@ def test_a_scheme_without_a_kernel_fails_before_the_model_loads(tmp_path, monkey
     with pytest.raises(ValueError, match="int4_weight_only is not available"):
         workbench.load(path)
     assert loads == []
+
+
+def test_int8_weight_only_uses_the_packed_kernel_with_torchaos_int8_values():
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from workbench.compress.int8_linear import Int8Linear
+
+    session = workbench.load("tiny:llama", quiet=True)
+    original = copy.deepcopy(session.model.model.layers[0].mlp.up_proj)
+    report = quantize(session, scheme="int8_weight_only")
+    layer = session.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8
+    # the same symmetric per-channel int8 values as torchao's own int8 weight-only tensor
+    reference = torch.nn.Sequential(copy.deepcopy(original))
+    quantize_(reference, Int8WeightOnlyConfig())
+    assert torch.equal(layer.weight, reference[0].weight.qdata)
+    # scales count in the bytes: int8 weights plus one bf16 scale per output row
+    assert report.linear_bytes_after == sum(
+        m.weight.numel() + m.scales.numel() * 2 if isinstance(m, Int8Linear) else m.weight.numel() * 4
+        for m in session.model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    x = torch.randn(2, 3, original.in_features)
+    expected = torch.nn.functional.linear(x.bfloat16().float(), layer.dequantized())
+    assert layer(x).dtype == torch.float32
+    torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=2e-2)
+    assert torch.nn.functional.cosine_similarity(layer(x).flatten(), original(x).flatten(), dim=0) > 0.999

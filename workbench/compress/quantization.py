@@ -9,8 +9,11 @@ embeddings it is the embedding table too. Embeddings and norms are never touched
 Schemes:
 - `fp16`, `bf16`: the layer's weights are stored in that dtype; its input is cast on the
   way in and its output cast back, so it mixes with float32 neighbours;
-- `int8_weight_only`, `int8_dynamic` (int8 activations too), `int4_weight_only`
-  (grouped, `group_size`): torchao's tensor subclasses.
+- `int8_weight_only`: torchao's symmetric per-channel int8, multiplied by PyTorch's packed
+  int8 kernel where the device has one (`int8_linear.py`: fast in eager mode), else kept
+  as torchao's tensor subclass;
+- `int8_dynamic` (int8 activations too), `int4_weight_only` (grouped, `group_size`):
+  torchao's tensor subclasses.
 Where a scheme has no kernel on the model's device the step says so before any work.
 """
 
@@ -23,6 +26,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from workbench.compress.int8_linear import Int8Linear, kernel_available
 
 Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,8 +69,14 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def layer_bytes(module: nn.Linear) -> int:
+    """A linear layer's weight storage, its int8 scales included."""
+    scales = getattr(module, "scales", None)
+    return tensor_bytes(module.weight) + (tensor_bytes(scales) if isinstance(scales, torch.Tensor) else 0)
+
+
 def linear_bytes(model: nn.Module) -> int:
-    return sum(tensor_bytes(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(layer_bytes(m) for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
@@ -100,6 +111,8 @@ def _torchao_config(scheme: str, group_size: int):
 def check_supported(scheme: str, group_size: int, device: torch.device, dtype: torch.dtype) -> None:
     """Quantize a small layer on the model's device: the honest test that a kernel exists."""
     if scheme in ("keep", "fp16", "bf16"):
+        return
+    if scheme == "int8_weight_only" and kernel_available(device.type):
         return
     from torchao.quantization import quantize_
 
@@ -150,7 +163,7 @@ def quantize(session, **options) -> QuantizeReport:
             raise ValueError(f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64")
     before = linear_bytes(model)
     changed = [n for n, scheme in plan.items() if scheme != "keep"]
-    changed_before = sum(tensor_bytes(model.get_submodule(n).weight) for n in changed)
+    changed_before = sum(layer_bytes(model.get_submodule(n)) for n in changed)
     from torchao.quantization import quantize_
 
     for scheme in sorted(set(plan.values()) - {"keep"}):
@@ -158,6 +171,11 @@ def quantize(session, **options) -> QuantizeReport:
         if scheme in _FLOAT:
             for name in names:
                 _cast_io(model.get_submodule(name), _FLOAT[scheme])
+        elif scheme == "int8_weight_only" and kernel_available(device.type):
+            for name in names:
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, child, Int8Linear.from_linear(model.get_submodule(name)))
         else:
             quantize_(model, _torchao_config(scheme, opts.group_size), filter_fn=lambda m, fqn, names=names: fqn in names)
     counts: dict[str, int] = {}
@@ -169,6 +187,6 @@ def quantize(session, **options) -> QuantizeReport:
         linear_bytes_before=before,
         linear_bytes_after=linear_bytes(model),
         changed_bytes_before=changed_before,
-        changed_bytes_after=sum(tensor_bytes(model.get_submodule(n).weight) for n in changed),
+        changed_bytes_after=sum(layer_bytes(model.get_submodule(n)) for n in changed),
         modules=plan,
     )

@@ -1,0 +1,71 @@
+"""int8 weight-only linear layers that are fast in eager mode.
+
+torchao's int8 weight-only tensors quantize well, but in eager mode (no torch.compile)
+their matmul de-quantizes the weight on every call, so on a CPU an int8 model decoded
+slower than the float32 one it came from (about 12 vs 26 tok/s on the embedded model).
+PyTorch ships a kernel for exactly this case, `torch._weight_int8pack_mm`: int8 weights
+with one scale per output channel, bf16 activations, read once per product. This layer
+keeps torchao's quantization (the same symmetric per-channel int8 mapping, computed by
+torchao's primitives) and multiplies with that kernel. The activations pass through bf16
+on the way in, the output goes back to the caller's dtype, so it mixes with float32
+neighbours the way the fp16/bf16 schemes do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+_ACT = torch.bfloat16
+
+
+class Int8Linear(nn.Linear):
+    """`weight` is int8 (out, in); `scales` one bf16 scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+        w = linear.weight.detach().float()
+        block = (1, w.shape[1])
+        scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, eps=torch.finfo(torch.float32).eps)
+        q = quantize_affine(w, block, scale, zero, torch.int8)
+        return cls(q.contiguous(), scale.reshape(-1).to(_ACT), linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_ACT)
+        y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias.to(_ACT)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weights, bf16 scales"
+
+
+@functools.cache
+def kernel_available(device_type: str) -> bool:
+    """Whether this PyTorch build has the packed int8 kernel on that device (CPU has; others vary)."""
+    try:
+        device = torch.device(device_type)
+        torch._weight_int8pack_mm(
+            torch.ones(1, 32, dtype=_ACT, device=device),
+            torch.ones(8, 32, dtype=torch.int8, device=device),
+            torch.ones(8, dtype=_ACT, device=device),
+        )
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
