@@ -279,3 +279,23 @@ def test_joined_rows_compute_what_they_would_alone(tiny):
         if index == 1 and isinstance(event, TextDelta):
             joined_text.append(event.text)
     assert "".join(joined_text) == alone[1]
+
+
+def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path):
+    # One compilation (tens of seconds on a small CPU): greedy replies must not change, the
+    # decode steps must go through the compiled graph, and a batch keeps the eager path.
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  source: tiny:llama\n  compile: true\n")
+    compiled = workbench.load(str(config), quiet=True)
+    eager = workbench.load("tiny:llama", quiet=True)
+    assert compiled.engine.compiled and not eager.engine.compiled
+    steps = []
+    inner = compiled.engine._compiled_step
+    compiled.engine._compiled_step = lambda **kw: steps.append(type(kw["past_key_values"]).__name__) or inner(**kw)
+    for prompt in ("hello there", "a longer prompt than the first, to use another length"):
+        expected = eager.chat(prompt, max_tokens=10, temperature=0, ignore_eos=True).text
+        assert compiled.chat(prompt, max_tokens=10, temperature=0, ignore_eos=True).text == expected
+    assert steps == ["StaticCache"] * 18  # 9 decode steps per reply, none for the prefills
+    plans = [compiled.engine.plan(ChatRequest.from_prompt(p, max_tokens=4, temperature=0)) for p in ("a", "b c")]
+    list(compiled.engine.generate(plans))
+    assert len(steps) == 18  # two requests together decode eagerly on a dynamic cache

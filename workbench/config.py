@@ -43,6 +43,9 @@ class ModelConfig(_Strict):
     """Per-device memory caps for accelerate's `device_map="auto"`, e.g. {0: "20GiB", cpu: "64GiB"}."""
     context_limit: int = Field(8192, ge=16, le=1_048_576)
     """Prompt plus reply tokens; 8K as on the reference phone model."""
+    compile: bool = False
+    """Decode lone requests through torch.compile over a static KV cache: faster per token
+    after a one-time compilation (seconds on a GPU, a minute or more on a small CPU)."""
 
     @field_validator("device")
     @classmethod

@@ -115,4 +115,6 @@ def load(spec_or_path: str | Path | None = None, *, quiet: bool = False, **model
         from workbench.compress.pipeline import apply
 
         session.reports = apply(session, config.compression)
+    if config.model.compile:
+        session.engine.compile_decode()
     return session

@@ -95,6 +95,7 @@ def kv_cache(session, **options) -> KVCacheReport:
         raise ValueError("the quantized KV cache needs optimum-quanto: pip install optimum-quanto==0.2.7")
     session.engine.cache_factory = cache_factory(opts)
     session.engine.max_batch = None if opts.policy == "dynamic" else 1
+    session.engine.cache_policy = opts.policy
     return KVCacheReport(
         step="kv_cache",
         policy=opts.policy,

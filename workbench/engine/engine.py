@@ -8,6 +8,13 @@ dropped from the batch and the cache, so the others go on at full speed. Each sa
 token flows through its request's `Sequence` (detokenizer -> stop matcher -> thinking
 parser -> events). The loop is a generator that only runs while its consumer pulls, so a
 consumer that stops iterating stops generation at the next token.
+
+With `compile_decode()`, a request that decodes alone (not joined by others, plain
+dynamic cache policy) writes its KV cache into a `StaticCache` of a fixed bucket length
+instead, so every decode step has the same shapes and runs as one `torch.compile`d graph
+(on CUDA replayed as a CUDA graph): the Python and dispatch work per token, which is most
+of the time a small model spends per token, goes away. The prefill stays eager: prompt
+lengths vary and it runs once per request.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
@@ -49,6 +56,21 @@ class Engine:
         """Builds each generation's KV cache; the kv_cache compression step swaps it."""
         self.max_batch: int | None = None
         """Most requests one generate() may batch; None is no limit (a cache policy may set 1)."""
+        self.cache_policy = "dynamic"
+        """Set by the kv_cache step; only `dynamic` may be replaced by the compiled static path."""
+        self._compiled_step: Callable | None = None
+
+    def compile_decode(self) -> None:
+        """Decode single requests through a compiled graph over a static KV cache.
+
+        The first request of each cache-length bucket pays the compilation (seconds on a
+        GPU, a minute or more on a small CPU); later ones reuse it."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(self.model.forward, fullgraph=True, dynamic=False, mode=mode)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_step is not None
 
     @property
     def device(self) -> torch.device:
@@ -91,11 +113,11 @@ class Engine:
             started=started,
         )
 
-    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, forward=None) -> torch.Tensor:
         # inference_mode is entered per forward, never held across a `yield`: a generator
         # suspended inside it would leak inference mode into the consumer's code.
         with torch.inference_mode():
-            out = self.model(
+            out = (forward or self.model)(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -104,6 +126,23 @@ class Engine:
                 logits_to_keep=1,
             )
         return out.logits[:, -1, :]
+
+    def _compiled_forward(self, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
+        if input_ids.shape[1] > 1 or attention_mask is not None:  # the prefill
+            return self._forward(input_ids, cache, attention_mask, position_ids)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # a copy: the next replay of a CUDA graph reuses its output buffer
+        return self._forward(input_ids, cache, forward=self._compiled_step).clone()
+
+    def _static_cache_for(self, plans: list[Plan], admit) -> Callable[[], Cache] | None:
+        """A static cache for a lone request when the compiled path may take it, else None."""
+        if not self.compiled or len(plans) != 1 or admit is not None or self.cache_policy != "dynamic":
+            return None
+        plan = plans[0]
+        needed = len(plan.prompt.ids) + plan.max_new_tokens
+        length = min(_bucket(needed), self.context_limit)
+        return lambda: StaticCache(config=self.model.config, max_cache_len=length)
 
     def generate(
         self,
@@ -121,7 +160,11 @@ class Engine:
             raise ValueError(f"this engine's KV-cache policy generates at most {self.max_batch} request(s) at a time")
         device = self.device
         sequences: list[Sequence] = []
-        batch = Batch(self._forward, lambda: self.cache_factory(self.model.config), self.pad_id, device)
+        static = self._static_cache_for(plans, admit)
+        if static is not None:
+            batch = Batch(self._compiled_forward, static, self.pad_id, device)
+        else:
+            batch = Batch(self._forward, lambda: self.cache_factory(self.model.config), self.pad_id, device)
 
         def join(new: list[Plan]) -> None:
             first = len(sequences)
@@ -150,6 +193,14 @@ class Engine:
                 return
             batch.keep(keep)
             batch.step(tokens)
+
+
+def _bucket(tokens: int) -> int:
+    """Cache lengths come in powers of two from 256, so a handful of graphs serve every request."""
+    length = 256
+    while length < tokens:
+        length *= 2
+    return length
 
 
 def _events_of(batch: Iterator[tuple[int, Event]]) -> Iterator[Event]:
