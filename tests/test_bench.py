@@ -3,19 +3,39 @@ import json
 from workbench.bench.__main__ import main
 
 
-def test_decode_bench_runs_both_paths_and_writes_results(tmp_path, capsys):
-    main(["decode", "--config", "tiny:llama", "--tokens", "6", "--repeats", "1", "--out", str(tmp_path)])
+def test_decode_bench_times_every_target_on_equal_work_and_writes_results(tmp_path, capsys):
+    targets = "engine:tiny:llama,generate:tiny:llama,llamacpp:Q8_0"
+    main(["decode", "--targets", targets, "--tokens", "6", "--repeats", "1", "--batch", "1,2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "decode.json").read_text())
-    paths = {r["path"] for r in data["runs"]}
-    assert paths == {"engine", "generate"}
-    # Equal work on both paths: the same prompts, the same number of new tokens.
+    # Equal work on every path: the same prompt ids, the same number of new tokens.
     assert all(r["new_tokens"] == 6 for r in data["runs"])
-    engine = sorted((r["prompt"], r["prompt_tokens"]) for r in data["runs"] if r["path"] == "engine")
-    generate = sorted((r["prompt"], r["prompt_tokens"]) for r in data["runs"] if r["path"] == "generate")
-    assert engine == generate
-    assert data["summary"]["engine"]["decode_ratio_to_generate"] > 0
-    assert "| engine |" in (tmp_path / "decode.md").read_text()
-    assert "| generate |" in capsys.readouterr().out
+    by_target = {}
+    for r in data["runs"]:
+        by_target.setdefault((r["target"], r["batch"]), []).append((r["prompt"], r["prompt_tokens"]))
+    assert sorted(by_target) == [("engine:tiny:llama", 1), ("engine:tiny:llama", 2), ("generate:tiny:llama", 1)]
+    assert by_target[("engine:tiny:llama", 1)] == by_target[("generate:tiny:llama", 1)] == by_target[("engine:tiny:llama", 2)]
+    rows = {(r["target"], r["batch"]): r for r in data["summary"]}
+    assert rows[("generate:tiny:llama", 1)]["ratio_to_generate"] == 1.0
+    assert rows[("engine:tiny:llama", 1)]["ratio_to_generate"] > 0
+    assert all(r["peak_mb"] > 50 and abs(r["bits_per_weight"] - 32) < 0.5 for r in rows.values())  # fp32 weights
+    from workbench.bench.decode_targets import llamacpp_available
+
+    if llamacpp_available():  # an optional extra: its row is timed when installed, skipped with the reason when not
+        assert data["targets"]["llamacpp:Q8_0"]["dtype"] == "Q8_0"
+    else:
+        assert "llama-cpp-python is not installed" in data["skipped"]["llamacpp:Q8_0"]
+    out = capsys.readouterr().out
+    assert "| engine:tiny:llama | 2 |" in out and "| generate:tiny:llama | 1 |" in out
+    assert "plotly" in (tmp_path / "decode.html").read_text()
+
+
+def test_decode_bench_refuses_a_malformed_target(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="bad target 'gguf:Q8_0'"):
+        main(["decode", "--targets", "gguf:Q8_0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="llama.cpp types are F32, F16, Q4_1, Q8_0"):
+        main(["decode", "--targets", "llamacpp:Q5_K", "--out", str(tmp_path)])
 
 
 def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """python -m workbench.bench decode|serve ...
 
-  decode  engine vs plain model.generate on the same weights: time to first token, decode tok/s
+  decode  the engine under each config vs plain model.generate vs llama.cpp on the same weights:
+          time to first token, decode tok/s, peak memory
   serve   streaming clients at 1, 4, 8 concurrency against an OpenAI-compatible endpoint
           (this workbench's server by default, started in-process; or --base-url for any other)
   pruning perplexity against the share of heads pruned, for each importance criterion
@@ -27,25 +28,28 @@ def _out(path: Path | None, kind: str) -> Path:
 
 
 def _decode(args) -> None:
-    start = time.perf_counter()
-    session = workbench.load(args.config)
-    load_s = time.perf_counter() - start
-    runs = decode_bench.run_decode(session, tokens=args.tokens, repeats=args.repeats)
+    import platform
+
+    targets = args.targets.split(",") if args.targets else decode_bench.default_targets()
+    batches = tuple(int(b) for b in args.batch.split(","))
+    try:
+        runs, info, skipped = decode_bench.run_decode(targets, tokens=args.tokens, repeats=args.repeats, batches=batches)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    devices = sorted({i["device"] for i in info.values()})
     meta = {
-        "source": session.loaded.source,
-        "dtype": str(session.loaded.dtype).removeprefix("torch."),
-        "device": session.loaded.device,
-        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+        + (f", {torch.cuda.get_device_name()}" if any(d.startswith("cuda") for d in devices) else ""),
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "load_s": load_s,
+        "batches": list(batches),
         "torch": torch.__version__,
     }
-    summary = decode_bench.summarise(runs)
+    rows = decode_bench.summarise(runs, info)
     out = _out(args.out, "decode")
-    decode_bench.write_results(out, runs, summary, meta)
-    print(decode_bench.to_markdown(summary, meta))
-    print(f"Results in {out}/decode.json and decode.md")
+    decode_bench.write_results(out, runs, rows, info, skipped, meta)
+    print(decode_bench.to_markdown(rows, meta, skipped))
+    print(f"Results in {out}/decode.json, decode.md, decode.html")
 
 
 def _serve(args) -> None:
@@ -90,8 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
 
-    decode = sub.add_parser("decode", help="engine vs plain model.generate")
-    decode.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
+    decode = sub.add_parser("decode", help="engine per config vs plain model.generate vs llama.cpp")
+    decode.add_argument(
+        "--targets", default=None,
+        help="comma-separated PATH:SPEC (engine:CONFIG, engine+compile:CONFIG, generate:CONFIG, llamacpp:F32|F16|Q8_0|Q4_1); "
+        "default: the engine on every configs/*.yaml, compiled default and int8, generate, and llama.cpp when installed",
+    )
+    decode.add_argument("--batch", default="1", help="comma-separated batch sizes for the engine targets (others run at 1)")
     decode.add_argument("--tokens", type=int, default=64, help="new tokens per reply (end of turn ignored)")
     decode.add_argument("--repeats", type=int, default=3, help="rounds over the fixed prompt set")
     decode.add_argument("--out", type=Path, default=None, help="results folder (default runs/decode-TIMESTAMP)")

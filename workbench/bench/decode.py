@@ -1,133 +1,171 @@
-"""Decode speed of the engine against plain `model.generate` on the same weights.
+"""Decode speed of the engine under each config, against plain `model.generate` and llama.cpp.
 
-Both paths get the same chat prompts and produce the same number of tokens (greedy, end
-of turn ignored); runs alternate engine / generate so that a noisy neighbour slows both
-alike, and the table reports medians with min–max spreads. Numbers from one run are
-comparable with each other, not with another machine's or another day's.
+Every target gets the same chat prompts (the same token ids) and produces the same number
+of new tokens (greedy, end of turn ignored). Targets run in worker processes of their own
+(decode_targets.py) and the parent interleaves them run by run, so that a noisy neighbour
+slows every target alike; the table reports medians with min–max spreads, each target's
+peak memory, and two ratios: to plain `generate` on fp32 weights, and to the llama.cpp row
+whose bits per weight are nearest ("equal bits"). Numbers from one run are comparable with
+each other, not with another machine's or another day's.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
-from transformers.generation.streamers import BaseStreamer
 
-from workbench.engine import ChatRequest, Done
-from workbench.session import Session
+from workbench.bench.decode_targets import PROMPTS, Target, llamacpp_available, worker
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for saving battery on a phone.",
-    "Explain in two sentences what a KV cache is.",
-]
+
+def default_targets(configs_dir: Path = Path("configs")) -> list[str]:
+    configs = sorted(str(p) for p in configs_dir.glob("*.yaml"))
+    targets = [f"engine:{c}" for c in configs]
+    targets += ["engine+compile:configs/default.yaml", "engine+compile:configs/int8.yaml", "generate:configs/default.yaml"]
+    if llamacpp_available():
+        targets += ["llamacpp:F32", "llamacpp:F16", "llamacpp:Q8_0", "llamacpp:Q4_1"]
+    return targets
 
 
 @dataclass(frozen=True)
 class Run:
-    path: str
+    target: str
+    batch: int
     prompt: int
     prompt_tokens: int
     new_tokens: int
     ttft_s: float
     decode_tokens_per_s: float
+    peak_bytes: int
 
 
-class _TokenClock(BaseStreamer):
-    """Time stamps of each `put` from `generate`: the first is the prompt, then one per token."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def put(self, value):
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def _engine_run(session: Session, index: int, tokens: int) -> Run:
-    request = ChatRequest.from_prompt(PROMPTS[index], max_tokens=tokens, temperature=0, ignore_eos=True)
-    stats = next(e for e in session.engine.stream(request) if isinstance(e, Done)).stats
-    return Run("engine", index, stats.prompt_tokens, stats.completion_tokens, stats.ttft_s, stats.decode_tokens_per_s)
-
-
-def _generate_run(session: Session, index: int, tokens: int) -> Run:
-    start = time.perf_counter()
-    inputs = session.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPTS[index]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(session.engine.device)
-    clock = _TokenClock()
-    with torch.inference_mode():
-        out = session.model.generate(
-            **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
-            pad_token_id=session.tokenizer.pad_token_id or session.tokenizer.eos_token_id,
-        )
-    new = out.shape[1] - inputs["input_ids"].shape[1]
-    first, last = clock.stamps[1], clock.stamps[-1]
-    return Run("generate", index, inputs["input_ids"].shape[1], new, first - start, (new - 1) / (last - first))
-
-
-def run_decode(session: Session, *, tokens: int = 64, repeats: int = 3, progress: bool = True) -> list[Run]:
-    # One untimed pass of each path first: allocators and kernels warm up on the first call.
-    _engine_run(session, 0, min(tokens, 4))
-    _generate_run(session, 0, min(tokens, 4))
-    plan = [(r, i) for r in range(repeats) for i in range(len(PROMPTS))]
-    runs = []
-    for _, index in tqdm(plan, desc="decode bench", disable=not progress):
-        runs.append(_engine_run(session, index, tokens))
-        runs.append(_generate_run(session, index, tokens))
-    return runs
+def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batches=(1,), progress: bool = True):
+    """Returns (runs, info per target, skipped target -> reason)."""
+    parsed = [Target.parse(t) for t in targets]
+    context = multiprocessing.get_context("spawn")
+    workers, info, skipped = {}, {}, {}
+    try:
+        for target in tqdm(parsed, desc="loading targets", disable=not progress):
+            parent, child = context.Pipe()
+            process = context.Process(target=worker, args=(target, child, min(tokens, 8)), daemon=True)
+            process.start()
+            message = parent.recv()
+            if message[0] == "ready":
+                workers[target.name], info[target.name] = (process, parent), message[1]
+            else:
+                skipped[target.name] = message[1]
+                process.join()
+        plan = [
+            (name, batch, prompt)
+            for _ in range(repeats)
+            for prompt in range(len(PROMPTS))
+            for batch in batches
+            for name in workers
+            if batch == 1 or Target.parse(name).path.startswith("engine")
+        ]
+        runs = []
+        for name, batch, prompt in tqdm(plan, desc="decode bench", disable=not progress):
+            _, conn = workers[name]
+            conn.send((prompt, tokens, batch))
+            message = conn.recv()
+            if message[0] != "ok":
+                raise RuntimeError(f"{name} failed while timing: {message[1]}\n{message[2]}")
+            runs.append(Run(target=name, batch=batch, prompt=prompt, **message[1]))
+        return runs, info, skipped
+    finally:
+        for process, conn in workers.values():
+            conn.send(None)
+            process.join(timeout=30)
 
 
-def summarise(runs: list[Run]) -> dict[str, dict[str, float]]:
-    table = {}
-    for path in sorted({r.path for r in runs}):
-        mine = [r for r in runs if r.path == path]
-        ttft = [r.ttft_s * 1000 for r in mine]
-        tps = [r.decode_tokens_per_s for r in mine]
-        table[path] = {
-            "runs": len(mine),
-            "ttft_ms_median": statistics.median(ttft),
-            "ttft_ms_min": min(ttft),
-            "ttft_ms_max": max(ttft),
-            "decode_tok_s_median": statistics.median(tps),
-            "decode_tok_s_min": min(tps),
-            "decode_tok_s_max": max(tps),
-        }
-    if "generate" in table and "engine" in table:
-        table["engine"]["decode_ratio_to_generate"] = (
-            table["engine"]["decode_tok_s_median"] / table["generate"]["decode_tok_s_median"]
-        )
-    return table
+def summarise(runs: list[Run], info: dict) -> list[dict]:
+    rows = []
+    for name in info:
+        for batch in sorted({r.batch for r in runs if r.target == name}):
+            mine = [r for r in runs if r.target == name and r.batch == batch]
+            ttft = [r.ttft_s * 1000 for r in mine]
+            tps = [r.decode_tokens_per_s for r in mine]
+            rows.append({
+                "target": name,
+                "batch": batch,
+                "runs": len(mine),
+                "ttft_ms_median": statistics.median(ttft),
+                "ttft_ms_min": min(ttft),
+                "ttft_ms_max": max(ttft),
+                "decode_tok_s_median": statistics.median(tps),
+                "decode_tok_s_min": min(tps),
+                "decode_tok_s_max": max(tps),
+                "peak_mb": max(r.peak_bytes for r in mine) / 2**20,
+                "weight_mb": info[name]["weight_bytes"] / 2**20,
+                "bits_per_weight": info[name]["bits_per_weight"],
+                "warmup_s": info[name]["warmup_s"],
+            })
+    generate = next((r for r in rows if r["target"].startswith("generate:") and r["batch"] == 1), None)
+    llama = [r for r in rows if r["target"].startswith("llamacpp:")]
+    for row in rows:
+        if generate is not None:
+            row["ratio_to_generate"] = row["decode_tok_s_median"] / generate["decode_tok_s_median"]
+        if llama and not row["target"].startswith("llamacpp:") and row["bits_per_weight"]:
+            peer = min(llama, key=lambda r: abs(r["bits_per_weight"] - row["bits_per_weight"]))
+            row["llamacpp_peer"] = peer["target"].removeprefix("llamacpp:")
+            row["ratio_to_llamacpp"] = row["decode_tok_s_median"] / peer["decode_tok_s_median"]
+    return rows
 
 
-def to_markdown(summary: dict, meta: dict) -> str:
+def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
     lines = [
-        f"Decode bench: {meta['source']} ({meta['dtype']}, {meta['device']}, {meta['threads']} threads), "
-        f"{meta['tokens']} new tokens, greedy, {meta['repeats']} x {len(PROMPTS)} prompts, interleaved",
+        f"Decode bench on {meta['machine']}: {meta['tokens']} new tokens, greedy, "
+        f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']})",
         "",
-        "| path | time to first token, ms (median, min–max) | decode tok/s (median, min–max) | ratio to generate |",
-        "|---|---|---|---|",
+        "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
+        "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path, s in summary.items():
-        ratio = s.get("decode_ratio_to_generate", 1.0 if path == "generate" else float("nan"))
+    for r in rows:
+        gen = f"{r['ratio_to_generate']:.2f}x" if "ratio_to_generate" in r else "–"
+        llama = f"{r['ratio_to_llamacpp']:.2f}x ({r['llamacpp_peer']})" if "ratio_to_llamacpp" in r else "–"
         lines.append(
-            f"| {path} | {s['ttft_ms_median']:.0f} ({s['ttft_ms_min']:.0f}–{s['ttft_ms_max']:.0f}) "
-            f"| {s['decode_tok_s_median']:.1f} ({s['decode_tok_s_min']:.1f}–{s['decode_tok_s_max']:.1f}) | {ratio:.2f}x |"
+            f"| {r['target']} | {r['batch']} | {r['bits_per_weight']:.1f} | {r['weight_mb']:.1f} | {r['peak_mb']:.0f} "
+            f"| {r['ttft_ms_median']:.0f} ({r['ttft_ms_min']:.0f}–{r['ttft_ms_max']:.0f}) "
+            f"| {r['decode_tok_s_median']:.1f} ({r['decode_tok_s_min']:.1f}–{r['decode_tok_s_max']:.1f}) "
+            f"| {gen} | {llama} | {r['warmup_s']:.1f} |"
         )
+    for name, reason in skipped.items():
+        lines.append(f"\nSkipped {name}: {reason}")
+    lines.append(
+        "\nPeak MB: CPU targets, the worker process's peak resident memory (Python and torch included); "
+        "CUDA targets, peak allocated GPU memory. Warm-up: the first short reply, compilation included."
+    )
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: Path, runs: list[Run], summary: dict, meta: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs]}, indent=2)
+def to_html(rows: list[dict], meta: dict) -> str:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    labels = [f"{r['target']} x{r['batch']}" if r["batch"] > 1 else r["target"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s (median, min–max)", "time to first token, ms"))
+    fig.add_bar(
+        x=[r["decode_tok_s_median"] for r in rows], y=labels, orientation="h", row=1, col=1, name="tok/s",
+        error_x={"type": "data", "symmetric": False,
+                 "array": [r["decode_tok_s_max"] - r["decode_tok_s_median"] for r in rows],
+                 "arrayminus": [r["decode_tok_s_median"] - r["decode_tok_s_min"] for r in rows]},
     )
-    (out_dir / "decode.md").write_text(to_markdown(summary, meta))
+    fig.add_bar(x=[r["ttft_ms_median"] for r in rows], y=labels, orientation="h", row=1, col=2, name="TTFT ms")
+    fig.update_layout(title=f"Decode bench, {meta['machine']}", showlegend=False, height=120 + 28 * len(rows), margin={"l": 260})
+    fig.update_yaxes(autorange="reversed")
+    return fig.to_html(include_plotlyjs="cdn", full_html=True)
+
+
+def write_results(out_dir: Path, runs: list[Run], rows: list[dict], info: dict, skipped: dict, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "decode.json").write_text(json.dumps(
+        {"meta": meta, "summary": rows, "targets": info, "skipped": skipped, "runs": [asdict(r) for r in runs]}, indent=2
+    ))
+    (out_dir / "decode.md").write_text(to_markdown(rows, meta, skipped))
+    (out_dir / "decode.html").write_text(to_html(rows, meta))
     return out_dir

@@ -1,0 +1,254 @@
+"""What the decode bench can time, each in a process of its own.
+
+A target is `PATH:SPEC`:
+- `engine:CONFIG` — this workbench's engine on a config file or source (`configs/int8.yaml`,
+  `tiny:llama`); `engine+compile:CONFIG` the same with `model.compile` on;
+- `generate:CONFIG` — plain `model.generate` on the same weights;
+- `llamacpp:TYPE` — llama.cpp (llama-cpp-python) on the embedded model's GGUF, re-encoded
+  from the shipped Q4_1 file to TYPE (F32, F16, Q8_0 or Q4_1; same values, other storage).
+
+Each target lives in its own worker process so that its peak memory is its own (CUDA:
+peak allocated; CPU: the process's peak resident set), and runs are interleaved by the
+parent so a noisy neighbour slows every target alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for saving battery on a phone.",
+    "Explain in two sentences what a KV cache is.",
+]
+PATHS = ("engine", "engine+compile", "generate", "llamacpp")
+GGUF_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}
+"""llama.cpp's file types (enum llama_ftype)"""
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    spec: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}:{self.spec}"
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        path, sep, spec = text.partition(":")
+        if not sep or path not in PATHS or not spec:
+            raise ValueError(f"bad target {text!r}: write PATH:SPEC with PATH one of {', '.join(PATHS)}, e.g. engine:configs/int8.yaml or llamacpp:Q8_0")
+        if path == "llamacpp" and spec not in GGUF_TYPES:
+            raise ValueError(f"bad target {text!r}: llama.cpp types are {', '.join(GGUF_TYPES)}")
+        return cls(path, spec)
+
+
+def llamacpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_variant(kind: str) -> Path:
+    """The embedded GGUF re-encoded to `kind`, made once and kept in the workbench cache."""
+    from workbench.models.embedded import cache_root, gguf_path
+
+    source = gguf_path("smollm2-135m-instruct")
+    if kind == "Q4_1":
+        return source
+    out = cache_root() / "gguf" / f"{source.stem.rsplit('.', 1)[0]}.{kind}.gguf"
+    if not out.exists():
+        import llama_cpp
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = GGUF_TYPES[kind]
+        params.allow_requantize = True
+        partial = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not re-encode {source.name} as {kind}")
+        partial.rename(out)
+    return out
+
+
+def _prompt_ids(tokenizer, prompt: int) -> list[int]:
+    """The ids the engine itself would prefill for this prompt."""
+    from workbench.engine import ChatRequest
+    from workbench.engine.template import render_prompt
+
+    return render_prompt(tokenizer, ChatRequest.from_prompt(PROMPTS[prompt]).messages, False).ids
+
+
+class _Runner:
+    """Loads one target; `run` produces `tokens` new tokens for `batch` copies of a prompt."""
+
+    info: dict
+
+    def run(self, prompt: int, tokens: int, batch: int) -> dict:
+        raise NotImplementedError
+
+
+class _EngineRunner(_Runner):
+    def __init__(self, target: Target):
+        import torch
+
+        import workbench
+        from workbench.models.loader import weight_bytes
+
+        self.session = workbench.load(target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {}))
+        loaded = self.session.loaded
+        params = sum(p.numel() for p in self.session.model.parameters())
+        weights = weight_bytes(self.session.model)
+        self.info = {
+            "source": loaded.source,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "weight_bytes": weights,
+            "bits_per_weight": 8 * weights / params,
+        }
+
+    def run(self, prompt: int, tokens: int, batch: int) -> dict:
+        from workbench.engine import ChatRequest, Done
+
+        engine = self.session.engine
+        request = ChatRequest.from_prompt(PROMPTS[prompt], max_tokens=tokens, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        if batch == 1:
+            stats = [next(e for e in engine.stream(request) if isinstance(e, Done)).stats]
+        else:
+            plans = [engine.plan(request) for _ in range(batch)]
+            stats = [e.stats for _, e in engine.generate(plans) if isinstance(e, Done)]
+        wall = time.perf_counter() - start
+        first = max(s.ttft_s for s in stats)
+        new = sum(s.completion_tokens for s in stats)
+        return {
+            "prompt_tokens": stats[0].prompt_tokens,
+            "new_tokens": new // batch,
+            "ttft_s": first,
+            # the batch's tokens after the first step, over the time they took
+            "decode_tokens_per_s": (new - batch) / (wall - first) if wall > first else 0.0,
+        }
+
+
+class _GenerateRunner(_EngineRunner):
+    def run(self, prompt: int, tokens: int, batch: int) -> dict:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        if batch != 1:
+            raise ValueError("the generate path is timed one request at a time")
+
+        class Clock(BaseStreamer):
+            stamps: list[float] = []
+
+            def put(self, value):
+                self.stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        session = self.session
+        start = time.perf_counter()
+        ids = _prompt_ids(session.tokenizer, prompt)
+        input_ids = torch.tensor([ids], device=session.engine.device)
+        clock = Clock()
+        clock.stamps = []
+        with torch.inference_mode():
+            out = session.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
+                min_new_tokens=tokens, do_sample=False, streamer=clock, pad_token_id=session.engine.pad_id,
+            )
+        new = out.shape[1] - input_ids.shape[1]
+        first, last = clock.stamps[1], clock.stamps[-1]
+        return {"prompt_tokens": len(ids), "new_tokens": new, "ttft_s": first - start, "decode_tokens_per_s": (new - 1) / (last - first)}
+
+
+class _LlamaCppRunner(_Runner):
+    def __init__(self, target: Target):
+        if not llamacpp_available():
+            raise RuntimeError("llama-cpp-python is not installed (pip install -e .[llamacpp]; see the README for the CPU build flags)")
+        import llama_cpp
+        import torch
+
+        import workbench
+
+        path = gguf_variant(target.spec)
+        threads = torch.get_num_threads()
+        self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+        tokenizer = workbench.load(quiet=True).tokenizer  # the same prompt ids as the engine's
+        self.prompts = [_prompt_ids(tokenizer, i) for i in range(len(PROMPTS))]
+        self.info = {
+            "source": path.name,
+            "device": "cpu",
+            "dtype": target.spec,
+            "threads": threads,
+            "weight_bytes": path.stat().st_size,
+            "bits_per_weight": 8 * path.stat().st_size / llama_cpp.llama_model_n_params(self.llm.model),
+            "llama_cpp": llama_cpp.__version__,
+        }
+
+    def run(self, prompt: int, tokens: int, batch: int) -> dict:
+        if batch != 1:
+            raise ValueError("the llama.cpp path is timed one request at a time")
+        ids = self.prompts[prompt]
+        self.llm.reset()
+        start = time.perf_counter()
+        stamps = []
+        for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == tokens:
+                break
+        return {
+            "prompt_tokens": len(ids),
+            "new_tokens": len(stamps),
+            "ttft_s": stamps[0] - start,
+            "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0,
+        }
+
+
+def _runner(target: Target) -> _Runner:
+    if target.path in ("engine", "engine+compile"):
+        return _EngineRunner(target)
+    if target.path == "generate":
+        return _GenerateRunner(target)
+    return _LlamaCppRunner(target)
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(target: Target, conn, warmup_tokens: int) -> None:
+    """Load, warm up (compiling where asked: that time is reported), then time runs on request."""
+    try:
+        start = time.perf_counter()
+        runner = _runner(target)
+        info = {**runner.info, "load_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        runner.run(0, warmup_tokens, 1)
+        info["warmup_s"] = time.perf_counter() - start
+        conn.send(("ready", info))
+    except Exception as exc:  # reported as a skipped row, with the reason
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    while (command := conn.recv()) is not None:
+        try:
+            if info["device"].startswith("cuda"):
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+            result = runner.run(*command)
+            result["peak_bytes"] = _peak_bytes(info["device"])
+            conn.send(("ok", result))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
