@@ -69,3 +69,25 @@ def test_pruning_curve_covers_every_ratio_and_criterion(tmp_path, capsys):
     assert heads[(0.0, "taylor")] == 8 and heads[(0.5, "taylor")] == 4
     assert (tmp_path / "pruning.html").exists()
     assert "| 50% | 4 |" in capsys.readouterr().out
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    # A native crash (a llama.cpp build for another CPU dies of SIGILL) must not hang the bench.
+    import multiprocessing
+    import os
+
+    from workbench.bench.decode import _receive
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=os._exit, args=(3,), daemon=True)
+    process.start()
+    child.close()
+    assert _receive(parent, process, "x") == ("error", "the worker process died (exit code 3)", "")
+
+
+def test_a_target_that_cannot_load_is_skipped_with_the_reason(tmp_path):
+    main(["decode", "--targets", "engine:tiny:llama,engine:tiny:nonesuch", "--tokens", "3", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert [r["target"] for r in data["summary"]] == ["engine:tiny:llama"]
+    assert "nonesuch" in data["skipped"]["engine:tiny:nonesuch"]

@@ -53,7 +53,8 @@ def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batche
             parent, child = context.Pipe()
             process = context.Process(target=worker, args=(target, child, min(tokens, 8)), daemon=True)
             process.start()
-            message = parent.recv()
+            child.close()  # so that a worker that dies shows as end-of-file here, not a hang
+            message = _receive(parent, process, target.name)
             if message[0] == "ready":
                 workers[target.name], info[target.name] = (process, parent), message[1]
             else:
@@ -69,17 +70,33 @@ def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batche
         ]
         runs = []
         for name, batch, prompt in tqdm(plan, desc="decode bench", disable=not progress):
-            _, conn = workers[name]
+            if name in skipped:
+                continue
+            process, conn = workers[name]
             conn.send((prompt, tokens, batch))
-            message = conn.recv()
-            if message[0] != "ok":
-                raise RuntimeError(f"{name} failed while timing: {message[1]}\n{message[2]}")
+            message = _receive(conn, process, name)
+            if message[0] != "ok":  # the target leaves the table with the reason; the others go on
+                skipped[name] = f"failed while timing: {message[1]}"
+                continue
             runs.append(Run(target=name, batch=batch, prompt=prompt, **message[1]))
+        for name in skipped:
+            info.pop(name, None)
         return runs, info, skipped
     finally:
         for process, conn in workers.values():
-            conn.send(None)
+            if process.is_alive():
+                conn.send(None)
             process.join(timeout=30)
+
+
+def _receive(conn, process, name: str):
+    try:
+        return conn.recv()
+    except EOFError:
+        process.join(timeout=10)
+        code = process.exitcode
+        why = {-4: "illegal instruction: a build for a CPU other than this one", -11: "segmentation fault"}.get(code, "")
+        return ("error", f"the worker process died (exit code {code}{': ' + why if why else ''})", "")
 
 
 def summarise(runs: list[Run], info: dict) -> list[dict]:

@@ -14,8 +14,11 @@ parent so a noisy neighbour slows every target alike.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import resource
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -70,7 +73,9 @@ def gguf_variant(kind: str) -> Path:
         params.ftype = GGUF_TYPES[kind]
         params.allow_requantize = True
         partial = out.with_suffix(".partial")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+        with _native_stderr_silenced():  # llama.cpp prints a line per tensor
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+        if status != 0:
             raise RuntimeError(f"llama.cpp could not re-encode {source.name} as {kind}")
         partial.rename(out)
     return out
@@ -82,6 +87,19 @@ def _prompt_ids(tokenizer, prompt: int) -> list[int]:
     from workbench.engine.template import render_prompt
 
     return render_prompt(tokenizer, ChatRequest.from_prompt(PROMPTS[prompt]).messages, False).ids
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _Runner:
