@@ -135,7 +135,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
             with gr.Column(scale=2):
                 with gr.Accordion("Generation settings", open=True):
                     thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
-                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p")
                     max_tokens = gr.Slider(1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens")
                     seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0, minimum=-1, label="Seed (-1 = random)")
@@ -157,7 +157,8 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
 
         settings = [thinking, temperature, top_p, max_tokens, seed]
         chat_event = box.submit(
-            respond, [box, chatbot, *settings, which], [chatbot, box, stats], api_name="chat", concurrency_id="model"
+            respond, [box, chatbot, *settings, which], [chatbot, box, stats], api_name="chat", concurrency_id="model",
+            show_progress="hidden",  # the answer streaming in is the progress; no overlay on the box
         )
         chat_event.then(slots.describe, None, models, api_visibility="private")
         compare_event = run_compare.click(

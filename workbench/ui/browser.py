@@ -52,24 +52,67 @@ def chrome(width: int = 1360, height: int = 980):
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
-def send_and_wait(driver, url: str, message: str, timeout: float = 120) -> tuple[str, str]:
-    """Open the page, type `message`, press Enter, and wait for the streamed answer to
-    finish (the stats line appears). Returns (answer text, stats text)."""
+def open_page(driver, url: str):
+    """Load the page and wait until the message box takes input; returns the box."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url)
-    box = WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea")))
+    return WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea")))
+
+
+def set_number(driver, elem_id: str, value: float) -> None:
+    """Type a value into a slider's number box, as a person would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
+
+
+def send_and_wait(driver, message: str, timeout: float = 180) -> list[str]:
+    """Type `message` into the open page, press Enter, and wait until the streamed answer
+    is finished (the stats line shows its speed). Returns every distinct text the answer
+    bubble showed on the way, the final answer last."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, "#message textarea")
     box.send_keys(message)
     box.send_keys(Keys.ENTER)
-    WebDriverWait(driver, timeout, poll_frequency=0.2).until(
-        lambda d: "tok/s" in d.find_element(By.ID, "stats").text
-    )
-    time.sleep(0.5)  # the last chunk's render
-    bubbles = driver.find_elements(By.CSS_SELECTOR, "#chatbot .bot")
-    return (bubbles[-1].text if bubbles else ""), driver.find_element(By.ID, "stats").text
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            bubbles = driver.find_elements(By.CSS_SELECTOR, "#chatbot .bot")
+            text = bubbles[-1].text.strip() if bubbles else ""
+            done = "tok/s" in driver.find_element(By.ID, "stats").text
+        except StaleElementReferenceException:  # re-rendered between find and read
+            continue
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        if done and text:
+            time.sleep(0.3)  # the last chunk's render
+            final = driver.find_elements(By.CSS_SELECTOR, "#chatbot .bot")[-1].text.strip()
+            return seen if seen[-1] == final else [*seen, final]
+        time.sleep(0.05)
+    raise TimeoutError(f"no finished answer within {timeout:.0f}s; last seen: {seen[-1:]!r}")
+
+
+def stats_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "stats").text
+
+
+def toasts(driver) -> list[str]:
+    """The text of every notification on the page (Gradio's gr.Error / gr.Warning toasts)."""
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")]
 
 
 def screenshot(driver, out: Path) -> Path:

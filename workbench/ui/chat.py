@@ -13,7 +13,7 @@ import gradio as gr
 from workbench.engine import Done, ReasoningDelta, Stats, TextDelta
 from workbench.session import Session
 from workbench.ui import media
-from workbench.ui.models import kv_cache_bytes, weight_bytes
+from workbench.ui.models import kv_cache_bytes, megabytes, weight_bytes
 
 THOUGHT_TITLE = "Thought"
 
@@ -92,7 +92,7 @@ def stats_markdown(stats: Stats, session: Session, who: str) -> str:
     return (
         f"**{who}** · first token **{stats.ttft_s * 1000:.0f} ms** · **{stats.decode_tokens_per_s:.1f} tok/s**"
         f" · {stats.prompt_tokens} prompt / {answer} answer / {stats.reasoning_tokens} reasoning tokens"
-        f" · KV cache {kv / 1e6:.2f} MB ({policy}) · weights {weight_bytes(session) / 1e6:,.0f} MB"
+        f" · KV cache {kv / 1e6:.2f} MB ({policy}) · weights {megabytes(weight_bytes(session))}"
         f" · finish: {stats.finish_reason}"
     )
 

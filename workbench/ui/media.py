@@ -50,8 +50,13 @@ def image_part(path: str | Path) -> dict:
         with Image.open(path) as image:
             image.verify()  # reads the whole file: truncated or corrupt data fails here
             fmt = image.format
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MediaError(f"could not read the image {path.name}: {exc}. Attach a PNG, JPEG, WebP or GIF file.") from None
+    except UnidentifiedImageError:
+        raise MediaError(
+            f"could not read the image {path.name}: its contents are not an image format this chat reads, "
+            "or it is damaged. Attach a PNG, JPEG, WebP or GIF file."
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"could not read the image {path.name}: damaged or cut short ({exc}).") from None
     mime = Image.MIME.get(fmt, "image/png")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}

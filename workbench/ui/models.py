@@ -38,6 +38,10 @@ def parse_yaml(text: str, origin: str) -> WorkbenchConfig:
     return parse_config(data, origin=origin)
 
 
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
 def weight_bytes(session: Session) -> int:
     return sum(weight_bytes_by_dtype(session.model).values())
 
