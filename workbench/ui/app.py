@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+import yaml
 from pydantic import ValidationError
 
 from workbench.compress.report import BENCH_PROMPT
@@ -28,6 +29,12 @@ GENERATING = "_generating…_"
 WAITING = "_Stats for the last reply appear here._"
 
 
+def current_yaml(session: Session) -> str:
+    """The loaded model's config as the editor shows it when it came from no config file."""
+    data = session.config.model_dump(mode="json", include={"model", "compression"})
+    return "# the loaded model; edit, then Apply\n" + yaml.safe_dump(data, sort_keys=False)
+
+
 def _refuse(exc: Exception) -> gr.Error:
     return gr.Error(str(exc), duration=None, title="Not sent")
 
@@ -38,6 +45,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
     gen = first.config.generation
     configs = config_files()
     start_config = label if label in configs else None
+    start_text = None if start_config else current_yaml(first)
 
     def respond(message, history, thinking, temperature, top_p, max_tokens, seed, which):
         message = message or {}
@@ -137,7 +145,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                     thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
                     temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p")
-                    max_tokens = gr.Slider(1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens")
+                    max_tokens = gr.Slider(1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens", elem_id="max_tokens")
                     seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0, minimum=-1, label="Seed (-1 = random)")
                 with gr.Accordion("Model", open=True):
                     models = gr.Markdown(slots.describe(), elem_id="models")
@@ -146,14 +154,14 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                         value="compressed" if slots.compressed else "original",
                         label="Chat with",
                     )
-                    config = gr.Dropdown(configs, value=start_config, label="Config (configs/)")
+                    config = gr.Dropdown(configs, value=start_config, label="Config (configs/)", elem_id="config")
                     editor = gr.Code(
-                        show_config(start_config),
+                        start_text or show_config(start_config),
                         language="yaml",
                         label="Model and compression steps (edit freely, then apply)",
                         lines=8,
                     )
-                    apply = gr.Button("Apply", variant="primary")
+                    apply = gr.Button("Apply", variant="primary", elem_id="apply")
 
         settings = [thinking, temperature, top_p, max_tokens, seed]
         chat_event = box.submit(

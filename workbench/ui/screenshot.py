@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.ui.screenshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/ui.png"))
     parser.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
-    parser.add_argument("--message", default="Give me three tips for saving phone battery.")
+    parser.add_argument("--message", default="Give me three short tips for saving phone battery.")
+    parser.add_argument("--temperature", type=float, default=0.0, help="typed into the page; 0 makes the picture reproducible")
+    parser.add_argument("--max-tokens", type=int, default=120, help="typed into the page")
     parser.add_argument("--width", type=int, default=1360)
-    parser.add_argument("--height", type=int, default=900)
+    parser.add_argument("--height", type=int, default=1300, help="tall enough for the whole model panel")
     args = parser.parse_args(argv)
 
     session = workbench.load(args.config, quiet=True)
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     driver = browser.chrome(args.width, args.height)
     try:
         browser.open_page(driver, url)
+        browser.set_number(driver, "temperature", args.temperature)
+        browser.set_number(driver, "max_tokens", args.max_tokens)
         answers = browser.send_and_wait(driver, args.message)
         browser.screenshot(driver, args.out)
         stats = browser.stats_text(driver)
