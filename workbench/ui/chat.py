@@ -62,22 +62,21 @@ def _pieces(content) -> tuple[str, list[str]]:
 def history_to_messages(history: list[dict]) -> list[dict]:
     """Gradio's chat history to OpenAI-style messages: thought bubbles left out (the model
     does not see its old reasoning), a user turn's files turned back into content parts."""
-    messages: list[dict] = []
+    turns: list[tuple[str, str, list[str]]] = []  # (role, text, files)
     for item in history:
         if (item.get("metadata") or {}).get("title"):
             continue
-        text, files = _pieces(item.get("content"))
         role = item["role"]
-        if messages and messages[-1]["role"] == role == "user":  # Gradio splits a turn's files off
-            prev_text, prev_files = messages.pop()["_pieces"]
-            text, files = (prev_text + text), prev_files + files
+        text, files = _pieces(item.get("content"))
+        if turns and turns[-1][0] == role == "user":  # Gradio may split a turn's files off
+            _, prev_text, prev_files = turns.pop()
+            text, files = prev_text + text, prev_files + files
         if text or files:
-            messages.append({"role": role, "_pieces": (text, files)})
-    out = []
-    for m in messages:
-        text, files = m["_pieces"]
-        out.append({"role": m["role"], "content": media.content(text, files) if m["role"] == "user" else text})
-    return out
+            turns.append((role, text, files))
+    return [
+        {"role": role, "content": media.content(text, files) if role == "user" else text}
+        for role, text, files in turns
+    ]
 
 
 def user_message(text: str, files: list[str]) -> dict:
