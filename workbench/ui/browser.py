@@ -3,6 +3,7 @@ what the browser test and the README screenshot both do, so the picture is the t
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import time
@@ -17,6 +18,8 @@ class BrowserMissing(RuntimeError):
 
 def find_browser() -> tuple[str, str]:
     """(chromium, chromedriver) paths, or BrowserMissing."""
+    if importlib.util.find_spec("selenium") is None:
+        raise BrowserMissing("selenium is needed to drive the browser: pip install selenium==4.51.0 (the dev extra)")
     browser = next((p for p in map(shutil.which, BROWSERS) if p), None)
     driver = shutil.which("chromedriver")
     if not browser or not driver:
