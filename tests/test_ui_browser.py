@@ -19,14 +19,14 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
 @pytest.fixture(scope="module")
-def page(embedded):
+def page(request):
     try:
         browser.find_browser()
     except browser.BrowserMissing as exc:
         if os.environ.get("CI"):
             pytest.fail(f"{exc}: CI must run the browser test (.ci/run installs them)")
         pytest.skip(str(exc))
-    app = build_app(embedded)
+    app = build_app(request.getfixturevalue("embedded"))  # only once there is a browser to use it
     url = browser.launch(app)
     driver = browser.chrome()
     try:
