@@ -91,7 +91,11 @@ def thinking_client():
 
 
 def test_thinking_streams_into_a_collapsible_thought_with_its_token_count(thinking_client):
-    history, _, stats = say(thinking_client, "hi", thinking=True, max_tokens=12)
+    job = thinking_client.submit({"text": "hi", "files": []}, [], **TURN, thinking=True, max_tokens=12, api_name="/chat")
+    history, _, stats = job.result()
+    pending = [out[0][1] for out in job.outputs() if len(out[0]) == 3 and out[0][1]["metadata"].get("status") == "pending"]
+    assert len(pending) > 2 and len(set(map(text_of, pending))) > 2, "the reasoning should stream into an open thought"
+    assert pending[0]["metadata"]["title"] == "Thought…"
     thought, answer = history[-2], history[-1]
     assert thought["metadata"]["title"] == "Thought (12 tokens)" and thought["metadata"]["status"] == "done"
     assert thought["metadata"]["duration"] >= 0 and text_of(thought)
