@@ -205,6 +205,27 @@ class _nothing:
         return False
 
 
+def test_applying_steps_reports_progress_and_what_is_loaded(thinking_client, monkeypatch):
+    from workbench.compress import STEPS
+
+    options, quantize = STEPS["quantize"]
+    # A step that takes a moment, so polling the job cannot miss the bar between steps.
+    monkeypatch.setitem(STEPS, "quantize", (options, lambda *a, **k: (time.sleep(0.5), quantize(*a, **k))[1]))
+    steps = (
+        "model:\n  source: tiny:llama\ncompression:\n  - step: prune_heads\n    criterion: taylor\n    per_layer: 1\n"
+        "    calibration_texts: 2\n    calibration_tokens: 64\n  - step: quantize\n    scheme: fp16\n"
+    )
+    job = thinking_client.submit(steps, None, api_name="/apply_config")
+    progress = []
+    while not job.done():
+        progress += [(p.desc, p.length) for p in job.status().progress_data or []]
+        time.sleep(0.01)
+    status, which = job.result()
+    assert ("compressing", 2) in progress  # the pipeline's bar, one tick per step, shown by gr.Progress
+    assert "**compressed**: `edited steps` · prune_heads, quantize · weights 0." in status and which == "compressed"
+    assert "KV 0.2 KiB/token" in status and "KV 0.5 KiB/token" in status  # half the KV groups pruned
+
+
 def test_a_new_config_replaces_the_old_compressed_copy_before_loading(monkeypatch):
     """Never two compressed copies at once: the old one is unreachable when the next loads."""
     slots = ModelSlots(workbench.load("tiny:llama", quiet=True))

@@ -124,7 +124,7 @@ class ModelSlots:
             s = slot.session
             steps = ", ".join(r.get("step", "?") for r in s.reports) or "no compression"
             lines.append(
-                f"- **{name}**: `{slot.label}` · {steps} · weights {weight_bytes(s) / 1e6:,.0f} MB"
+                f"- **{name}**: `{slot.label}` · {steps} · weights {megabytes(weight_bytes(s))}"
                 f" · KV {kv_bytes_per_token(s.model) / 1024:,.1f} KiB/token ({kv_cache_bytes(s, 0)[1]})"
                 f" · {s.loaded.device} {str(s.loaded.dtype).removeprefix('torch.')}"
             )
