@@ -18,11 +18,16 @@ import yaml
 from pydantic import ValidationError
 
 from workbench.compress.report import BENCH_PROMPT
-from workbench.config import ConfigError
 from workbench.engine import RequestError
 from workbench.session import Session
 from workbench.ui import media
-from workbench.ui.chat import Settings, history_to_messages, stats_markdown, stream_messages, user_message
+from workbench.ui.chat import (
+    Settings,
+    history_to_messages,
+    stats_markdown,
+    stream_messages,
+    user_message,
+)
 from workbench.ui.models import CONFIG_DIR, ModelSlots, config_files, parse_yaml
 
 GENERATING = "_generating…_"
@@ -93,18 +98,21 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
     def show_config(name):
         return (CONFIG_DIR / name).read_text(encoding="utf-8") if name else ""
 
-    def apply_config(text, name, progress=gr.Progress(track_tqdm=True)):
+    def apply_config(text, name, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - how Gradio finds the bar
         """Load the editor's config as the compressed model; a bad one leaves a visible
-        reason in the panel and the chat answering with the original."""
+        reason in the panel, and the chat keeps answering."""
         edited = not name or text.strip() != show_config(name).strip()
         label = "edited steps" if edited else name
         progress(0, desc=f"loading {label}")
         try:
             slots.apply(parse_yaml(text, origin=label), label)
+            status = slots.describe()
         except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to see, not a crash
+            # A config refused before loading leaves the previous compressed model in place;
+            # one that failed while loading leaves the original alone. The panel says which.
             gr.Warning(f"{label} did not load: {exc}")
-            return f"⚠️ **{label} did not load**: {exc}\n\n{slots.describe()}", "original"
-        return slots.describe(), "compressed" if slots.compressed else "original"
+            status = f"⚠️ **{label} did not load**: {exc}\n\n{slots.describe()}"
+        return status, "compressed" if slots.compressed else "original"
 
     with gr.Blocks(title="workbench chat") as app:
         gr.Markdown(
