@@ -18,9 +18,16 @@ import workbench
 
 
 @pytest.fixture(scope="session")
-def embedded_loads(tmp_path_factory):
+def embedded_cache(tmp_path_factory):
+    """The run's own model cache (empty at first): tests that load the embedded model again
+    (the chat UI loading a config) point WORKBENCH_CACHE_DIR here instead of converting anew."""
+    return tmp_path_factory.mktemp("workbench-cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_loads(embedded_cache):
     """(first_seconds, second_seconds, session) for the embedded model in an empty cache."""
-    cache = tmp_path_factory.mktemp("workbench-cache")
+    cache = embedded_cache
     mp = pytest.MonkeyPatch()
     mp.setenv("WORKBENCH_CACHE_DIR", str(cache))
     try:

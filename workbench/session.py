@@ -69,9 +69,11 @@ class Session:
         return f"Session({self.loaded.summary()})"
 
 
-def _config_for(spec_or_path: str | Path | None, overrides: dict) -> WorkbenchConfig:
-    spec = None if spec_or_path is None else str(spec_or_path)
-    if spec is None:
+def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: dict) -> WorkbenchConfig:
+    spec = None if spec_or_path is None or isinstance(spec_or_path, WorkbenchConfig) else str(spec_or_path)
+    if isinstance(spec_or_path, WorkbenchConfig):
+        config = spec_or_path  # built in code, e.g. by the chat UI's compression editor
+    elif spec is None:
         config = WorkbenchConfig()
     elif spec.endswith((".yaml", ".yml")):
         config = load_config(spec)
@@ -103,9 +105,9 @@ def preflight(config: WorkbenchConfig) -> None:
             quantize_preflight(step.model_extra or {}, torch.device(device), dtype)
 
 
-def load(spec_or_path: str | Path | None = None, *, quiet: bool = False, **model_overrides) -> Session:
-    """A Session from a config file, a source string (`embedded:…`, `tiny:…`, a hub id) or a
-    saved model directory; nothing means the defaults of configs/default.yaml (the embedded
+def load(spec_or_path: str | Path | WorkbenchConfig | None = None, *, quiet: bool = False, **model_overrides) -> Session:
+    """A Session from a config file or WorkbenchConfig, a source string (`embedded:…`,
+    `tiny:…`, a hub id) or a saved model directory; nothing means the defaults of configs/default.yaml (the embedded
     model). Keyword arguments override the config's `model:` section,
     e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
     config = _config_for(spec_or_path, model_overrides)

@@ -47,14 +47,21 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
-    model = session.model
-    params = sum(p.numel() for p in model.parameters())
+def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers per storage type (torchao's quantized tensors by their
+    own name, counted inside), each tied tensor once: what a compressed model really holds."""
     seen, by_dtype = set(), Counter()
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             by_dtype[_dtype_name(tensor)] += tensor_bytes(tensor)
+    return dict(by_dtype)
+
+
+def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
+    model = session.model
+    params = sum(p.numel() for p in model.parameters())
+    by_dtype = weight_bytes_by_dtype(model)
     attns = attention_layers(model)
     kv_heads = [kv_groups(attn) for attn in attns]
     heads = [kv_groups(attn) * attn.num_key_value_groups for attn in attns]
@@ -68,7 +75,7 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
     return Measurement(
         params=params,
         weight_bytes=sum(by_dtype.values()),
-        bytes_by_dtype=dict(by_dtype),
+        bytes_by_dtype=by_dtype,
         heads_per_layer=heads,
         kv_heads_per_layer=kv_heads,
         kv_bytes_per_token=kv_bytes_per_token(model),

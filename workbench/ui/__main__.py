@@ -1,8 +1,9 @@
-"""`python -m workbench.ui [--config FILE] [--host H] [--port P] [--share]`"""
+"""`python -m workbench.ui [--config FILE|SOURCE] [--host H] [--port P] [--share]`"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import workbench
 from workbench.ui.app import build_app
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     args = parser.parse_args(argv)
     session = workbench.load(args.config)
-    build_app(session).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    label = Path(args.config).name if args.config else None
+    build_app(session, label=label).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

@@ -1,91 +1,189 @@
-"""The Gradio chat on the one engine: a streaming answer, with the reasoning in a
-collapsible "Thought" message above it when thinking is on. (The full multimodal page
-with compression and compare panels builds on this.)"""
+"""The page: a streaming multimodal chat, generation settings, a model panel that loads
+and compresses configs, and a compare tab that answers one prompt with the original and
+the compressed model side by side. Everything goes through the one engine.
+
+Generation and model swaps share one queue slot (`concurrency_id="model"`): a swap never
+pulls a model out from under a running reply, and CPU timings are not skewed by a
+second generation. Errors a user can cause (an empty message, a broken upload, an image
+for a text-only model, a bad config) become a visible message; the typed message and the
+editor text stay where they were.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 
 import gradio as gr
+import yaml
+from pydantic import ValidationError
 
-from workbench.engine import Done, ReasoningDelta, RequestError, TextDelta
+from workbench.compress.report import BENCH_PROMPT
+from workbench.engine import RequestError
 from workbench.session import Session
+from workbench.ui import media
+from workbench.ui.chat import (
+    Settings,
+    history_to_messages,
+    stats_markdown,
+    stream_messages,
+    user_message,
+)
+from workbench.ui.models import CONFIG_DIR, ModelSlots, config_files, parse_yaml
 
-THOUGHT_TITLE = "Thought"
-
-
-def history_to_messages(history: list[dict]) -> list[dict]:
-    """Gradio's chat history to OpenAI-style messages, leaving out the thought bubbles."""
-    messages = []
-    for item in history:
-        if (item.get("metadata") or {}).get("title"):
-            continue
-        content = item.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if isinstance(content, str) and content:
-            messages.append({"role": item["role"], "content": content})
-    return messages
+GENERATING = "_generating…_"
+WAITING = "_Stats for the last reply appear here._"
 
 
-def stats_line(stats) -> str:
-    return (
-        f"{stats.prompt_tokens} prompt · {stats.completion_tokens} reply tokens"
-        f" ({stats.reasoning_tokens} reasoning) · first token {stats.ttft_s * 1000:.0f} ms"
-        f" · {stats.decode_tokens_per_s:.1f} tok/s · {stats.finish_reason}"
-    )
+def current_yaml(session: Session) -> str:
+    """The loaded model's config as the editor shows it when it came from no config file."""
+    data = session.config.model_dump(mode="json", include={"model", "compression"})
+    return "# the loaded model; edit, then Apply\n" + yaml.safe_dump(data, sort_keys=False)
 
 
-def reply(session: Session, message: str, history: list[dict], thinking: bool, temperature: float, max_tokens: int) -> Iterator:
-    if not message or not message.strip():
-        raise gr.Error("Type a message first.")
-    messages = [*history_to_messages(history), {"role": "user", "content": message}]
-    try:
-        events = session.engine.stream(
-            {"messages": messages, "enable_thinking": thinking, "temperature": temperature, "max_tokens": int(max_tokens)}
-        )
-    except RequestError as exc:
-        raise gr.Error(str(exc)) from None
-    thought = gr.ChatMessage(role="assistant", content="", metadata={"title": THOUGHT_TITLE, "status": "pending"})
-    answer = gr.ChatMessage(role="assistant", content="")
-    for event in events:
-        if isinstance(event, ReasoningDelta):
-            thought.content += event.text
-        elif isinstance(event, TextDelta):
-            answer.content += event.text
-        elif isinstance(event, Done):
-            s = event.stats
-            thought.metadata = {"title": f"{THOUGHT_TITLE} ({s.reasoning_tokens} tokens)", "status": "done", "duration": s.total_s}
-            answer.metadata = {}
-            answer.content = answer.content or "(empty reply)"
-            answer.options = []
-        yield ([thought] if thought.content else []) + [answer], stats_line(event.stats) if isinstance(event, Done) else ""
+def _refuse(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc), duration=None, title="Not sent")
 
 
-def build_app(session: Session) -> gr.Blocks:
-    info = session.loaded
+def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.Blocks:
+    slots = session if isinstance(session, ModelSlots) else ModelSlots(session, label)
+    first = (slots.compressed or slots.original).session
+    gen = first.config.generation
+    configs = config_files()
+    start_config = label if label in configs else None
+    start_text = None if start_config else current_yaml(first)
+
+    def respond(message, history, thinking, temperature, top_p, max_tokens, seed, which):
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        if not text and not files:
+            raise gr.Error("Type a message (or attach an image or a recording) first.", title="Nothing to send")
+        settings = Settings(thinking, temperature, top_p, max_tokens, seed)
+        session, who = slots.chat_session(which)
+        try:
+            messages = [*history_to_messages(history), {"role": "user", "content": media.content(text, files)}]
+            events = session.engine.stream(settings.request(messages))
+        except (media.MediaError, RequestError, ValidationError) as exc:
+            raise _refuse(exc) from None
+        shown = [*history, user_message(text, files)]
+        yield shown, None, GENERATING
+        for replies, stats in stream_messages(events, time.perf_counter()):
+            yield shown + replies, None, stats_markdown(stats, session, who) if stats else GENERATING
+
+    def compare(prompt, thinking, temperature, top_p, max_tokens, seed):
+        if not (prompt or "").strip():
+            raise gr.Error("Type a prompt to compare first.", title="Nothing to compare")
+        if slots.compressed is None:
+            raise gr.Error(
+                "No compressed model is loaded: pick a config with compression steps in the Model panel "
+                "(e.g. int8.yaml) and apply it, then compare.",
+                title="Nothing to compare",
+            )
+        settings = Settings(thinking, temperature, top_p, max_tokens, seed)
+        request = settings.request([{"role": "user", "content": prompt.strip()}])
+        asked = [{"role": "user", "content": prompt.strip()}]
+        out = {"original": (asked, WAITING), "compressed": (asked, WAITING)}
+        # One after the other: two models decoding at once on a CPU would slow each other
+        # and make the timings meaningless.
+        for which in ("original", "compressed"):
+            session, who = slots.chat_session(which)
+            try:
+                events = session.engine.stream(request)
+            except RequestError as exc:
+                raise _refuse(exc) from None
+            for replies, stats in stream_messages(events, time.perf_counter()):
+                out[which] = (asked + replies, stats_markdown(stats, session, who) if stats else GENERATING)
+                yield *out["original"], *out["compressed"]
+
+    def show_config(name):
+        return (CONFIG_DIR / name).read_text(encoding="utf-8") if name else ""
+
+    def apply_config(text, name, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - how Gradio finds the bar
+        """Load the editor's config as the compressed model; a bad one leaves a visible
+        reason in the panel, and the chat keeps answering."""
+        edited = not name or text.strip() != show_config(name).strip()
+        label = "edited steps" if edited else name
+        progress(0, desc=f"loading {label}")
+        try:
+            slots.apply(parse_yaml(text, origin=label), label)
+            status = slots.describe()
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to see, not a crash
+            # A config refused before loading leaves the previous compressed model in place;
+            # one that failed while loading leaves the original alone. The panel says which.
+            gr.Warning(f"{label} did not load: {exc}")
+            status = f"⚠️ **{label} did not load**: {exc}\n\n{slots.describe()}"
+        return status, "compressed" if slots.compressed else "original"
+
     with gr.Blocks(title="workbench chat") as app:
         gr.Markdown(
-            f"## workbench chat\n`{info.source}` · {info.weight_bytes / 1e9:.2f} GB weights · "
-            f"device {info.device} · context {session.engine.context_limit} tokens"
+            "## workbench chat\nText, images and voice in; the answer streams out, with the model's "
+            "thinking in a collapsible message when the Thinking switch is on. Compress the model in "
+            "the Model panel and compare it with the original side by side."
         )
-        stats = gr.Markdown(elem_id="stats", render=False)
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tab("Chat"):
+                    chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"])
+                    box = gr.MultimodalTextbox(
+                        placeholder="Type a message, attach an image, or record your voice…",
+                        sources=["upload", "microphone"],
+                        file_types=["image", "audio"],
+                        file_count="multiple",
+                        show_label=False,
+                        elem_id="message",
+                    )
+                    with gr.Row():
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
+                        clear = gr.Button("Clear chat", size="sm")
+                    stats = gr.Markdown(WAITING, elem_id="stats")
+                with gr.Tab("Compare"):
+                    prompt = gr.Textbox(BENCH_PROMPT, label="Prompt for both models", lines=2)
+                    with gr.Row():
+                        run_compare = gr.Button("Compare", variant="primary", size="sm")
+                        stop_compare = gr.Button("Stop", variant="stop", size="sm")
+                    with gr.Row():
+                        with gr.Column():
+                            left = gr.Chatbot(label="Original", height=320)
+                            left_stats = gr.Markdown(WAITING)
+                        with gr.Column():
+                            right = gr.Chatbot(label="Compressed", height=320)
+                            right_stats = gr.Markdown(WAITING)
+            with gr.Column(scale=2):
+                with gr.Accordion("Generation settings", open=True):
+                    thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
+                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p")
+                    max_tokens = gr.Slider(1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens", elem_id="max_tokens")
+                    seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0, minimum=-1, label="Seed (-1 = random)")
+                with gr.Accordion("Model", open=True):
+                    models = gr.Markdown(slots.describe(), elem_id="models")
+                    which = gr.Radio(
+                        ["compressed", "original"],
+                        value="compressed" if slots.compressed else "original",
+                        label="Chat with",
+                    )
+                    config = gr.Dropdown(configs, value=start_config, label="Config (configs/)", elem_id="config")
+                    editor = gr.Code(
+                        start_text or show_config(start_config),
+                        language="yaml",
+                        label="Model and compression steps (edit freely, then apply)",
+                        lines=8,
+                    )
+                    apply = gr.Button("Apply", variant="primary", elem_id="apply")
 
-        # A generator function (not a lambda returning one): Gradio streams only those.
-        def respond(message, history, thinking, temperature, max_tokens):
-            yield from reply(session, message, history, thinking, temperature, max_tokens)
-
-        gr.ChatInterface(
-            fn=respond,
-            additional_inputs=[
-                gr.Checkbox(value=session.config.generation.enable_thinking, label="Thinking", render=False),
-                gr.Slider(0.0, 2.0, value=session.config.generation.temperature, step=0.05, label="Temperature", render=False),
-                gr.Slider(1, 2048, value=min(session.config.generation.max_tokens, 2048), step=1, label="Max tokens", render=False),
-            ],
-            additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
-            additional_outputs=[stats],
-            examples=[["What is the capital of France?"], ["Give me three tips for saving phone battery."]],
-            api_name="chat",
+        settings = [thinking, temperature, top_p, max_tokens, seed]
+        chat_event = box.submit(
+            respond, [box, chatbot, *settings, which], [chatbot, box, stats], api_name="chat", concurrency_id="model",
+            show_progress="hidden",  # the answer streaming in is the progress; no overlay on the box
         )
-        stats.render()
+        chat_event.then(slots.describe, None, models, api_visibility="private")
+        compare_event = run_compare.click(
+            compare, [prompt, *settings], [left, left_stats, right, right_stats], api_name="compare", concurrency_id="model"
+        )
+        compare_event.then(slots.describe, None, models, api_visibility="private")
+        stop.click(lambda: "_Stopped._", None, stats, cancels=[chat_event], api_name="stop", queue=False)
+        stop_compare.click(None, None, None, cancels=[compare_event], api_visibility="private")
+        clear.click(lambda: ([], WAITING), None, [chatbot, stats], api_visibility="private")
+        config.change(show_config, config, editor, api_visibility="private")
+        apply.click(apply_config, [editor, config], [models, which], api_name="apply_config", concurrency_id="model")
     return app

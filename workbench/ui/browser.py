@@ -1,0 +1,124 @@
+"""Drive the chat page in a real headless Chromium (Selenium with the system chromedriver):
+what the browser test and the README screenshot both do, so the picture is the tested page."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import time
+from pathlib import Path
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+class BrowserMissing(RuntimeError):
+    """No Chromium or chromedriver on this machine; the message says how to install them."""
+
+
+def find_browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, or BrowserMissing."""
+    if importlib.util.find_spec("selenium") is None:
+        raise BrowserMissing("selenium is needed to drive the browser: pip install selenium==4.51.0 (the dev extra)")
+    browser = next((p for p in map(shutil.which, BROWSERS) if p), None)
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        raise BrowserMissing(
+            "headless Chromium and chromedriver are needed (Debian/Ubuntu: apt-get install chromium chromium-driver)"
+        )
+    return browser, driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(app) -> str:
+    """Start `app` on a free loopback port in this process; its URL."""
+    port = free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+def chrome(width: int = 1360, height: int = 980):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = find_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    # The system chromedriver: Selenium Manager would otherwise try to download one.
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def open_page(driver, url: str):
+    """Load the page and wait until the message box takes input; returns the box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    return WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea")))
+
+
+def set_number(driver, elem_id: str, value: float) -> None:
+    """Type a value into a slider's number box, as a person would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
+
+
+def send_and_wait(driver, message: str, timeout: float = 180) -> list[str]:
+    """Type `message` into the open page, press Enter, and wait until the streamed answer
+    is finished (the stats line shows its speed). Returns every distinct text the answer
+    bubble showed on the way, the final answer last."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, "#message textarea")
+    box.send_keys(message)
+    box.send_keys(Keys.ENTER)
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            bubbles = driver.find_elements(By.CSS_SELECTOR, "#chatbot .bot")
+            text = bubbles[-1].text.strip() if bubbles else ""
+            done = "tok/s" in driver.find_element(By.ID, "stats").text
+        except StaleElementReferenceException:  # re-rendered between find and read
+            continue
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        if done and text:
+            time.sleep(0.3)  # the last chunk's render
+            final = driver.find_elements(By.CSS_SELECTOR, "#chatbot .bot")[-1].text.strip()
+            return seen if seen[-1] == final else [*seen, final]
+        time.sleep(0.05)
+    raise TimeoutError(f"no finished answer within {timeout:.0f}s; last seen: {seen[-1:]!r}")
+
+
+def stats_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "stats").text
+
+
+def toasts(driver) -> list[str]:
+    """The text of every notification on the page (Gradio's gr.Error / gr.Warning toasts)."""
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")]
+
+
+def screenshot(driver, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(out))
+    return out
