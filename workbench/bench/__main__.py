@@ -142,7 +142,7 @@ def _target_options(parser) -> None:
                              "[,price_out=USD][,context=N] (prices per 1K tokens); repeat for several")
     parser.add_argument("--tasks", default="all", help="comma-separated answer tasks: facts, arithmetic, image_qa, speech, or all")
     parser.add_argument("--limit", type=int, default=None, help="ask only the first N questions of each task")
-    parser.add_argument("--max-tokens", type=int, default=24, help="reply budget per question")
+    parser.add_argument("--max-tokens", type=int, default=16, help="reply budget per question")
     parser.add_argument("--windows", type=int, default=4, help="512-token windows of held-out text per perplexity (0: skip)")
 
 

@@ -92,7 +92,7 @@ def measure_column(target: Target, tasks: list[Task], *, levels, requests: int, 
 
 
 def run_compare(targets: list[Target], tasks: list[Task], *, levels=(1, 4), requests: int = 2, tokens: int = 32,
-                windows: int = 4, limit: int | None = None, max_tokens: int = 24) -> list[Column]:
+                windows: int = 4, limit: int | None = None, max_tokens: int = 16) -> list[Column]:
     return [measure_column(t, tasks, levels=levels, requests=requests, tokens=tokens, windows=windows, limit=limit,
                            max_tokens=max_tokens) for t in tqdm(targets, desc="compare")]
 

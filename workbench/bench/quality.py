@@ -47,7 +47,7 @@ def failed_tasks(tasks: list[Task], error: str) -> dict[str, TaskResult]:
 
 
 def measure(target: Target, endpoint: Endpoint, session, tasks: list[Task], *, windows: int, limit: int | None,
-            max_tokens: int = 24, reachable_error: str = "") -> Quality:
+            max_tokens: int = 16, reachable_error: str = "") -> Quality:
     """Quality of one opened target; `reachable_error` (from `probe`) skips the questions."""
     result = Quality(target.name)
     if session is not None and windows > 0:
@@ -59,7 +59,7 @@ def measure(target: Target, endpoint: Endpoint, session, tasks: list[Task], *, w
     return result
 
 
-def run_quality(targets: list[Target], tasks: list[Task], *, windows: int, limit: int | None, max_tokens: int = 24) -> list[Quality]:
+def run_quality(targets: list[Target], tasks: list[Task], *, windows: int, limit: int | None, max_tokens: int = 16) -> list[Quality]:
     results = []
     for target in tqdm(targets, desc="quality"):
         try:

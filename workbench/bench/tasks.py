@@ -243,7 +243,7 @@ async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: in
         return await asyncio.gather(*(one(item) for item in items))
 
 
-def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 24, concurrency: int = 4) -> TaskResult:
+def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 16, concurrency: int = 4) -> TaskResult:
     """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time."""
     if task.items is None:
         return TaskResult(task.name, unavailable=task.unavailable)
