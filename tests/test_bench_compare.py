@@ -242,6 +242,7 @@ def test_compare_measures_local_configs_through_the_workbench_server(compared):
         assert (column["context_length"], column["context_source"]) == (2048, "reported by /v1/models")
         assert column["quality"]["perplexity"] > 1
         assert column["quality"]["tasks"]["facts"]["asked"] == 4
+        assert len(column["load_avg_1min_before_after"]) == 2 and min(column["load_avg_1min_before_after"]) >= 0
 
 
 def test_compare_prices_questions_from_reported_usage(compared):
@@ -267,6 +268,7 @@ def test_compare_reports_failing_endpoints_in_their_column(compared):
         assert table["accuracy: arithmetic (two-digit + - ×)"][name].startswith("error: ")
         assert table["accuracy: image questions"][name] == "n/a (multimodal input not yet available)"
     assert table["context length, tokens"]["refused"] == "1,000 (given)"
+    assert table["load average on this machine while timing (1 min, before / after)"]["refused"] == "n/a"
     assert table["status"]["tiny:llama"] == "ok"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class Column:
     context_length: int | None = None
     context_source: str = ""
     error: str = ""
+    load_avg: tuple[float, float] | None = None
+    """This machine's 1-minute load average before and after timing: on a shared machine,
+    the first thing to look at when two columns' latencies differ."""
 
     @property
     def task_tokens(self) -> tuple[int, int]:
@@ -53,10 +57,15 @@ class Column:
         return {
             "name": t.name, "config": t.config, "base_url": t.base_url, "model": t.model, "error": self.error,
             "context_length": self.context_length, "context_source": self.context_source, "serve": self.serve,
+            "load_avg_1min_before_after": self.load_avg,
             "price_in_per_1k": t.price_in, "price_out_per_1k": t.price_out,
             "task_tokens": dict(zip(("prompt", "completion"), self.task_tokens)), "task_cost_usd": self.task_cost_usd,
             "quality": self.quality.to_dict(),
         }
+
+
+def _load_avg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _warm_up(endpoint) -> None:
@@ -80,8 +89,10 @@ def measure_column(target: Target, tasks: list[Task], *, levels, requests: int, 
                 column.context_source = "given" if target.context else "reported by /v1/models"
             if not error:
                 _warm_up(endpoint)
+                before = _load_avg()
                 column.serve = serve_bench.run_serve(endpoint.base_url, endpoint.model, api_key=endpoint.api_key,
                                                      levels=levels, requests_per_client=requests, tokens=tokens)[0]
+                column.load_avg = (before, _load_avg()) if before is not None else None
             column.quality = measure(target, endpoint, session, tasks, windows=windows, limit=limit,
                                      max_tokens=max_tokens, reachable_error=error)
             return column
@@ -99,7 +110,6 @@ def run_compare(targets: list[Target], tasks: list[Task], *, levels=(1, 4), requ
 
 def machine() -> str:
     """Where the local columns ran, for the table's caption."""
-    import os
     import platform
 
     import torch
@@ -159,6 +169,8 @@ def table(columns: list[Column], tasks: list[Task], meta: dict) -> list[tuple[st
         clients = f"{level} client{'s' if level > 1 else ''}"
         rows.append((f"time to first token p50 / p95, ms ({clients})", [ttft for ttft, _ in cells]))
         rows.append((f"aggregate tokens/s ({clients})", [tok_s for _, tok_s in cells]))
+    rows.append(("load average on this machine while timing (1 min, before / after)",
+                 [f"{c.load_avg[0]:.1f} / {c.load_avg[1]:.1f}" if c.load_avg else "n/a" for c in columns]))
     rows.append(("context length, tokens", [_context_cell(c) for c in columns]))
     rows.append((f"perplexity ({meta['windows']} x 512 held-out tokens)",
                  [c.quality.perplexity_cell(c.target.local) for c in columns]))
