@@ -101,6 +101,7 @@ def test_configs_are_named_by_file_stem_or_given_name():
     (["--configs", "tiny:llama,tiny:llama"], "two targets are named tiny:llama"),
     (["--configs", "tiny:llama", "--tasks", "facts,poetry"], "unknown task(s) poetry"),
     (["--configs", "tiny:llama", "--local-price", "0.1"], "expected IN,OUT"),
+    (["--configs", "tiny:llama", "--concurrency", "1,four"], "expected client counts"),
 ])
 def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:

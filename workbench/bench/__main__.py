@@ -121,7 +121,12 @@ def _compare(args) -> None:
     from workbench.bench import compare as compare_bench
 
     targets, tasks = _targets_and_tasks(args)
-    levels = tuple(int(c) for c in args.concurrency.split(","))
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise SystemExit(f"error: --concurrency {args.concurrency!r}: expected client counts like 1,4")
     columns = compare_bench.run_compare(targets, tasks, levels=levels, requests=args.requests, tokens=args.tokens,
                                         windows=args.windows, limit=args.limit, max_tokens=args.max_tokens)
     meta = {"targets": [t.name for t in targets], "tasks": [t.name for t in tasks], "levels": list(levels),

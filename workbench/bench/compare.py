@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from tqdm.auto import tqdm
 
 from workbench.bench import serve as serve_bench
@@ -71,8 +72,6 @@ def _load_avg() -> float | None:
 def _warm_up(endpoint) -> None:
     """One short request before timing, so a freshly loaded model's first-call costs (lazy
     initialisation, allocator growth) are not charged to whichever target happens to go first."""
-    import httpx
-
     body = {"model": endpoint.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(endpoint.base_url + "/chat/completions", json=body, headers=endpoint.headers(), timeout=600)
