@@ -201,13 +201,15 @@ def figure(columns: list[Column], tasks: list[Task], meta: dict):
     names = [c.target.name for c in columns]
     fig = make_subplots(rows=1, cols=3, subplot_titles=("time to first token p50, ms", "aggregate tokens/s", "answer accuracy, %"))
     for level in meta["levels"]:
+        clients = f"{level} client{'s' if level > 1 else ''}"
         rows = [next((r for r in c.serve if r["concurrency"] == level), None) for c in columns]
         fig.add_bar(x=names, y=[r["ttft_ms_p50"] if r and not math.isnan(r["ttft_ms_p50"]) else None for r in rows],
-                    name=f"TTFT, {level} clients", row=1, col=1)
-        fig.add_bar(x=names, y=[r["aggregate_tok_s"] if r else None for r in rows], name=f"tok/s, {level} clients", row=1, col=2)
+                    name=f"TTFT, {clients}", row=1, col=1)
+        fig.add_bar(x=names, y=[r["aggregate_tok_s"] if r else None for r in rows], name=f"tok/s, {clients}", row=1, col=2)
     for task in (t for t in tasks if t.items is not None):
         accuracy = [c.quality.tasks[task.name].accuracy for c in columns]
         fig.add_bar(x=names, y=[a * 100 if a is not None else None for a in accuracy], name=task.title, row=1, col=3)
+    fig.update_yaxes(range=[0, 100], row=1, col=3)
     fig.update_layout(title="Compare: " + ", ".join(names), barmode="group", width=1300, height=500)
     return fig
 
