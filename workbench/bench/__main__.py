@@ -5,6 +5,9 @@
   serve   streaming clients at 1, 4, 8 concurrency against an OpenAI-compatible endpoint
           (this workbench's server by default, started in-process; or --base-url for any other)
   pruning perplexity against the share of heads pruned, for each importance criterion
+  quality perplexity (local configs) and answer accuracy per task, over the OpenAI HTTP path
+  compare the comparison table: columns = configs and endpoints, rows = latency, context,
+          quality, price
 """
 
 from __future__ import annotations
@@ -90,6 +93,68 @@ def _pruning(args) -> None:
     print(f"Results in {out}/pruning.json, pruning.md, pruning.html")
 
 
+def _targets_and_tasks(args):
+    """Targets and tasks from the command line, or exit with what to fix."""
+    from workbench.bench.targets import TargetError, parse_targets
+    from workbench.bench.tasks import resolve_tasks
+
+    try:
+        targets = parse_targets(args.configs, args.endpoint, local_price=getattr(args, "local_price", None))
+        tasks = resolve_tasks(args.tasks)
+    except (TargetError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit("error: --limit must be at least 1")
+    return targets, tasks
+
+
+def _quality(args) -> None:
+    from workbench.bench import quality as quality_bench
+
+    targets, tasks = _targets_and_tasks(args)
+    results = quality_bench.run_quality(targets, tasks, windows=args.windows, limit=args.limit, max_tokens=args.max_tokens)
+    meta = {"targets": [t.name for t in targets], "tasks": [t.name for t in tasks], "windows": args.windows,
+            "limit": args.limit, "max_tokens": args.max_tokens}
+    out = _out(args.out, "quality")
+    quality_bench.write_results(out, results, targets, tasks, meta)
+    print(quality_bench.to_markdown(results, targets, tasks, meta))
+    print(f"Results in {out}/quality.json, quality.md, quality.html")
+
+
+def _compare(args) -> None:
+    from workbench.bench import compare as compare_bench
+
+    targets, tasks = _targets_and_tasks(args)
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise SystemExit(f"error: --concurrency {args.concurrency!r}: expected client counts like 1,4")
+    columns = compare_bench.run_compare(targets, tasks, levels=levels, requests=args.requests, tokens=args.tokens,
+                                        windows=args.windows, limit=args.limit, max_tokens=args.max_tokens)
+    meta = {"targets": [t.name for t in targets], "tasks": [t.name for t in tasks], "levels": list(levels),
+            "requests": args.requests, "tokens": args.tokens, "windows": args.windows, "limit": args.limit,
+            "max_tokens": args.max_tokens, "machine": compare_bench.machine()}
+    out = _out(args.out, "compare")
+    compare_bench.write_results(out, columns, tasks, meta, png=args.png)
+    print(compare_bench.to_markdown(columns, tasks, meta))
+    print(f"Results in {out}/compare.json, compare.md, compare.html")
+
+
+def _target_options(parser) -> None:
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated config files, model sources or saved folders, each optionally NAME=SPEC "
+                             "(default: the embedded model, unless only endpoints are given)")
+    parser.add_argument("--endpoint", action="append", default=None, metavar="SPEC",
+                        help="an OpenAI-compatible endpoint: NAME=BASE_URL,model=ID[,key_env=VAR][,price_in=USD]"
+                             "[,price_out=USD][,context=N] (prices per 1K tokens); repeat for several")
+    parser.add_argument("--tasks", default="all", help="comma-separated answer tasks: facts, arithmetic, image_qa, speech, or all")
+    parser.add_argument("--limit", type=int, default=None, help="ask only the first N questions of each task")
+    parser.add_argument("--max-tokens", type=int, default=16, help="reply budget per question")
+    parser.add_argument("--windows", type=int, default=4, help="512-token windows of held-out text per perplexity (0: skip)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -126,6 +191,22 @@ def main(argv: list[str] | None = None) -> None:
     pruning.add_argument("--calibration-texts", type=int, default=16, help="calibration documents for taylor / entropy")
     pruning.add_argument("--out", type=Path, default=None, help="results folder (default runs/pruning-TIMESTAMP)")
     pruning.set_defaults(run=_pruning)
+
+    quality = sub.add_parser("quality", help="perplexity and answer accuracy per config or endpoint")
+    _target_options(quality)
+    quality.add_argument("--out", type=Path, default=None, help="results folder (default runs/quality-TIMESTAMP)")
+    quality.set_defaults(run=_quality)
+
+    compare = sub.add_parser("compare", help="the comparison table: configs and endpoints side by side")
+    _target_options(compare)
+    compare.add_argument("--local-price", default=None, metavar="IN,OUT",
+                         help="US dollars per 1K input,output tokens for the local configs (default: not priced, shown as 0)")
+    compare.add_argument("--concurrency", default="1,4", help="comma-separated concurrent client counts for latency")
+    compare.add_argument("--requests", type=int, default=2, help="latency requests each client sends back to back")
+    compare.add_argument("--tokens", type=int, default=32, help="max tokens per latency request")
+    compare.add_argument("--png", action="store_true", help="also write compare.png (needs kaleido and a Chromium)")
+    compare.add_argument("--out", type=Path, default=None, help="results folder (default runs/compare-TIMESTAMP)")
+    compare.set_defaults(run=_compare)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -282,7 +282,8 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
     async def models():
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "workbench"}],
+            "data": [{"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "workbench",
+                      "max_model_len": session.engine.context_limit}],  # vLLM's name for the context length
         }
 
     @app.get("/health")

@@ -1,0 +1,280 @@
+"""quality and compare benches: the answer checker, targets from the command line, and the
+comparison table over real HTTP (tiny models served by this workbench, a scripted foreign
+endpoint whose right answers are known, endpoints that refuse or reject)."""
+
+import json
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from workbench.bench.__main__ import main
+from workbench.bench.targets import parse_endpoint, parse_targets
+from workbench.bench.tasks import TASKS, Item, arithmetic_items, is_correct, resolve_tasks
+from workbench.serve.live import free_port
+
+# --- the checker --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply", ["Paris", "paris.", "The capital of France is Paris!", "PARIS"])
+def test_checker_accepts_the_answer_in_a_reply(reply):
+    assert is_correct(Item("What is the capital of France?", "Paris"), reply)
+
+
+@pytest.mark.parametrize("reply", ["", "Lyon", "Parisian", "I don't know", "Comparison"])
+def test_checker_rejects_replies_without_the_answer_as_whole_words(reply):
+    assert not is_correct(Item("What is the capital of France?", "Paris"), reply)
+
+
+def test_checker_accepts_aliases_and_ignores_accents():
+    assert is_correct(Item("Capital of Brazil?", "Brasilia"), "Brasília")
+    assert is_correct(Item("Gas?", "carbon dioxide", ("CO2",)), "It is CO2.")
+    assert is_correct(Item("Gas?", "carbon dioxide", ("CO2",)), "Carbon-dioxide")
+    assert not is_correct(Item("Gas?", "carbon dioxide", ("CO2",)), "carbon monoxide")
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ("42", True), ("17 + 25 = 42", True), ("The answer is forty-two.", True), ("42.0", True),
+    ("42 or 43", False), ("17", False), ("", False), ("4", False), ("420", False), ("Forty", False),
+])
+def test_checker_for_numbers_wants_exactly_the_answer_besides_the_question_numbers(reply, ok):
+    assert is_correct(Item("What is 17 + 25?", "42"), reply) is ok
+
+
+def test_checker_reads_thousands_separators_and_number_words():
+    item = Item("How many metres are in 1 kilometre?", "1000")
+    assert is_correct(item, "1,000 metres")
+    assert is_correct(item, "One thousand.")
+    assert is_correct(item, "There are 1000 metres in 1 kilometre")
+    assert not is_correct(item, "100")
+
+
+def test_every_shipped_question_accepts_its_own_answer_and_rejects_an_empty_reply():
+    for task in (t for t in TASKS.values() if t.items is not None):
+        items = task.items()
+        assert items, task.name
+        for item in items:
+            assert is_correct(item, item.answer), item
+            assert not is_correct(item, ""), item
+            assert not is_correct(item, item.question), item  # echoing the question is never right
+
+
+def test_arithmetic_set_is_the_same_every_time():
+    assert arithmetic_items() == arithmetic_items()
+    assert len(arithmetic_items()) == 20
+
+
+def test_multimodal_tasks_are_registered_but_say_they_cannot_run_yet():
+    for name in ("image_qa", "speech"):
+        assert TASKS[name].items is None and "not yet available" in TASKS[name].unavailable
+    assert [t.name for t in resolve_tasks("all")] == list(TASKS)
+
+
+# --- targets from the command line ---------------------------------------------------------
+
+
+def test_endpoint_syntax_is_parsed_with_prices_and_context(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "k")
+    t = parse_endpoint("cloud=https://api.example.com/v1/,model=m-1,key_env=MY_KEY,price_in=0.15,price_out=0.6,context=128000")
+    assert (t.name, t.base_url, t.model, t.key_env, t.price_in, t.price_out, t.context) == (
+        "cloud", "https://api.example.com/v1", "m-1", "MY_KEY", 0.15, 0.6, 128000)
+    assert not t.local
+
+
+def test_configs_are_named_by_file_stem_or_given_name():
+    targets = parse_targets("configs/int8.yaml,mine=tiny:llama,tiny:qwen3", None)
+    assert [(t.name, t.config) for t in targets] == [("int8", "configs/int8.yaml"), ("mine", "tiny:llama"), ("tiny:qwen3", "tiny:qwen3")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--endpoint", "https://api.example.com/v1"], "expected NAME=BASE_URL"),
+    (["--endpoint", "cloud=api.example.com,model=m"], "expected NAME=BASE_URL"),
+    (["--endpoint", "cloud=https://api.example.com/v1"], "model=ID is required"),
+    (["--endpoint", "cloud=https://api.example.com/v1,model=m,colour=red"], "unknown option 'colour=red'"),
+    (["--endpoint", "cloud=https://api.example.com/v1,model=m,price_in=cheap"], "price_in='cheap' is not a number"),
+    (["--endpoint", "cloud=https://api.example.com/v1,model=m,key_env=WORKBENCH_TEST_UNSET_KEY"], "WORKBENCH_TEST_UNSET_KEY"),
+    (["--configs", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
+    (["--configs", "./no-such-model-folder"], "does not exist"),
+    (["--configs", "tiny:llama,tiny:llama"], "two targets are named tiny:llama"),
+    (["--configs", "tiny:llama", "--tasks", "facts,poetry"], "unknown task(s) poetry"),
+    (["--configs", "tiny:llama", "--local-price", "0.1"], "expected IN,OUT"),
+    (["--configs", "tiny:llama", "--concurrency", "1,four"], "expected client counts"),
+])
+def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *argv, "--out", str(tmp_path / "out")])
+    assert message in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_config_is_named_in_the_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(SystemExit, match="bad.yaml: not valid YAML"):
+        main(["quality", "--configs", str(bad)])
+    bad.write_text("model:\n  sorce: tiny:llama\n")
+    with pytest.raises(SystemExit, match="sorce"):
+        main(["quality", "--configs", str(bad)])
+
+
+# --- a scripted foreign endpoint -------------------------------------------------------------
+
+ORACLE_KEY = "oracle-secret"
+
+
+def _oracle_app() -> FastAPI:
+    """Answers the facts task right for questions about capitals and wrong otherwise, reports
+    a fixed usage per reply, streams, and insists on its key: a foreign endpoint whose
+    accuracy and cost are known in advance."""
+    answers = {item.question: item.answer for item in TASKS["facts"].items()}
+    app = FastAPI()
+
+    def authorised(request: Request) -> bool:
+        return request.headers.get("authorization") == f"Bearer {ORACLE_KEY}"
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorised(request):
+            return JSONResponse({"error": {"message": "bad key"}}, 401)
+        return {"object": "list", "data": [{"id": "oracle-1", "object": "model", "context_length": 4096}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        if not authorised(request):
+            return JSONResponse({"error": {"message": "bad key"}}, 401)
+        body = await request.json()
+        question = body["messages"][-1]["content"]
+        reply = answers[question] if "capital" in question else "I am not sure."
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        if not body.get("stream"):
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                    "usage": usage}
+
+        async def events():
+            for word in ["Hello", " there", " friend"]:
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': word}}]})}\n\n"
+            yield f"data: {json.dumps({'choices': [], 'usage': {**usage, 'completion_tokens': 3}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_oracle_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+# --- the benches end to end -----------------------------------------------------------------
+
+
+def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_over_http(tmp_path, capsys):
+    import workbench
+    from workbench.compress.data import evaluation_texts
+    from workbench.compress.quality import perplexity
+
+    main(["quality", "--configs", "tiny:llama", "--tasks", "all", "--limit", "3", "--windows", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "quality.json").read_text())
+    (result,) = data["results"]
+    session = workbench.load("tiny:llama", quiet=True)
+    assert result["perplexity"] == pytest.approx(perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=1))
+    for name in ("facts", "arithmetic"):
+        task = result["tasks"][name]
+        assert task["asked"] == 3 and task["failed"] == 0 and len(task["answers"]) == 3
+        assert task["prompt_tokens"] > 0 and task["completion_tokens"] > 0
+        assert task["correct"] == sum(is_correct(Item(a["question"], a["expected"]), a["reply"]) for a in task["answers"])
+    assert result["tasks"]["image_qa"]["unavailable"] == "n/a (multimodal input not yet available)"
+    assert (tmp_path / "quality.html").exists()
+    assert "| tiny:llama |" in capsys.readouterr().out
+
+
+def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORACLE_KEY", ORACLE_KEY)
+    main(["quality", "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY", "--tasks", "facts,arithmetic",
+          "--out", str(tmp_path)])
+    (result,) = json.loads((tmp_path / "quality.json").read_text())["results"]
+    capitals = sum("capital" in item.question for item in TASKS["facts"].items())
+    assert result["perplexity"] is None
+    assert (result["tasks"]["facts"]["correct"], result["tasks"]["facts"]["asked"]) == (capitals, 32)
+    assert result["tasks"]["arithmetic"]["correct"] == 0
+    assert "no log-probabilities" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def compared(oracle, tmp_path_factory):
+    """One compare run: two local tiny configs, the scripted endpoint with prices, one
+    endpoint with nothing listening and one that rejects the (missing) key."""
+    out = tmp_path_factory.mktemp("compare")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORACLE_KEY", ORACLE_KEY)
+    try:
+        main(["compare", "--configs", "tiny:llama,qwen=tiny:qwen3",
+              "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY,price_in=0.5,price_out=2",
+              "--endpoint", f"refused=http://127.0.0.1:{free_port()}/v1,model=m,context=1000",
+              "--endpoint", f"nokey={oracle},model=oracle-1",
+              "--local-price", "0.001,0.002", "--tasks", "all", "--limit", "4", "--windows", "1",
+              "--concurrency", "1,2", "--requests", "1", "--tokens", "4", "--out", str(out)])
+    finally:
+        mp.undo()
+    data = json.loads((out / "compare.json").read_text())
+    return out, {c["name"]: c for c in data["columns"]}, {r["row"]: r["cells"] for r in data["table"]}
+
+
+def test_compare_measures_local_configs_through_the_workbench_server(compared):
+    _, columns, _ = compared
+    for name in ("tiny:llama", "qwen"):
+        column = columns[name]
+        assert column["error"] == ""
+        assert [level["concurrency"] for level in column["serve"]] == [1, 2]
+        assert all(level["failed"] == 0 and level["aggregate_tok_s"] > 0 and level["ttft_ms_p50"] > 0 for level in column["serve"])
+        # /v1/models of this workbench's server reports the context limit (tiny models: 2048 positions)
+        assert (column["context_length"], column["context_source"]) == (2048, "reported by /v1/models")
+        assert column["quality"]["perplexity"] > 1
+        assert column["quality"]["tasks"]["facts"]["asked"] == 4
+        assert len(column["load_avg_1min_before_after"]) == 2 and min(column["load_avg_1min_before_after"]) >= 0
+
+
+def test_compare_prices_questions_from_reported_usage(compared):
+    _, columns, table = compared
+    oracle = columns["oracle"]
+    # four facts questions (all capitals: right) and four arithmetic ones (wrong), 10 + 5 tokens each
+    assert oracle["quality"]["tasks"]["facts"]["correct"] == 4 and oracle["quality"]["tasks"]["arithmetic"]["correct"] == 0
+    assert oracle["task_tokens"] == {"prompt": 80, "completion": 40}
+    assert oracle["task_cost_usd"] == pytest.approx((80 * 0.5 + 40 * 2) / 1000)
+    assert (oracle["context_length"], oracle["context_source"]) == (4096, "reported by /v1/models")
+    assert all(level["aggregate_tok_s"] > 0 for level in oracle["serve"])
+    assert table["accuracy: facts (capitals, units, science)"]["oracle"] == "100% (4/4)"
+    local = columns["tiny:llama"]
+    assert local["task_cost_usd"] == pytest.approx((local["task_tokens"]["prompt"] * 0.001 + local["task_tokens"]["completion"] * 0.002) / 1000)
+
+
+def test_compare_reports_failing_endpoints_in_their_column(compared):
+    _, columns, table = compared
+    assert "ConnectError" in columns["refused"]["error"]
+    assert columns["nokey"]["error"].startswith("HTTP 401")
+    for name in ("refused", "nokey"):
+        assert table["time to first token p50 / p95, ms (1 client)"][name] == "error"
+        assert table["accuracy: arithmetic (two-digit + - ×)"][name].startswith("error: ")
+        assert table["accuracy: image questions"][name] == "n/a (multimodal input not yet available)"
+    assert table["context length, tokens"]["refused"] == "1,000 (given)"
+    assert table["load average on this machine while timing (1 min, before / after)"]["refused"] == "n/a"
+    assert table["status"]["tiny:llama"] == "ok"
+
+
+def test_compare_writes_markdown_and_html_with_every_column(compared):
+    out, columns, _ = compared
+    md = (out / "compare.md").read_text()
+    assert md.count("\n| ") >= 14 and "| | tiny:llama | qwen | oracle | refused | nokey |" in md
+    assert (out / "compare.html").stat().st_size > 0
