@@ -35,10 +35,12 @@ def _decode(args) -> None:
 
     targets = args.targets.split(",") if args.targets else decode_bench.default_targets()
     batches = tuple(int(b) for b in args.batch.split(","))
+    load_before = os.getloadavg()[0]
     try:
         runs, info, skipped = decode_bench.run_decode(targets, tokens=args.tokens, repeats=args.repeats, batches=batches)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    load_after = os.getloadavg()[0]
     devices = sorted({i["device"] for i in info.values()})
     meta = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
@@ -47,6 +49,7 @@ def _decode(args) -> None:
         "repeats": args.repeats,
         "batches": list(batches),
         "torch": torch.__version__,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
     }
     rows = decode_bench.summarise(runs, info)
     out = _out(args.out, "decode")

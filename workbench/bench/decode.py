@@ -136,7 +136,8 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
 def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
     lines = [
         f"Decode bench on {meta['machine']}: {meta['tokens']} new tokens, greedy, "
-        f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']})",
+        f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']}; "
+        f"1-minute load average {meta.get('load_average', ['?'])[0]} before, {meta.get('load_average', ['?', '?'])[-1]} after)",
         "",
         "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
         "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | warm-up s |",
