@@ -97,7 +97,8 @@ def thinking_timeline(timeline, title: str = "Thinking timeline") -> go.Figure:
     fig = go.Figure()
     for phase, rows in t.groupby("phase", sort=False):
         fig.add_bar(x=rows.step, y=rows.latency_s * 1000, name=phase, marker_color=PHASE_COLOURS.get(phase),
-                    text=[repr(x) for x in rows.text], hovertemplate="step %{x}: %{text}<br>%{y:.1f} ms")
+                    text=[repr(x) for x in rows.text], textposition="none",
+                    hovertemplate="step %{x}: %{text}<br>%{y:.1f} ms")
     summary = timeline.summary()
     if summary.time_to_first_answer_token_s is not None:
         first = t[t.phase == "answer"].step.iloc[0]
