@@ -4,7 +4,11 @@ import pytest
 import torch
 
 import workbench
-from workbench.compress.pruning import prune_groups, weight_norm_importance, attention_layers
+from workbench.compress.pruning import (
+    attention_layers,
+    prune_groups,
+    weight_norm_importance,
+)
 from workbench.inspect.attention import (
     AttentionCapture,
     ablate_heads,

@@ -4,7 +4,12 @@ import pandas as pd
 
 import workbench
 from workbench.inspect import figures
-from workbench.inspect.attention import ablation_scan, capture_attention, head_importance, head_stats
+from workbench.inspect.attention import (
+    ablation_scan,
+    capture_attention,
+    head_importance,
+    head_stats,
+)
 from workbench.inspect.kvcache import memory_curve
 from workbench.inspect.thinking import thinking_timeline
 

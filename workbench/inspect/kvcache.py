@@ -13,6 +13,7 @@ lengths and record the cache's bytes beside the process's memory, so a bounded p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,11 @@ def _as_dict(config) -> dict:
     if isinstance(config, dict):
         return dict(config)
     if hasattr(config, "to_dict"):
-        data = config.to_dict()
-        # pruned models record their per-layer head counts as attributes, kept by to_dict
-        return data
+        return config.to_dict()  # keeps a pruned model's key_value_heads_per_layer
     raise TypeError(f"expected a config.json path, a dict or a transformers config, got {type(config).__name__}")
 
 
-def _pick(data: dict, key: str, source: str):
+def _pick(data: dict, key: str):
     for name in _ALIASES[key]:
         if data.get(name) is not None:
             return data[name]
@@ -91,17 +90,17 @@ def kv_shape(config, *, dtype: str | torch.dtype | None = None) -> KVShape:
     `dtype` / `torch_dtype`, else float32. Multimodal configs are read through `text_config`."""
     data = _as_dict(config)
     source = str(config) if isinstance(config, (str, Path)) else "the config"
-    if _pick(data, "num_hidden_layers", source) is None and isinstance(data.get("text_config"), dict):
+    if _pick(data, "num_hidden_layers") is None and isinstance(data.get("text_config"), dict):
         data = {**data["text_config"], "dtype": data["text_config"].get("dtype") or data.get("dtype") or data.get("torch_dtype")}
-    layers = _pick(data, "num_hidden_layers", source)
-    heads = _pick(data, "num_attention_heads", source)
+    layers = _pick(data, "num_hidden_layers")
+    heads = _pick(data, "num_attention_heads")
     if layers is None or heads is None:
         raise ValueError(f"{source} has no layer or attention-head count (num_hidden_layers, num_attention_heads): "
                          "is it a decoder language model's config.json?")
-    kv_heads = _pick(data, "num_key_value_heads", source) or heads  # absent: multi-head attention
-    head_dim = _pick(data, "head_dim", source)
+    kv_heads = _pick(data, "num_key_value_heads") or heads  # absent: multi-head attention
+    head_dim = _pick(data, "head_dim")
     if head_dim is None:
-        hidden = _pick(data, "hidden_size", source)
+        hidden = _pick(data, "hidden_size")
         if hidden is None:
             raise ValueError(f"{source} gives neither head_dim nor hidden_size")
         head_dim = hidden // heads
@@ -244,12 +243,9 @@ def memory_curve(session, lengths: list[int], *, policies=DEFAULT_POLICIES, chun
             rows.append({**base, "skipped": f"offloaded needs CUDA (it moves GPU cache layers to CPU memory); "
                                             f"this model is on {device.type}"})
             continue
-        if opts.policy == "quantized":
-            import importlib.util
-
-            if importlib.util.find_spec("optimum.quanto") is None:
-                rows.append({**base, "skipped": "the quantized cache needs optimum-quanto (pip install optimum-quanto==0.2.7)"})
-                continue
+        if opts.policy == "quantized" and importlib.util.find_spec("optimum.quanto") is None:
+            rows.append({**base, "skipped": "the quantized cache needs optimum-quanto (pip install optimum-quanto==0.2.7)"})
+            continue
 
         def record(done, cache, base=base):
             memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else process.memory_info().rss

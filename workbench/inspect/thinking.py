@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 
 from workbench.engine import ChatRequest
 from workbench.engine.detokenize import IncrementalDetokenizer
