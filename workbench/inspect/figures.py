@@ -135,6 +135,8 @@ THINKING_PROMPT = "A farmer has 17 sheep and buys 5 more. How many sheep does he
 
 
 def export(out: Path) -> list[Path]:
+    """Compute each notebook's headline figure at full size, write it as PNG, and print the
+    numbers behind it (what the README quotes)."""
     import workbench
     from workbench.inspect.attention import capture_attention, head_stats
     from workbench.inspect.kvcache import memory_curve
@@ -144,25 +146,39 @@ def export(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     session = workbench.load(quiet=True)
     name = "SmolLM2-135M-Instruct"
-    figures = {
-        "01_attention_heads.png": lambda: head_stats_overview(
-            head_stats(capture_attention(session, ATTENTION_TEXT)), title=f"Attention heads of {name}, one paragraph"),
-        "02_kv_cache_memory.png": lambda: kv_memory_curve(
-            memory_curve(session, [128, 256, 512, 1024, 2048]), title=f"KV cache of {name} against sequence length"),
-        "03_thinking_traces.png": lambda: thinking_timeline(
-            run_timeline(session, THINKING_PROMPT, think_budget=32, max_tokens=24),
-            title=f"{name}, thinking forced for 32 tokens, then the answer (per-token latency, CPU)"),
-        "04_compression_tradeoffs.png": lambda: compression_tradeoffs(
-            pruning_tradeoffs(ratios=(0.0, 0.1, 0.2, 0.3), windows=2),
-            quantization_tradeoffs(windows=2), title=f"Compressing {name}"),
-    }
     written = []
-    for filename, make in figures.items():
-        started = time.perf_counter()
+
+    def save(fig: go.Figure, filename: str, started: float, numbers: str) -> None:
         path = out / filename
-        make().write_image(path, scale=1)
-        print(f"{path} ({time.perf_counter() - started:.0f} s)")
+        fig.write_image(path, scale=1)
+        print(f"{path} ({time.perf_counter() - started:.0f} s)\n{numbers}\n", flush=True)
         written.append(path)
+
+    started = time.perf_counter()
+    stats = head_stats(capture_attention(session, ATTENTION_TEXT))
+    save(head_stats_overview(stats, title=f"Attention heads of {name}, one paragraph"), "01_attention_heads.png", started,
+         f"heads with > 50% on the first token: {int((stats.sink > 0.5).sum())} of {len(stats)}; "
+         f"> 50% on the previous token: {int((stats.previous_token > 0.5).sum())}")
+
+    started = time.perf_counter()
+    curve = memory_curve(session, [128, 256, 512, 1024, 2048])
+    save(kv_memory_curve(curve, title=f"KV cache of {name} against sequence length"), "02_kv_cache_memory.png", started,
+         curve[["label", "tokens", "cache_bytes", "process_MiB", "skipped"]].to_string(index=False))
+
+    started = time.perf_counter()
+    timeline = run_timeline(session, THINKING_PROMPT, think_budget=32, max_tokens=24)
+    summary = timeline.summary()
+    save(thinking_timeline(timeline, title=f"{name}, thinking forced for 32 tokens, then the answer (per-token latency, CPU)"),
+         "03_thinking_traces.png", started,
+         f"{summary}\nmedian latency per phase (ms): "
+         f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}")
+
+    started = time.perf_counter()
+    pruning = pruning_tradeoffs(ratios=(0.0, 0.1, 0.2, 0.3), windows=2)
+    quantization = quantization_tradeoffs(windows=2)
+    save(compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"), "04_compression_tradeoffs.png", started,
+         pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string() + "\n"
+         + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False))
     return written
 
 
