@@ -115,8 +115,9 @@ def compression_tradeoffs(pruning: pd.DataFrame, quantization: pd.DataFrame,
                                                         "quantization: perplexity vs weight bytes"))
     for criterion, rows in pruning.groupby("criterion"):
         fig.add_scatter(x=rows.ratio * 100, y=rows.perplexity, mode="lines+markers", name=criterion, row=1, col=1)
-    fig.add_scatter(x=quantization.weight_MB, y=quantization.perplexity, mode="markers+text", text=quantization.config,
-                    textposition="top center", name="quantize configs", marker={"size": 10}, row=1, col=2)
+    for _, row in quantization.iterrows():
+        fig.add_scatter(x=[row.weight_MB], y=[row.perplexity], mode="markers", name=row.config, marker={"size": 11,
+                        "symbol": "diamond"}, row=1, col=2)
     fig.update_xaxes(title_text="% of KV groups removed", row=1, col=1)
     fig.update_yaxes(title_text="held-out perplexity", type="log", row=1, col=1)
     fig.update_xaxes(title_text="weight MB", row=1, col=2)
@@ -134,9 +135,9 @@ ATTENTION_TEXT = (
 THINKING_PROMPT = "A farmer has 17 sheep and buys 5 more. How many sheep does he have now?"
 
 
-def export(out: Path) -> list[Path]:
+def export(out: Path, only: list[str] | None = None) -> list[Path]:
     """Compute each notebook's headline figure at full size, write it as PNG, and print the
-    numbers behind it (what the README quotes)."""
+    numbers behind it (what the README quotes). `only`: notebook numbers, e.g. ["02", "04"]."""
     import workbench
     from workbench.inspect.attention import capture_attention, head_stats
     from workbench.inspect.kvcache import memory_curve
@@ -148,44 +149,53 @@ def export(out: Path) -> list[Path]:
     name = "SmolLM2-135M-Instruct"
     written = []
 
+    def wanted(number: str) -> bool:
+        return not only or number in only
+
     def save(fig: go.Figure, filename: str, started: float, numbers: str) -> None:
         path = out / filename
         fig.write_image(path, scale=1)
         print(f"{path} ({time.perf_counter() - started:.0f} s)\n{numbers}\n", flush=True)
         written.append(path)
 
-    started = time.perf_counter()
-    stats = head_stats(capture_attention(session, ATTENTION_TEXT))
-    save(head_stats_overview(stats, title=f"Attention heads of {name}, one paragraph"), "01_attention_heads.png", started,
-         f"heads with > 50% on the first token: {int((stats.sink > 0.5).sum())} of {len(stats)}; "
-         f"> 50% on the previous token: {int((stats.previous_token > 0.5).sum())}")
+    if wanted("01"):
+        started = time.perf_counter()
+        stats = head_stats(capture_attention(session, ATTENTION_TEXT))
+        save(head_stats_overview(stats, title=f"Attention heads of {name}, one paragraph"), "01_attention_heads.png", started,
+             f"heads with > 50% on the first token: {int((stats.sink > 0.5).sum())} of {len(stats)}; "
+             f"> 50% on the previous token: {int((stats.previous_token > 0.5).sum())}")
 
-    started = time.perf_counter()
-    curve = memory_curve(session, [128, 256, 512, 1024, 2048])
-    save(kv_memory_curve(curve, title=f"KV cache of {name} against sequence length"), "02_kv_cache_memory.png", started,
-         curve[["label", "tokens", "cache_bytes", "process_MiB", "skipped"]].to_string(index=False))
+    if wanted("02"):
+        started = time.perf_counter()
+        curve = memory_curve(session, [128, 256, 512, 1024, 2048])
+        save(kv_memory_curve(curve, title=f"KV cache of {name} against sequence length"), "02_kv_cache_memory.png", started,
+             curve[["label", "tokens", "cache_bytes", "process_MiB", "skipped"]].to_string(index=False))
 
-    started = time.perf_counter()
-    timeline = run_timeline(session, THINKING_PROMPT, think_budget=32, max_tokens=24)
-    summary = timeline.summary()
-    save(thinking_timeline(timeline, title=f"{name}, thinking forced for 32 tokens, then the answer (per-token latency, CPU)"),
-         "03_thinking_traces.png", started,
-         f"{summary}\nmedian latency per phase (ms): "
-         f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}")
+    if wanted("03"):
+        started = time.perf_counter()
+        timeline = run_timeline(session, THINKING_PROMPT, think_budget=32, max_tokens=24)
+        summary = timeline.summary()
+        save(thinking_timeline(timeline, title=f"{name}, thinking forced for 32 tokens, then the answer (per-token latency, CPU)"),
+             "03_thinking_traces.png", started,
+             f"{summary}\nmedian latency per phase (ms): "
+             f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}")
 
-    started = time.perf_counter()
-    pruning = pruning_tradeoffs(ratios=(0.0, 0.1, 0.2, 0.3), windows=2)
-    quantization = quantization_tradeoffs(windows=2)
-    save(compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"), "04_compression_tradeoffs.png", started,
-         pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string() + "\n"
-         + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False))
+    if wanted("04"):
+        started = time.perf_counter()
+        pruning = pruning_tradeoffs(ratios=(0.0, 0.1, 0.2, 0.3), windows=2)
+        quantization = quantization_tradeoffs(windows=2)
+        save(compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"), "04_compression_tradeoffs.png", started,
+             pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string() + "\n"
+             + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False))
     return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.inspect.figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs (default docs/figures)")
-    export(parser.parse_args().out)
+    parser.add_argument("--only", nargs="*", choices=["01", "02", "03", "04"], help="just these notebooks' figures")
+    args = parser.parse_args()
+    export(args.out, args.only)
 
 
 if __name__ == "__main__":
