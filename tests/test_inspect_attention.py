@@ -103,9 +103,14 @@ def test_ablation_on_the_embedded_model(embedded):
         assert torch.equal(logits(embedded), plain)
     scan = ablation_scan(embedded, TEXT, layers=[1], unit="group")
     assert list(scan.group) == [0, 1, 2] and (scan.loss_delta.abs() > 1e-4).all()
-    heads = ablation_scan(embedded, TEXT, layers=1, unit="head")
-    assert len(heads) == 9 and list(heads.group) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert torch.equal(logits(embedded), plain)
+
+
+def test_a_head_scan_names_each_head_with_its_kv_group():
+    session = workbench.load("tiny:qwen3", quiet=True)
+    heads = ablation_scan(session, TEXT, layers=1, unit="head")
+    assert list(heads["head"]) == [0, 1, 2, 3] and list(heads.group) == [0, 0, 1, 1]
+    assert (heads.loss_delta != 0).all()
 
 
 @pytest.mark.parametrize(

@@ -154,12 +154,20 @@ def cache_bytes(cache) -> int:
 
 
 def _token_stream(tokenizer, tokens: int) -> torch.Tensor:
-    """`tokens` ids of the shipped held-out text, repeated if it is shorter."""
+    """`tokens` ids of the shipped held-out text (documents in order, repeated if it is
+    shorter); only as many documents are tokenized as the length needs."""
     from workbench.compress.data import evaluation_texts
 
-    ids = tokenizer("\n\n".join(evaluation_texts()), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    repeats = -(-tokens // len(ids))
-    return ids.repeat(repeats)[:tokens]
+    pieces, have = [], 0
+    documents = evaluation_texts()
+    while have < tokens:
+        for doc in documents:
+            ids = tokenizer(doc + "\n\n", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            pieces.append(ids)
+            have += len(ids)
+            if have >= tokens:
+                break
+    return torch.cat(pieces)[:tokens]
 
 
 def _check_length(model, tokens: int) -> None:
