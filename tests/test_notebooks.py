@@ -12,6 +12,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -43,11 +44,17 @@ def kernel_env(embedded, tmp_path_factory):
 
 @pytest.mark.embedded
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, kernel_env):
+def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     assert notebook.cells[0].cell_type == "markdown" and "**Question.**" in notebook.cells[0].source
+    # The kernel talks over Unix sockets in a private folder, not loopback TCP ports: on a machine
+    # where other test runs open servers on free ports, a port picked and released for the kernel
+    # can be taken before it binds, and the client then waits on a socket nobody answers.
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(tmp_path / "kernel")
     # A cell that runs past `timeout` fails with its source named, before pytest's own 600 s limit.
-    client = nbclient.NotebookClient(notebook, timeout=300, startup_timeout=120, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=300, startup_timeout=120, kernel_name="python3", config=config,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, when any cell fails
     errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
