@@ -1,11 +1,11 @@
-# Two commands: `make ui` and `make test`. Both build .venv on first use.
+# Two commands: `make ui` and `make test`. Both build .venv on first use (so does `make lab`).
 # torch goes in first, pinned to the local CPU wheel: otherwise pip resolves a multi-GB CUDA build.
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: ui test venv clean-venv
+.PHONY: ui test lab venv clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# JupyterLab on notebooks/; the venv's own python3 kernel (ipykernel, from .[dev]) runs them.
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+lab: $(STAMP)
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
