@@ -12,16 +12,18 @@ def test_decode_bench_times_every_target_on_equal_work_and_writes_results(tmp_pa
     by_target = {}
     for r in data["runs"]:
         by_target.setdefault((r["target"], r["batch"]), []).append((r["prompt"], r["prompt_tokens"]))
-    assert sorted(by_target) == [("engine:tiny:llama", 1), ("engine:tiny:llama", 2), ("generate:tiny:llama", 1)]
+    from workbench.bench.decode_targets import llamacpp_available
+
+    expected = [("engine:tiny:llama", 1), ("engine:tiny:llama", 2), ("generate:tiny:llama", 1)]
+    assert sorted(by_target) == sorted(expected + ([("llamacpp:Q8_0", 1)] if llamacpp_available() else []))
     assert by_target[("engine:tiny:llama", 1)] == by_target[("generate:tiny:llama", 1)] == by_target[("engine:tiny:llama", 2)]
     rows = {(r["target"], r["batch"]): r for r in data["summary"]}
     assert rows[("generate:tiny:llama", 1)]["ratio_to_generate"] == 1.0
     assert rows[("engine:tiny:llama", 1)]["ratio_to_generate"] > 0
-    assert all(r["peak_mb"] > 50 and abs(r["bits_per_weight"] - 32) < 0.5 for r in rows.values())  # fp32 weights
-    from workbench.bench.decode_targets import llamacpp_available
-
+    assert all(r["peak_mb"] > 50 and abs(r["bits_per_weight"] - 32) < 0.5 for k, r in rows.items() if k[0] != "llamacpp:Q8_0")
     if llamacpp_available():  # an optional extra: its row is timed when installed, skipped with the reason when not
         assert data["targets"]["llamacpp:Q8_0"]["dtype"] == "Q8_0"
+        assert rows[("engine:tiny:llama", 1)]["llamacpp_peer"] == "Q8_0"  # the only llama.cpp row is everyone's peer
     else:
         assert "llama-cpp-python is not installed" in data["skipped"]["llamacpp:Q8_0"]
     out = capsys.readouterr().out

@@ -134,13 +134,18 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
+    load = meta.get("load_average", ["?", "?"])
     lines = [
-        f"Decode bench on {meta['machine']}: {meta['tokens']} new tokens, greedy, "
-        f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']}; "
-        f"1-minute load average {meta.get('load_average', ['?'])[0]} before, {meta.get('load_average', ['?', '?'])[-1]} after)",
+        (
+            f"Decode bench on {meta['machine']}: {meta['tokens']} new tokens, greedy, "
+            f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']}; "
+            f"1-minute load average {load[0]} before, {load[-1]} after)"
+        ),
         "",
-        "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
-        "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | warm-up s |",
+        (
+            "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
+            "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | warm-up s |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -162,7 +167,6 @@ def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
 
 
 def to_html(rows: list[dict], meta: dict) -> str:
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     labels = [f"{r['target']} x{r['batch']}" if r["batch"] > 1 else r["target"] for r in rows]

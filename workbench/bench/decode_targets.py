@@ -163,7 +163,10 @@ class _GenerateRunner(_EngineRunner):
             raise ValueError("the generate path is timed one request at a time")
 
         class Clock(BaseStreamer):
-            stamps: list[float] = []
+            """Time stamps of each `put`: the first is the prompt, then one per new token."""
+
+            def __init__(self):
+                self.stamps: list[float] = []
 
             def put(self, value):
                 self.stamps.append(time.perf_counter())
@@ -176,7 +179,6 @@ class _GenerateRunner(_EngineRunner):
         ids = _prompt_ids(session.tokenizer, prompt)
         input_ids = torch.tensor([ids], device=session.engine.device)
         clock = Clock()
-        clock.stamps = []
         with torch.inference_mode():
             out = session.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
@@ -256,7 +258,7 @@ def worker(target: Target, conn, warmup_tokens: int) -> None:
         runner.run(0, warmup_tokens, 1)
         info["warmup_s"] = time.perf_counter() - start
         conn.send(("ready", info))
-    except Exception as exc:  # reported as a skipped row, with the reason
+    except Exception as exc:  # noqa: BLE001 -- any failure to load becomes a skipped row with its reason
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     while (command := conn.recv()) is not None:
@@ -268,5 +270,5 @@ def worker(target: Target, conn, warmup_tokens: int) -> None:
             result = runner.run(*command)
             result["peak_bytes"] = _peak_bytes(info["device"])
             conn.send(("ok", result))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- reported to the parent, which drops this target
             conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

@@ -34,7 +34,11 @@ class Int8Linear(nn.Linear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+        from torchao.quantization.quant_primitives import (
+            MappingType,
+            choose_qparams_affine,
+            quantize_affine,
+        )
 
         w = linear.weight.detach().float()
         block = (1, w.shape[1])

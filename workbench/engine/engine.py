@@ -23,7 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import (
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StaticCache,
+)
 from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
