@@ -116,12 +116,12 @@ class _EngineRunner(_Runner):
         import torch
 
         import workbench
-        from workbench.models.loader import weight_bytes
+        from workbench.compress.report import weight_bytes_by_dtype
 
         self.session = workbench.load(target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {}))
         loaded = self.session.loaded
         params = sum(p.numel() for p in self.session.model.parameters())
-        weights = weight_bytes(self.session.model)
+        weights = sum(weight_bytes_by_dtype(self.session.model).values())  # what the compress report counts
         self.info = {
             "source": loaded.source,
             "device": str(loaded.device),
