@@ -69,6 +69,27 @@ class GenerationConfig(_Strict):
     return_reasoning: bool = True
 
 
+class MediaConfig(_Strict):
+    """What the session sees and hears besides text (see workbench/modalities)."""
+
+    vision_adapter: str = "auto"
+    """For a text-only model: `auto` (the shipped ViT-Tiny adapter when it was trained for
+    the loaded model, i.e. the embedded default), `none`, or a folder written by
+    `python -m workbench.modalities.train_adapter`. Vision-language models use their own
+    processor instead."""
+    speech: str = "tiny.en"
+    """Whisper for `input_audio` parts: `tiny.en` (English), `base` (multilingual), `none`,
+    or a folder holding a CTranslate2 Whisper model."""
+    speech_language: str | None = None
+    """Language code to transcribe in (e.g. `en`, `de`); None detects it."""
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs. Off: only data: URLs, so nothing reaches the network."""
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=64 * 64)
+    """Larger images (or decompression bombs declaring them) are refused before decoding."""
+    max_audio_seconds: float = Field(120.0, gt=0)
+
+
 class CompressionStep(BaseModel):
     """One step of the compression pipeline: its name plus that step's own options."""
 
@@ -104,6 +125,7 @@ class CompressionStep(BaseModel):
 class WorkbenchConfig(_Strict):
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
+    media: MediaConfig = MediaConfig()
     compression: list[CompressionStep] = []
 
     @field_validator("compression")

@@ -8,9 +8,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from workbench.config import ModelConfig, WorkbenchConfig, load_config
+from workbench.config import (
+    ConfigError,
+    MediaConfig,
+    ModelConfig,
+    WorkbenchConfig,
+    load_config,
+)
 from workbench.engine import ChatRequest, Engine
 from workbench.engine.events import ChatResult, ReplyBuilder
+from workbench.engine.media import Media, MediaLimits
 from workbench.models import LoadedModel, load_model
 
 SAVED_CONFIG = "workbench.yaml"
@@ -24,12 +31,16 @@ class Session:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.media = media_for(loaded, config.media)
         self.engine = Engine(
             self.model,
             self.tokenizer,
             context_limit=config.model.context_limit,
             defaults=config.generation,
+            media=self.media,
         )
+        if self.media.native is not None:
+            self.engine.max_batch = 1  # multimodal rotary positions are kept per model, not per row
         self.reports: list[dict] = []
         """What each compression step applied to this session changed."""
 
@@ -67,6 +78,74 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({self.loaded.summary()})"
+
+
+def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
+    """The session's image and speech inputs, from its `media:` config section."""
+    limits = MediaLimits(
+        allow_remote_images=config.allow_remote_images,
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+        max_audio_seconds=config.max_audio_seconds,
+        speech_language=config.speech_language,
+    )
+    adapter = native = None
+    no_vision = ""
+    processor = getattr(loaded, "processor", None)
+    if processor is not None:
+        from workbench.modalities.native import NativeVision
+
+        native = NativeVision(processor, dtype=loaded.dtype)
+    elif config.vision_adapter == "none":
+        no_vision = "media.vision_adapter is none in this session's config"
+    else:
+        from workbench.modalities.adapter import VisionAdapter, shipped_adapter_dir
+
+        path = shipped_adapter_dir() if config.vision_adapter == "auto" else Path(config.vision_adapter).expanduser()
+        adapter, no_vision = _adapter_for(loaded, path, explicit=config.vision_adapter != "auto", load=VisionAdapter.load)
+    speech = None
+    no_speech = ""
+    if config.speech == "none":
+        no_speech = "media.speech is none in this session's config"
+    else:
+        from workbench.modalities.speech import SpeechRecognizer
+
+        def speech() -> SpeechRecognizer:
+            return SpeechRecognizer(config.speech)
+
+    return Media(
+        adapter=adapter,
+        native=native,
+        embed_tokens=loaded.model.get_input_embeddings(),
+        speech=speech,
+        speech_name=None if config.speech == "none" else config.speech,
+        limits=limits,
+        no_vision_reason=no_vision,
+        no_speech_reason=no_speech,
+    )
+
+
+def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool, load):
+    """(adapter, None) when `path` holds an adapter trained for this model, else (None, why)."""
+    train = "train one for it with `python -m workbench.modalities.train_adapter --source SOURCE --out DIR`"
+    if not path.is_dir():
+        if explicit:
+            raise ConfigError(f"media.vision_adapter: {path} is not a folder written by workbench.modalities.train_adapter")
+        return None, f"no vision adapter is installed at {path}; {train}"
+    adapter = load(path)
+    hidden = loaded.model.get_input_embeddings().weight.shape[1]
+    trained_for = adapter.config.language_model
+    if adapter.config.lm_hidden != hidden:
+        if explicit:
+            raise ConfigError(
+                f"media.vision_adapter: {path} was trained for {trained_for} (embedding width "
+                f"{adapter.config.lm_hidden}); the loaded model's width is {hidden}"
+            )
+        return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
+    if not explicit and trained_for != loaded.source:
+        return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
+    device = loaded.model.get_input_embeddings().weight.device
+    return adapter.to(device).eval(), ""
 
 
 def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: dict) -> WorkbenchConfig:

@@ -3,6 +3,7 @@
 from workbench.engine.engine import Engine
 from workbench.engine.errors import (
     ContextLengthError,
+    MediaInputError,
     RequestError,
     UnsupportedInputError,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Done",
     "Engine",
     "Event",
+    "MediaInputError",
     "Message",
     "ReasoningDelta",
     "RequestError",

@@ -49,13 +49,21 @@ class Batch:
         self.logits: torch.Tensor | None = None
         self.padded = False
 
-    def add(self, indices: list[int], prompts: list[list[int]]) -> None:
-        """Prefill these prompts and put them in the batch, their next logits ready."""
+    def add(self, indices: list[int], prompts: list[list[int]], inputs: dict | None = None) -> None:
+        """Prefill these prompts and put them in the batch, their next logits ready. `inputs`
+        (image embeddings or pixels) belong to a single prompt, prefilled on its own."""
+        if inputs is not None and len(prompts) != 1:
+            raise ValueError("a prompt with prefill inputs (images) is prefilled on its own")
         ids, mask = left_pad(prompts, self._pad_id)
         ids, mask = ids.to(self._device), mask.to(self._device)
         cache = self._new_cache()
         padded = not bool(mask.all())
-        logits = self._forward(ids, cache, mask, positions_of(mask)) if padded else self._forward(ids, cache)
+        if padded:
+            logits = self._forward(ids, cache, mask, positions_of(mask))
+        elif inputs is not None:
+            logits = self._forward(ids, cache, inputs=inputs)
+        else:
+            logits = self._forward(ids, cache)
         if self.cache is None:
             self.cache, self.mask, self.logits, self.padded = cache, mask, logits, padded
         else:

@@ -35,6 +35,7 @@ from workbench.config import GenerationConfig
 from workbench.engine.batch import Batch, can_join
 from workbench.engine.errors import ContextLengthError
 from workbench.engine.events import Event
+from workbench.engine.media import Media
 from workbench.engine.request import ChatRequest
 from workbench.engine.sequence import Plan, Sequence
 from workbench.engine.template import render_prompt
@@ -48,8 +49,11 @@ class Engine:
         *,
         context_limit: int = 8192,
         defaults: GenerationConfig | None = None,
+        media: Media | None = None,
     ):
         self.model = model
+        self.media = media
+        """What the session sees and hears besides text; None refuses image and audio parts."""
         self.tokenizer = tokenizer
         self.defaults = defaults or GenerationConfig()
         model_limit = getattr(model.config, "max_position_embeddings", None) or context_limit
@@ -91,7 +95,7 @@ class Engine:
             request = ChatRequest.model_validate(request)
         d = self.defaults
         enable_thinking = d.enable_thinking if request.enable_thinking is None else request.enable_thinking
-        prompt = render_prompt(self.tokenizer, request.messages, enable_thinking)
+        prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media)
         n_prompt = len(prompt.ids)
         room = self.context_limit - n_prompt
         if room < 1:
@@ -118,12 +122,18 @@ class Engine:
             started=started,
         )
 
-    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, forward=None) -> torch.Tensor:
+    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, forward=None, inputs=None) -> torch.Tensor:
+        """One forward; `inputs` are a multimodal prompt's prefill inputs (Prompt.inputs)."""
+        kwargs = {"input_ids": input_ids}
+        if inputs:
+            kwargs = _on_device(inputs, input_ids.device, self.model.dtype)
+            if "inputs_embeds" not in kwargs:
+                kwargs["input_ids"] = input_ids
         # inference_mode is entered per forward, never held across a `yield`: a generator
         # suspended inside it would leak inference mode into the consumer's code.
         with torch.inference_mode():
             out = (forward or self.model)(
-                input_ids=input_ids,
+                **kwargs,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
@@ -132,9 +142,9 @@ class Engine:
             )
         return out.logits[:, -1, :]
 
-    def _compiled_forward(self, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
-        if input_ids.shape[1] > 1 or attention_mask is not None:  # the prefill
-            return self._forward(input_ids, cache, attention_mask, position_ids)
+    def _compiled_forward(self, input_ids, cache, attention_mask=None, position_ids=None, inputs=None) -> torch.Tensor:
+        if input_ids.shape[1] > 1 or attention_mask is not None or inputs:  # the prefill
+            return self._forward(input_ids, cache, attention_mask, position_ids, inputs=inputs)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         # a copy: the next replay of a CUDA graph reuses its output buffer
@@ -145,6 +155,8 @@ class Engine:
         if not self.compiled or len(plans) != 1 or admit is not None or self.cache_policy != "dynamic":
             return None
         plan = plans[0]
+        if plan.prompt.solo:  # a VLM's multimodal positions: eager only
+            return None
         needed = len(plan.prompt.ids) + plan.max_new_tokens
         length = min(_bucket(needed), self.context_limit)
         return lambda: StaticCache(config=self.model.config, max_cache_len=length)
@@ -174,7 +186,13 @@ class Engine:
         def join(new: list[Plan]) -> None:
             first = len(sequences)
             sequences.extend(Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in new)
-            batch.add(list(range(first, len(sequences))), [plan.prompt.ids for plan in new])
+            indices = range(first, len(sequences))
+            text = [i for i in indices if sequences[i].plan.prompt.inputs is None]
+            if text:  # text prompts prefill together; a prompt with images prefills on its own
+                batch.add(text, [sequences[i].plan.prompt.ids for i in text])
+            for i in indices:
+                if (inputs := sequences[i].plan.prompt.inputs) is not None:
+                    batch.add([i], [sequences[i].plan.prompt.ids], inputs)
 
         join(plans)
         limit = min(n for n in (self.max_batch, max_rows, 1 << 30) if n is not None)
@@ -206,6 +224,14 @@ def _bucket(tokens: int) -> int:
     while length < tokens:
         length *= 2
     return length
+
+
+def _on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Prefill inputs on the model's device; floating ones (embeddings, pixels) in its dtype."""
+    return {
+        key: value.to(device, dtype=dtype if value.is_floating_point() else None) if torch.is_tensor(value) else value
+        for key, value in inputs.items()
+    }
 
 
 def _events_of(batch: Iterator[tuple[int, Event]]) -> Iterator[Event]:

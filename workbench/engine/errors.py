@@ -11,3 +11,9 @@ class ContextLengthError(RequestError):
 
 class UnsupportedInputError(RequestError):
     """The request asks for something the loaded model cannot take (an image, audio, ...)."""
+
+
+class MediaInputError(RequestError):
+    """An image or audio part that cannot be read: corrupt, unsupported, too large or too long."""
+
+    code = "invalid_media"

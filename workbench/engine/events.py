@@ -30,6 +30,10 @@ class Stats:
     decode_tokens_per_s: float
     """Tokens after the first, divided by the time they took."""
     total_s: float
+    media: tuple[dict, ...] = ()
+    """One record per image seen or audio heard (a transcript, its language and timings)."""
+    media_s: float = 0.0
+    """Of ttft_s, the seconds spent decoding, transcribing and encoding media."""
 
     @property
     def total_tokens(self) -> int:

@@ -95,6 +95,8 @@ class Sequence:
                 ttft_s=self.first_token_at - self.plan.started,
                 decode_tokens_per_s=(self.generated - 1) / decode_s if self.generated > 1 and decode_s > 0 else 0.0,
                 total_s=time.perf_counter() - self.plan.started,
+                media=self.plan.prompt.media,
+                media_s=self.plan.prompt.media_s,
             )
         )
 

@@ -7,13 +7,17 @@ small models may ignore it, and then the reply simply has no reasoning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
 from workbench.engine.errors import UnsupportedInputError
 from workbench.engine.request import Message
 from workbench.engine.thinking import CLOSE_TAG, OPEN_TAG
+
+if TYPE_CHECKING:
+    from workbench.engine.media import Media, MediaReader
 
 THINK_INSTRUCTION = (
     f"Before answering, think step by step inside {OPEN_TAG} and {CLOSE_TAG} tags. "
@@ -29,6 +33,15 @@ class Prompt:
     """'template' (the model's own switch), 'instruction' (our system prompt) or None."""
     starts_in_reasoning: bool
     """The template already opened a think block, so the reply begins inside it."""
+    inputs: dict[str, Any] | None = None
+    """Extra prefill inputs for a prompt with images: `inputs_embeds` (the modular adapter's
+    image embeddings spliced in), or a vision-language model's own `pixel_values`, ..."""
+    solo: bool = False
+    """Must prefill and decode alone (a native VLM's multimodal positions do not batch)."""
+    media: tuple[dict, ...] = field(default_factory=tuple)
+    """What was seen and heard: one record per image or audio part (transcript, timings)."""
+    media_s: float = 0.0
+    """Seconds spent decoding, transcribing and encoding media before the prefill."""
 
 
 def has_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -38,32 +51,43 @@ def has_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(template) and "enable_thinking" in template
 
 
-def _plain_messages(messages: list[Message]) -> list[dict]:
-    out = []
+def _plain_messages(messages: list[Message], media: MediaReader | None) -> tuple[list[dict], list[list]]:
+    """Chat-template messages with text content, and each message's images in order.
+
+    Audio parts become their transcript, in place, so speech joins the dialogue as text."""
+    out, images = [], []
     for message in messages:
-        kinds = message.media_kinds()
-        if kinds:
+        if message.media_kinds() and media is None:
+            kinds = message.media_kinds()
             what = " and ".join(sorted({"image_url": "image", "input_audio": "audio"}[k] for k in kinds))
-            raise UnsupportedInputError(
-                f"the loaded model has no {what} input: send text content only "
-                "(image and speech input arrive with the multimodal adapters)"
-            )
+            raise UnsupportedInputError(f"the loaded model has no {what} input: send text content only")
+        seen: list = []
+        if isinstance(message.content, list) and media is not None:
+            text = media.resolve_parts(message.content, seen)
+        else:
+            text = message.text()
         role = "system" if message.role == "developer" else message.role
-        entry = {"role": role, "content": message.text()}
+        entry = {"role": role, "content": text}
         reasoning = message.reasoning_content or message.reasoning
         if role == "assistant" and reasoning:
             entry["reasoning_content"] = reasoning
         out.append(entry)
-    return out
+        images.append(seen)
+    return out, images
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], enable_thinking: bool) -> Prompt:
-    if not tokenizer.chat_template:
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], enable_thinking: bool, media: Media | None = None
+) -> Prompt:
+    """`media` (the session's image and speech inputs) turns image and audio parts into model
+    inputs; without it, such parts are refused."""
+    if not tokenizer.chat_template and not (media and media.native):
         raise UnsupportedInputError(
             "this model's tokenizer has no chat template, so it cannot hold a conversation; "
             "load an instruct/chat model or add a chat_template to its tokenizer_config.json"
         )
-    plain = _plain_messages(messages)
+    reader = media.reader() if media is not None else None
+    plain, images = _plain_messages(messages, reader)
     kwargs: dict = {}
     thinking_via = None
     if has_thinking_switch(tokenizer):
@@ -74,12 +98,21 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], e
             plain[0] = {**plain[0], "content": f"{plain[0]['content']}\n\n{THINK_INSTRUCTION}".strip()}
         else:
             plain.insert(0, {"role": "system", "content": THINK_INSTRUCTION})
+            images.insert(0, [])
         thinking_via = "instruction"
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **kwargs)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    inputs, solo = None, False
+    if any(images):
+        text, ids, inputs, solo = reader.render(tokenizer, plain, images, kwargs)
+    else:
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **kwargs)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return Prompt(
         text=text,
         ids=list(ids),
         thinking_via=thinking_via,
         starts_in_reasoning=text.rstrip().endswith(OPEN_TAG),
+        inputs=inputs,
+        solo=solo,
+        media=tuple(reader.records) if reader is not None else (),
+        media_s=reader.seconds if reader is not None else 0.0,
     )

@@ -36,6 +36,7 @@ from workbench.engine import (
     TextDelta,
     UnsupportedInputError,
 )
+from workbench.engine.errors import MediaInputError
 from workbench.engine.events import ReplyBuilder
 from workbench.engine.sequence import Plan
 from workbench.serve import protocol
@@ -249,13 +250,16 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except UnsupportedInputError as exc:
             raise APIError(400, str(exc), param="messages", code="unsupported_content") from None
+        except MediaInputError as exc:
+            raise APIError(400, str(exc), param="messages", code=exc.code) from None
         except RequestError as exc:
             raise APIError(400, str(exc)) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = _parse(await _read_body(request, settings.max_body_bytes))
-        plan = _plan(req)
+        # Off the event loop: decoding images and transcribing audio take real time.
+        plan = await asyncio.to_thread(_plan, req)
         completion_id = protocol.new_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -327,7 +331,7 @@ async def _sse(
                 yield frame(protocol.chunk(completion_id, model, created, delta=protocol.reasoning_delta(event.text)))
             elif isinstance(event, Done):
                 stats = event.stats
-        yield frame(protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason))
+        yield frame(protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason) | protocol.media_field(stats))
         if include_usage:
             yield frame(protocol.chunk(completion_id, model, created, usage_stats=stats))
         yield "data: [DONE]\n\n"

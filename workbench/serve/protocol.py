@@ -106,7 +106,14 @@ def completion(completion_id: str, model: str, text: str, reasoning: str, stats:
             }
         ],
         "usage": usage(stats),
+        **media_field(stats),
     }
+
+
+def media_field(stats: Stats) -> dict[str, Any]:
+    """What the model saw and heard (transcripts, timings): an extension field, present only
+    when the request had images or audio; OpenAI clients ignore fields they do not know."""
+    return {"media": list(stats.media)} if stats.media else {}
 
 
 def chunk(
@@ -122,6 +129,7 @@ def chunk(
     if usage_stats is not None:
         body["choices"] = []
         body["usage"] = usage(usage_stats)
+        body.update(media_field(usage_stats))
     else:
         body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
     return body

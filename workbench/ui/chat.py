@@ -93,7 +93,24 @@ def stats_markdown(stats: Stats, session: Session, who: str) -> str:
         f" · {stats.prompt_tokens} prompt / {answer} answer / {stats.reasoning_tokens} reasoning tokens"
         f" · KV cache {kv / 1e6:.2f} MB ({policy}) · weights {megabytes(weight_bytes(session))}"
         f" · finish: {stats.finish_reason}"
+        f"{media_markdown(stats)}"
     )
+
+
+def media_markdown(stats: Stats) -> str:
+    """What the model heard (the transcript it answered) and saw, on its own lines."""
+    lines = []
+    for record in stats.media:
+        if record["kind"] == "audio":
+            lines.append(
+                f"🎤 heard ({record['model']}, {record['language']}, {record['audio_s']:.1f} s of audio in "
+                f"{record['transcribe_s']:.2f} s): “{record['transcript'].strip()}”"
+            )
+        elif record["kind"] == "image":
+            lines.append(f"🖼️ saw a {record['width']}×{record['height']} image through the {record['path']} vision path")
+    if lines:
+        lines.append(f"media took {stats.media_s:.2f} s of the first-token time")
+    return "".join(f"\n\n{line}" for line in lines)
 
 
 def stream_messages(events: Iterator, started: float) -> Iterator[tuple[list[gr.ChatMessage], Stats | None]]:

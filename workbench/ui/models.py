@@ -128,4 +128,5 @@ class ModelSlots:
                 f" · KV {kv_bytes_per_token(s.model) / 1024:,.1f} KiB/token ({kv_cache_bytes(s, 0)[1]})"
                 f" · {s.loaded.device} {str(s.loaded.dtype).removeprefix('torch.')}"
             )
+            lines.append(f"  - {s.media.describe()}")
         return "\n".join(lines)
