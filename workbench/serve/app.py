@@ -297,6 +297,8 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
             "model": settings.model_name,
             "source": session.loaded.source,
             "device": session.loaded.device,
+            "vision": session.media.vision,
+            "speech": session.media.speech_name,
             "in_flight": metrics.active,
             "uptime_s": round(time.time() - started, 1),
         }

@@ -34,7 +34,7 @@ pre {{ background: #f6f6f6; padding: .8rem; }} code {{ background: #f6f6f6; padd
 <h1><span class="light" id="health" title="healthy"></span>workbench server</h1>
 <p>Serving <b>{html.escape(model_name)}</b> ({html.escape(info.source)}) on {html.escape(info.device)},
 {str(info.dtype).removeprefix('torch.')}, weights {info.weight_bytes / 1e9:.2f} GB, process memory {rss_bytes / 1e9:.2f} GB,
-context {session.engine.context_limit} tokens. Up {time.time() - started:.0f} s, {in_flight} request(s) in flight.</p>
+context {session.engine.context_limit} tokens; {html.escape(session.media.describe())}. Up {time.time() - started:.0f} s, {in_flight} request(s) in flight.</p>
 <p>OpenAI-compatible endpoint: <code>POST /v1/chat/completions</code> · <a href="/v1/models">/v1/models</a> ·
 <a href="/health">/health</a> · <a href="/metrics">/metrics</a></p>
 <h2>Recent requests</h2>
