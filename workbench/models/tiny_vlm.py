@@ -1,0 +1,248 @@
+"""Tiny randomly initialised vision-language models of real transformers architectures.
+
+`tiny:glm4v` (Glm4vForConditionalGeneration, GLM-4.1V / 4.5V layout) and `tiny:qwen2_vl`
+(Qwen2VLForConditionalGeneration) are the real model classes with ~200k parameters: a
+2-layer text model (hidden 64, 4 query heads over 2 KV heads, multimodal RoPE) and a
+1-layer vision tower (patch 14, 2x2 merge). Each comes with the real processor class
+(Glm4vProcessor / Qwen2VLProcessor) holding
+
+- the family's image processor (PIL backend) with small pixel bounds, so a test image
+  becomes a handful of patches (at most 16 image tokens);
+- a byte-level BPE tokenizer trained in milliseconds (as in tiny.py) that carries the
+  family's special tokens (image placeholder, image start/end, video tokens), with ids
+  wired into the model config's image_token_id & co;
+- a chat template in the family's own format: `{"type": "image"}` content entries become
+  `<|begin_of_image|><|image|><|end_of_image|>` (GLM) or
+  `<|vision_start|><|image_pad|><|vision_end|>` (Qwen2-VL), which the processor expands
+  to one placeholder per merged patch. The GLM template has GLM-4.5V's `enable_thinking`
+  switch; the Qwen2-VL one has none (as the real one).
+
+The processors are built without a video processor: transformers' video processors need
+torchvision, which the workbench does not install (see `image_only`). Init is seeded:
+same arch, same weights, in every test and run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+from workbench.models.errors import ModelSourceError
+from workbench.models.tiny import _CORPUS, _THINK_TOKENS
+
+# Images are resized so that pixels fall within these bounds (a multiple of 28 = patch 14
+# x merge 2 per side): 4 to 16 merged tokens per image.
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 16
+
+# Content items: a string, or a list of {"type": "text"|"image"|"video", ...} entries.
+_GLM4V = (
+    "[gMASK]<sop>"
+    "{%- macro visible(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content is not none -%}{%- for item in content -%}"
+    "{%- if item.type == 'image' or 'image' in item -%}{{- '<|begin_of_image|><|image|><|end_of_image|>' -}}"
+    "{%- elif item.type == 'video' or 'video' in item -%}{{- '<|begin_of_video|><|video|><|end_of_video|>' -}}"
+    "{%- elif item.type == 'text' -%}{{- item.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}{{- '<|system|>\n' + visible(m.content) -}}"
+    "{%- elif m.role == 'user' -%}{{- '<|user|>\n' + visible(m.content) -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '/nothink' -}}{%- endif -%}"
+    "{%- elif m.role == 'assistant' -%}{{- '<|assistant|>\n' -}}"
+    "{%- if m.reasoning_content -%}{{- '<think>' + m.reasoning_content + '</think>\n' -}}{%- endif -%}"
+    "{{- visible(m.content) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think></think>\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+_QWEN2_VL = (
+    "{%- macro visible(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content is not none -%}{%- for item in content -%}"
+    "{%- if item.type == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item.type == 'video' or 'video' in item -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif item.type == 'text' -%}{{- item.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for m in messages -%}"
+    "{%- if loop.first and m.role != 'system' -%}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + m.role + '\n' + visible(m.content) + '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class _VlmFamily:
+    special_tokens: tuple[str, ...]
+    eos_tokens: tuple[str, ...]
+    pad_token: str
+    chat_template: str
+    token_ids: dict[str, str]
+    """model config field -> the special token whose id it holds"""
+    extra_tokens: tuple[str, ...] = field(default=())
+
+
+FAMILIES = {
+    "glm4v": _VlmFamily(
+        special_tokens=(
+            "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+            "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>",
+        ),
+        eos_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
+        pad_token="<|endoftext|>",
+        chat_template=_GLM4V,
+        token_ids={
+            "image_token_id": "<|image|>",
+            "video_token_id": "<|video|>",
+            "image_start_token_id": "<|begin_of_image|>",
+            "image_end_token_id": "<|end_of_image|>",
+            "video_start_token_id": "<|begin_of_video|>",
+            "video_end_token_id": "<|end_of_video|>",
+        },
+        extra_tokens=tuple(_THINK_TOKENS),
+    ),
+    "qwen2_vl": _VlmFamily(
+        special_tokens=(
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+        ),
+        eos_tokens=("<|im_end|>", "<|endoftext|>"),
+        pad_token="<|endoftext|>",
+        chat_template=_QWEN2_VL,
+        token_ids={
+            "image_token_id": "<|image_pad|>",
+            "video_token_id": "<|video_pad|>",
+            "vision_start_token_id": "<|vision_start|>",
+            "vision_end_token_id": "<|vision_end|>",
+        },
+    ),
+}
+
+
+def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_cls` without its video processor attribute.
+
+    transformers 5 builds a processor's attributes from its __init__ signature and checks
+    each against its base class; a video processor needs torchvision, so without it a
+    Glm4vProcessor / Qwen2VLProcessor cannot be built at all (AutoProcessor raises "Can't
+    load video processor"). The subclass keeps the class name, so a processor saved from
+    it loads back as the real class wherever torchvision is installed.
+    """
+
+    import inspect
+
+    if "video_processor" not in inspect.signature(processor_cls.__init__).parameters:
+        return processor_cls
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_cls.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs
+        )
+
+    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__})
+
+
+def _tokenizer(family: _VlmFamily) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=list(family.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=family.eos_tokens[0], pad_token=family.pad_token)
+    if family.extra_tokens:
+        tokenizer.add_tokens(list(family.extra_tokens))
+    tokenizer.chat_template = family.chat_template
+    return tokenizer
+
+
+def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int, eos):
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": eos,
+    }
+    if arch == "glm4v":
+        from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+        from transformers.models.glm4v.image_processing_pil_glm4v import (
+            Glm4vImageProcessorPil,
+        )
+        from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+
+        # GLM rotates half of each 16-wide head (partial_rotary_factor 0.5): 4 frequencies,
+        # split over (temporal, height, width) like the real [8, 12, 12] over 32.
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
+        vision = {
+            "depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "image_size": 56,
+        }
+        config = Glm4vConfig(text_config=text, vision_config=vision, **ids)
+        return config, Glm4vForConditionalGeneration, Glm4vImageProcessorPil, Glm4vProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    # 16-wide heads: 8 rotary frequencies over (temporal, height, width), as [16, 24, 24] over 64.
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    vision = {
+        "depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    return config, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+
+def build_processor(arch: str) -> ProcessorMixin:
+    family = FAMILIES[arch]
+    tokenizer = _tokenizer(family)
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in family.token_ids.items()}
+    _, _, image_processor_cls, processor_cls = _configs(arch, len(tokenizer), ids, tokenizer.pad_token_id, None)
+    image_processor = image_processor_cls(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+    return image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=family.chat_template)
+
+
+def build_tiny_vlm(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny random `arch` vision-language model and its processor (tokenizer inside)."""
+    if arch not in FAMILIES:
+        known = ", ".join(f"tiny:{a}" for a in FAMILIES)
+        raise ModelSourceError(f"unknown tiny vision-language model 'tiny:{arch}' (known: {known})")
+    family = FAMILIES[arch]
+    processor = build_processor(arch)
+    tokenizer = processor.tokenizer
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in family.token_ids.items()}
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in family.eos_tokens]
+    eos = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    config, model_cls, _, _ = _configs(arch, len(tokenizer), ids, tokenizer.pad_token_id, eos)
+    config.tie_word_embeddings = False
+    fork_devices: list[int] = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, processor
