@@ -346,3 +346,49 @@ def test_a_vlm_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
     assert type(loaded.processor).__name__ == "Glm4vProcessor"
     prompt = NativeVision(loaded.processor).render(*ask(picture(), "hi"))
     assert torch.allclose(prefill_logits(model, prompt), prefill_logits(loaded.model, prompt), atol=1e-5)
+
+
+def test_a_left_padded_batch_of_different_requests_decodes_each_as_alone(loaded):
+    """Continuous batching as workbench.engine.batch does it: each request prefilled alone
+    (batch 1, with its own pixel inputs), caches left-padded and stacked, then decode steps
+    over the batch with an attention mask and each row's own positions. For mRoPE models
+    those positions must include the row's rope delta (its own length + delta); 2-D
+    (batch, 1) position_ids are enough (the model expands them to its 3 axes)."""
+    import torch.nn.functional as F
+
+    model, vision = loaded.model, NativeVision(loaded.processor)
+    prompts = [
+        vision.render(*ask(picture(), "What is this?")),
+        vision.render([{"role": "user", "content": "Attention heads and caches decide latency"}], []),
+        vision.render(*ask(picture((10, 10, 10), size=(84, 168)), "and", picture(), "two")),
+    ]
+    expected_logits = []
+    for prompt in prompts:
+        steps = []
+        reference(model, prompt, steps=4, logits=steps)
+        expected_logits.append(steps)
+    caches, deltas, logits = [], [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            reset_rope_state(model)
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=cache, use_cache=True)
+            caches.append(cache)
+            deltas.append(rope_delta(model))
+            logits.append(out.logits[0, -1])
+        lengths = torch.tensor([[len(p.ids)] for p in prompts])
+        width = int(lengths.max())
+        batch_cache = caches[0]
+        for layer, *others in zip(*(c.layers for c in caches), strict=True):
+            layer.keys = torch.cat([F.pad(c.keys, (0, 0, width - c.keys.shape[-2], 0)) for c in (layer, *others)])
+            layer.values = torch.cat([F.pad(c.values, (0, 0, width - c.values.shape[-2], 0)) for c in (layer, *others)])
+        mask = torch.stack([F.pad(torch.ones(len(p.ids), dtype=torch.long), (width - len(p.ids), 0)) for p in prompts])
+        delta = torch.tensor(deltas).view(-1, 1)
+        for step in range(1, 4):
+            tokens = torch.stack([expected_logits[i][step - 1].argmax() for i in range(len(prompts))]).view(-1, 1)
+            positions = mask.sum(-1, keepdim=True) + delta
+            mask = torch.cat([mask, torch.ones_like(lengths)], dim=-1)
+            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch_cache, use_cache=True)
+            for i in range(len(prompts)):
+                torch.testing.assert_close(out.logits[i, -1], expected_logits[i][step], atol=1e-4, rtol=1e-4)
+    assert deltas[1] == 0 and deltas[0] != 0 and deltas[2] != 0

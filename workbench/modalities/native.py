@@ -17,10 +17,14 @@ The forward contract (transformers 5.23; proved in tests/test_vlm.py):
 - mRoPE models (GLM-4V, Qwen2-VL/2.5-VL) keep `rope_deltas` ON THE MODEL
   (`model.model.rope_deltas`) from one prefill to the next decode steps. A text-only prefill
   does not overwrite it, so call `reset_rope_state(model)` before every prefill, or a
-  text-only request after an image request decodes at shifted positions. For the same
-  reason, interleaving or batching the decode steps of different requests is only safe when
-  each step passes its own `position_ids=decode_position_ids(model, past_lengths, deltas)`
-  (the deltas read with `rope_delta(model)` right after each request's prefill).
+  text-only request after an image request decodes at shifted positions.
+- Batching / interleaving requests: prefill each VLM request on its own (batch 1, its own
+  pixel inputs), read its delta with `rope_delta(model)` right after, and on every decode
+  step pass explicit positions: `position_ids = own_length + delta` per row, either 2-D
+  (batch, 1) (the model expands it to its 3 axes) or `decode_position_ids(...)` (3, batch, 1),
+  with the attention mask for left-padded rows, as workbench.engine.batch already does for
+  text models. Without explicit positions every row decodes with whichever request
+  prefilled last. Text-only rows have delta 0; non-mRoPE models need nothing extra.
 """
 
 from __future__ import annotations

@@ -145,11 +145,17 @@ def load_processor(where: str, config, **kwargs) -> ProcessorMixin:
             f"{where}: no image processor could be loaded for this vision-language model ({config.model_type})"
             + (f": {first_error}" if first_error else "")
         ) from first_error
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(where, **kwargs)
-    return tiny_vlm.image_only(processor_cls)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(where, **kwargs)
+        return tiny_vlm.image_only(processor_cls)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        )
+    except (OSError, ValueError, ImportError, TypeError, AttributeError) as exc:
+        # e.g. SmolVLMProcessor needs the num2words package.
+        raise ModelSourceError(
+            f"{where}: could not build the {name} processor of this vision-language model: {exc}"
+        ) from (first_error or exc)
 
 
 def _processor_class_name(where: str, **kwargs) -> str | None:
