@@ -70,6 +70,14 @@ def test_gif_gives_its_first_frame():
     assert image.getpixel((4, 4)) == (255, 0, 0)
 
 
+def test_multi_picture_jpeg_from_a_phone_gives_its_first_picture():
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (20, 10), (0, 255, 0))])
+    image = load_image(data_url(buf.getvalue(), "image/jpeg"))
+    r, g, _ = image.getpixel((10, 5))
+    assert image.size == (20, 10) and r > 200 and g < 60
+
+
 def test_transparency_is_composited_over_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
@@ -260,3 +268,16 @@ def test_remote_fetch_network_errors_are_input_errors():
 
 def test_decode_image_on_raw_bytes():
     assert decode_image(encode(gradient(), "WEBP")).mode == "RGB"
+
+
+def test_base64_with_line_breaks_is_accepted():
+    encoded = base64.encodebytes(encode(gradient(), "PNG")).decode()  # MIME style, a newline every 76 chars
+    assert "\n" in encoded
+    assert load_image(f"data:image/png;base64,{encoded}").size == (32, 24)
+
+
+def test_percent_encoded_data_url():
+    import urllib.parse
+
+    url = "data:image/png," + urllib.parse.quote_from_bytes(encode(gradient(), "PNG"))
+    assert load_image(url).size == (32, 24)

@@ -34,6 +34,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from workbench.engine.errors import RequestError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# What Image.open reports for them: phone cameras write multi-picture JPEGs, which Pillow's
+# JPEG decoder opens as "MPO" (the first picture is the photo).
+_OPENED_FORMATS = (*ALLOWED_FORMATS, "MPO")
 MAX_BYTES = 20 * 1024 * 1024
 """OpenAI's own per-image limit."""
 MAX_PIXELS = 40_000_000
@@ -123,8 +126,13 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
         raise ImageInputError(f"data: URL declares {mime!r}, not an image: send PNG, JPEG, WebP or GIF as data:image/...")
     if "base64" in params:
+        # Size check from the string length, before any copy or decoding (line breaks
+        # every 76 characters add under 2 %; more than that is refused as oversized).
+        if len(payload) // 4 * 3 > max_bytes * 1.02 + 1024:
+            raise ImageInputError(
+                f"image payload is about {len(payload) // 4 * 3 / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB"
+            )
         payload = _WHITESPACE.sub("", payload)
-        # Size check from the string length, before decoding anything.
         if len(payload) // 4 * 3 > max_bytes:
             raise ImageInputError(
                 f"image payload is about {len(payload) // 4 * 3 / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB"
@@ -197,7 +205,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageInputError(f"image refused as a decompression bomb: {exc}") from exc
         except OSError as exc:
             raise ImageInputError(f"the image could not be read: {exc}") from exc
-        if image.format not in ALLOWED_FORMATS:
+        if image.format not in _OPENED_FORMATS:
             raise ImageInputError(f"{image.format} images are not accepted: send PNG, JPEG, WebP or GIF")
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -208,7 +216,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 " (refused before decoding)"
             )
         try:
-            image.seek(0)  # GIF / animated WebP: the first frame
+            image.seek(0)  # GIF / animated WebP / MPO: the first frame
             image.load()
             image = ImageOps.exif_transpose(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
