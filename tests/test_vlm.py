@@ -1,4 +1,4 @@
-"""Native vision-language models: tiny GLM-4V / Qwen2-VL, their processors and templates, the
+"""Native vision-language models: tiny GLM-4V / Qwen2-VL / SmolVLM, their processors and templates, the
 loader's VLM path, and the forward contract the engine relies on (prefill with the
 processor's inputs, then token-by-token decode over a DynamicCache)."""
 
@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import (
     DynamicCache,
     Glm4vForConditionalGeneration,
+    Idefics3ForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
@@ -29,13 +30,27 @@ from workbench.modalities.native import (
 from workbench.models.loader import LoadedModel, load_model
 from workbench.models.tiny_vlm import FAMILIES, build_tiny_vlm
 
-ARCHS = {"glm4v": Glm4vForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+ARCHS = {
+    "glm4v": Glm4vForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "smolvlm": Idefics3ForConditionalGeneration,
+}
+MROPE = {"glm4v", "qwen2_vl"}
+PIXEL_INPUTS = {
+    "glm4v": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "smolvlm": {"pixel_values", "pixel_attention_mask"},
+}
 STEPS = 8
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def loaded(request) -> LoadedModel:
     return load_model(ModelConfig(source=f"tiny:{request.param}", device="cpu"), quiet=True)
+
+
+def arch_of(loaded) -> str:
+    return loaded.source.split(":")[1]
 
 
 def picture(colour=(200, 30, 30), size=(112, 112), mark=(0, 0, 255)) -> Image.Image:
@@ -117,7 +132,7 @@ def test_tiny_vlms_load_through_the_loader(loaded):
     for key, token in FAMILIES[arch].token_ids.items():
         assert getattr(config, key) == tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
     assert config.text_config.vocab_size == len(tokenizer)
-    assert uses_mrope(loaded.model)
+    assert uses_mrope(loaded.model) == (arch in MROPE)
 
 
 def test_text_models_have_no_processor():
@@ -127,7 +142,7 @@ def test_text_models_have_no_processor():
 def test_unknown_tiny_model_lists_the_vision_ones():
     from workbench.models import ModelSourceError
 
-    with pytest.raises(ModelSourceError, match="tiny:glm4v, tiny:qwen2_vl"):
+    with pytest.raises(ModelSourceError, match="tiny:glm4v, tiny:qwen2_vl, tiny:smolvlm"):
         load_model(ModelConfig(source="tiny:nope", device="cpu"), quiet=True)
 
 
@@ -142,7 +157,12 @@ def test_tiny_vlms_are_deterministic():
 def test_templates_render_image_entries_in_the_family_format():
     _, glm = build_tiny_vlm("glm4v")
     _, qwen = build_tiny_vlm("qwen2_vl")
+    _, smol = build_tiny_vlm("smolvlm")
     messages, images = ask(picture(), "What is this?")
+    text = NativeVision(smol).render(messages, images).text
+    assert text == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    text = NativeVision(smol).render([{"role": "user", "content": "Hi"}], []).text
+    assert text == "<|im_start|>User: Hi<end_of_utterance>\nAssistant:"
     text = NativeVision(glm).render(messages, images).text
     assert text == "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>What is this?<|assistant|>\n"
     text = NativeVision(qwen).render(messages, images).text
@@ -174,13 +194,16 @@ def test_render_expands_placeholders_and_returns_prefill_inputs(loaded):
     prompt = vision.render(*ask(picture(), "What is this?"))
     image_id = loaded.model.config.image_token_id
     assert prompt.n_images == 1
-    assert prompt.ids.count(image_id) == sum(prompt.image_token_counts) == prompt.image_token_counts[0] > 1
-    assert set(prompt.inputs) == {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
-    merge = loaded.model.config.vision_config.spatial_merge_size
-    assert int(prompt.inputs["image_grid_thw"].prod()) // merge**2 == prompt.image_token_counts[0]
+    assert prompt.ids.count(image_id) == prompt.image_tokens > 1
+    assert set(prompt.inputs) == PIXEL_INPUTS[arch_of(loaded)]
+    if arch_of(loaded) in MROPE:
+        merge = loaded.model.config.vision_config.spatial_merge_size
+        assert int(prompt.inputs["image_grid_thw"].prod()) // merge**2 == prompt.image_tokens
+    else:  # 2x2 tiles + the global view, 4 tokens each
+        assert prompt.inputs["pixel_values"].shape[:2] == (1, 5) and prompt.image_tokens == 20
     half = vision.render(*ask(picture(), "hi"), dtype=torch.bfloat16)
     assert half.inputs["pixel_values"].dtype == torch.bfloat16
-    assert half.inputs["image_grid_thw"].dtype == torch.long
+    assert all(v.dtype in (torch.bfloat16, torch.long) for v in half.inputs.values())
 
 
 def test_image_count_must_match_the_entries(loaded):
@@ -197,7 +220,7 @@ def test_prefill_then_stepwise_decode_equals_generate(loaded):
     reset_rope_state(loaded.model)
     with torch.inference_mode():
         loaded.model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=DynamicCache(config=loaded.model.config))
-    assert rope_delta(loaded.model) < 0
+    assert (rope_delta(loaded.model) < 0) == (arch_of(loaded) in MROPE)
 
 
 def test_the_image_matters(loaded):
@@ -221,8 +244,12 @@ def test_two_images_in_one_message(loaded):
     vision = NativeVision(loaded.processor)
     wide = picture((20, 20, 220), size=(168, 84))
     prompt = vision.render(*ask(picture(), "and", wide, "compare them"))
-    assert prompt.n_images == 2 and len(prompt.image_token_counts) == 2
-    assert prompt.inputs["image_grid_thw"].shape[0] == 2
+    one = vision.render(*ask(picture(), "and compare them"))
+    assert prompt.n_images == 2 and prompt.image_tokens > one.image_tokens
+    if arch_of(loaded) in MROPE:
+        assert prompt.inputs["image_grid_thw"].shape[0] == 2
+    else:
+        assert prompt.inputs["pixel_values"].shape[1] > one.inputs["pixel_values"].shape[1]  # more tiles
     assert_same_decode(loaded.model, prompt)
     swapped = vision.render(*ask(wide, "and", picture(), "compare them"))
     assert not torch.allclose(prefill_logits(loaded.model, prompt), prefill_logits(loaded.model, swapped), atol=1e-5)
@@ -231,6 +258,8 @@ def test_two_images_in_one_message(loaded):
 def test_stale_rope_deltas_shift_a_text_only_request_unless_reset(loaded):
     """transformers keeps rope_deltas on the model and a text-only prefill does not replace
     them: without reset_rope_state the next text-only request decodes at shifted positions."""
+    if arch_of(loaded) not in MROPE:
+        pytest.skip("no multimodal RoPE: nothing is kept between calls")
     model, vision = loaded.model, NativeVision(loaded.processor)
     image_prompt = vision.render(*ask(picture(), "What is this?"))
     text_prompt = vision.render([{"role": "user", "content": "The quick brown fox"}], [])
@@ -281,7 +310,7 @@ def test_interleaved_requests_are_safe_with_explicit_decode_positions(loaded):
                 )
                 nexts[i] = int(out.logits[0, -1].argmax())
     assert got == expected
-    assert deltas[1] == 0 and deltas[0] != 0
+    assert deltas[1] == 0 and (deltas[0] != 0) == (arch_of(loaded) in MROPE)
 
 
 def test_from_request_turns_openai_parts_into_entries_and_images():
@@ -391,4 +420,4 @@ def test_a_left_padded_batch_of_different_requests_decodes_each_as_alone(loaded)
             out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch_cache, use_cache=True)
             for i in range(len(prompts)):
                 torch.testing.assert_close(out.logits[i, -1], expected_logits[i][step], atol=1e-4, rtol=1e-4)
-    assert deltas[1] == 0 and deltas[0] != 0 and deltas[2] != 0
+    assert deltas[1] == 0 and (deltas[0] != 0 and deltas[2] != 0) == (arch_of(loaded) in MROPE)

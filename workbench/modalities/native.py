@@ -29,7 +29,7 @@ The forward contract (transformers 5.23; proved in tests/test_vlm.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,8 +53,8 @@ class NativePrompt:
     thinking_via: str | None = None
     """'template' (the model's own switch), 'instruction' (our system prompt) or None."""
     starts_in_reasoning: bool = False
-    image_token_counts: list[int] = field(default_factory=list)
-    """Placeholder tokens each image became, in order."""
+    image_tokens: int = 0
+    """How many of `ids` are image placeholder tokens (the rest is text and markers)."""
 
 
 def template_of(processor: ProcessorMixin) -> str:
@@ -177,22 +177,8 @@ class NativeVision:
             n_images=len(images),
             thinking_via=thinking_via,
             starts_in_reasoning=text.rstrip().endswith(OPEN_TAG),
-            image_token_counts=self._token_counts(ids, len(images)),
+            image_tokens=ids.count(getattr(self.processor, "image_token_id", None)) if images else 0,
         )
-
-    def _token_counts(self, ids: list[int], n_images: int) -> list[int]:
-        image_id = getattr(self.processor, "image_token_id", None)
-        if image_id is None or n_images == 0:
-            return []
-        counts: list[int] = []
-        previous = None
-        for token in ids:
-            if token == image_id:
-                if previous != image_id:
-                    counts.append(0)
-                counts[-1] += 1
-            previous = token
-        return counts
 
 
 def _rope_holder(model: torch.nn.Module):

@@ -1,24 +1,29 @@
 """Tiny randomly initialised vision-language models of real transformers architectures.
 
-`tiny:glm4v` (Glm4vForConditionalGeneration, GLM-4.1V / 4.5V layout) and `tiny:qwen2_vl`
-(Qwen2VLForConditionalGeneration) are the real model classes with ~200k parameters: a
-2-layer text model (hidden 64, 4 query heads over 2 KV heads, multimodal RoPE) and a
-1-layer vision tower (patch 14, 2x2 merge). Each comes with the real processor class
-(Glm4vProcessor / Qwen2VLProcessor) holding
+`tiny:glm4v` (Glm4vForConditionalGeneration, GLM-4.1V / 4.5V layout), `tiny:qwen2_vl`
+(Qwen2VLForConditionalGeneration) and `tiny:smolvlm` (Idefics3ForConditionalGeneration, the
+architecture of SmolVLM-256M/500M-Instruct) are the real model classes with ~150-200k
+parameters: a 2-layer text model (hidden 64, 4 query heads over 2 KV heads; multimodal
+RoPE for the first two) and a 1-layer vision tower (patch 14). Each comes with the real
+processor class (Glm4vProcessor / Qwen2VLProcessor / Idefics3Processor) holding
 
 - the family's image processor (PIL backend) with small pixel bounds, so a test image
-  becomes a handful of patches (at most 16 image tokens);
+  becomes a handful of patches (at most 16 image tokens; SmolVLM: 56-pixel tiles of 4
+  tokens, up to 2x2 tiles plus a global view);
 - a byte-level BPE tokenizer trained in milliseconds (as in tiny.py) that carries the
   family's special tokens (image placeholder, image start/end, video tokens), with ids
   wired into the model config's image_token_id & co;
 - a chat template in the family's own format: `{"type": "image"}` content entries become
   `<|begin_of_image|><|image|><|end_of_image|>` (GLM) or
-  `<|vision_start|><|image_pad|><|vision_end|>` (Qwen2-VL), which the processor expands
-  to one placeholder per merged patch. The GLM template has GLM-4.5V's `enable_thinking`
-  switch; the Qwen2-VL one has none (as the real one).
+  `<|vision_start|><|image_pad|><|vision_end|>` (Qwen2-VL) or `<image>` (SmolVLM), which
+  the processor expands to one placeholder per merged patch (SmolVLM: per tile, between
+  row/column markers). The GLM template has GLM-4.5V's `enable_thinking` switch; the
+  others have none (as the real ones).
 
 The processors are built without a video processor: transformers' video processors need
-torchvision, which the workbench does not install (see `image_only`). Init is seeded:
+torchvision, which the workbench does not install (see `image_only`). SmolVLM2 (model type
+`smolvlm`) is not built: its processor needs the num2words package; SmolVLM v1 checkpoints
+are Idefics3 and need nothing more. Init is seeded:
 same arch, same weights, in every test and run.
 """
 
@@ -37,6 +42,9 @@ from workbench.models.tiny import _CORPUS, _THINK_TOKENS
 # x merge 2 per side): 4 to 16 merged tokens per image.
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 16
+# SmolVLM (Idefics3) instead splits an image (longest edge resized to 2 tiles) into tiles
+# of this side plus a downscaled global view.
+SMOLVLM_TILE = 56
 
 # Content items: a string, or a list of {"type": "text"|"image"|"video", ...} entries.
 _GLM4V = (
@@ -80,6 +88,24 @@ _QWEN2_VL = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
+
+
+# SmolVLM-256M/500M-Instruct (Idefics3 architecture): the role name capitalised, "User:"
+# before an image, each image one `<image>` expanded by the processor into tiles.
+_SMOLVLM = (
+    "<|im_start|>"
+    "{%- for m in messages -%}"
+    "{%- set items = [{'type': 'text', 'text': m.content}] if m.content is string else (m.content or []) -%}"
+    "{{- m.role | capitalize -}}"
+    "{%- if items and items[0].type == 'image' -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
+    "{%- for item in items -%}"
+    "{%- if item.type == 'text' -%}{{- item.text -}}{%- elif item.type == 'image' -%}{{- '<image>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<end_of_utterance>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+_ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,16 @@ FAMILIES = {
             "vision_start_token_id": "<|vision_start|>",
             "vision_end_token_id": "<|vision_end|>",
         },
+    ),
+    "smolvlm": _VlmFamily(
+        special_tokens=(
+            "<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
+            "<fake_token_around_image>", "<image>", "<global-img>", *_ROW_COL,
+        ),
+        eos_tokens=("<end_of_utterance>", "<|endoftext|>"),
+        pad_token="<|endoftext|>",
+        chat_template=_SMOLVLM,
+        token_ids={"image_token_id": "<image>"},
     ),
 }
 
@@ -184,6 +220,24 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
         "bos_token_id": None,
         "eos_token_id": eos,
     }
+    if arch == "smolvlm":
+        from transformers import (
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            Idefics3Processor,
+        )
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil,
+        )
+
+        text.update(model_type="llama", head_dim=16, tie_word_embeddings=False)
+        # 56-pixel tiles of 4x4 patches, pixel-shuffled 2x2: 4 image tokens per tile.
+        vision = {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": SMOLVLM_TILE, "patch_size": 14,
+        }
+        config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, **ids)
+        return config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
     if arch == "glm4v":
         from transformers import Glm4vConfig, Glm4vForConditionalGeneration
         from transformers.models.glm4v.image_processing_pil_glm4v import (
@@ -221,6 +275,13 @@ def build_processor(arch: str) -> ProcessorMixin:
     tokenizer = _tokenizer(family)
     ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in family.token_ids.items()}
     _, _, image_processor_cls, processor_cls = _configs(arch, len(tokenizer), ids, tokenizer.pad_token_id, None)
+    if arch == "smolvlm":
+        image_processor = image_processor_cls(
+            size={"longest_edge": 2 * SMOLVLM_TILE}, max_image_size={"longest_edge": SMOLVLM_TILE}, do_image_splitting=True
+        )
+        return processor_cls(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=family.chat_template
+        )
     image_processor = image_processor_cls(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     return image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=family.chat_template)
 
