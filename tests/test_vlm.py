@@ -1,4 +1,4 @@
-"""Native vision-language models: tiny GLM-4V / Qwen2-VL / SmolVLM, their processors and templates, the
+"""Native vision-language models: tiny GLM-4V / Qwen2-VL / Qwen2.5-VL / SmolVLM, their processors and templates, the
 loader's VLM path, and the forward contract the engine relies on (prefill with the
 processor's inputs, then token-by-token decode over a DynamicCache)."""
 
@@ -12,6 +12,7 @@ from transformers import (
     DynamicCache,
     Glm4vForConditionalGeneration,
     Idefics3ForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
@@ -33,12 +34,14 @@ from workbench.models.tiny_vlm import FAMILIES, build_tiny_vlm
 ARCHS = {
     "glm4v": Glm4vForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "smolvlm": Idefics3ForConditionalGeneration,
 }
-MROPE = {"glm4v", "qwen2_vl"}
+MROPE = {"glm4v", "qwen2_vl", "qwen2_5_vl"}
 PIXEL_INPUTS = {
     "glm4v": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
     "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
     "smolvlm": {"pixel_values", "pixel_attention_mask"},
 }
 STEPS = 8
@@ -142,7 +145,7 @@ def test_text_models_have_no_processor():
 def test_unknown_tiny_model_lists_the_vision_ones():
     from workbench.models import ModelSourceError
 
-    with pytest.raises(ModelSourceError, match="tiny:glm4v, tiny:qwen2_vl, tiny:smolvlm"):
+    with pytest.raises(ModelSourceError, match="tiny:glm4v, tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:smolvlm"):
         load_model(ModelConfig(source="tiny:nope", device="cpu"), quiet=True)
 
 

@@ -1,10 +1,11 @@
 """Tiny randomly initialised vision-language models of real transformers architectures.
 
 `tiny:glm4v` (Glm4vForConditionalGeneration, GLM-4.1V / 4.5V layout), `tiny:qwen2_vl`
-(Qwen2VLForConditionalGeneration) and `tiny:smolvlm` (Idefics3ForConditionalGeneration, the
+(Qwen2VLForConditionalGeneration), `tiny:qwen2_5_vl` (Qwen2_5_VLForConditionalGeneration:
+windowed vision attention, same tokens and template) and `tiny:smolvlm` (Idefics3ForConditionalGeneration, the
 architecture of SmolVLM-256M/500M-Instruct) are the real model classes with ~150-200k
 parameters: a 2-layer text model (hidden 64, 4 query heads over 2 KV heads; multimodal
-RoPE for the first two) and a 1-layer vision tower (patch 14). Each comes with the real
+RoPE for the GLM and Qwen ones) and a 1-layer vision tower (patch 14). Each comes with the real
 processor class (Glm4vProcessor / Qwen2VLProcessor / Idefics3Processor) holding
 
 - the family's image processor (PIL backend) with small pixel bounds, so a test image
@@ -119,6 +120,22 @@ class _VlmFamily:
     extra_tokens: tuple[str, ...] = field(default=())
 
 
+_QWEN_VL = _VlmFamily(
+    special_tokens=(
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    ),
+    eos_tokens=("<|im_end|>", "<|endoftext|>"),
+    pad_token="<|endoftext|>",
+    chat_template=_QWEN2_VL,
+    token_ids={
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    },
+)
+
 FAMILIES = {
     "glm4v": _VlmFamily(
         special_tokens=(
@@ -138,21 +155,8 @@ FAMILIES = {
         },
         extra_tokens=tuple(_THINK_TOKENS),
     ),
-    "qwen2_vl": _VlmFamily(
-        special_tokens=(
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-        ),
-        eos_tokens=("<|im_end|>", "<|endoftext|>"),
-        pad_token="<|endoftext|>",
-        chat_template=_QWEN2_VL,
-        token_ids={
-            "image_token_id": "<|image_pad|>",
-            "video_token_id": "<|video_pad|>",
-            "vision_start_token_id": "<|vision_start|>",
-            "vision_end_token_id": "<|vision_end|>",
-        },
-    ),
+    "qwen2_vl": _QWEN_VL,
+    "qwen2_5_vl": _QWEN_VL,
     "smolvlm": _VlmFamily(
         special_tokens=(
             "<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
@@ -254,6 +258,25 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
         }
         config = Glm4vConfig(text_config=text, vision_config=vision, **ids)
         return config, Glm4vForConditionalGeneration, Glm4vImageProcessorPil, Glm4vProcessor
+    if arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import (
+            Qwen2_5_VLProcessor,
+        )
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        # Two vision blocks: the first attends within 56-pixel windows (2x2 merged patches),
+        # the second over the whole image, as Qwen2.5-VL alternates them.
+        vision = {
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "window_size": 56, "fullatt_block_indexes": [1],
+        }
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2_5_VLProcessor
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
