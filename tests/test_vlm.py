@@ -424,3 +424,18 @@ def test_a_left_padded_batch_of_different_requests_decodes_each_as_alone(loaded)
             for i in range(len(prompts)):
                 torch.testing.assert_close(out.logits[i, -1], expected_logits[i][step], atol=1e-4, rtol=1e-4)
     assert deltas[1] == 0 and (deltas[0] != 0 and deltas[2] != 0) == (arch_of(loaded) in MROPE)
+
+
+def test_vision_language_configs_are_told_apart():
+    from transformers import AutoConfig
+
+    from workbench.models.loader import is_vision_language
+
+    assert is_vision_language(AutoConfig.for_model("glm4v"))
+    assert is_vision_language(AutoConfig.for_model("qwen2_5_vl"))
+    assert is_vision_language(AutoConfig.for_model("idefics3"))
+    assert not is_vision_language(AutoConfig.for_model("llama"))
+    assert not is_vision_language(AutoConfig.for_model("glm4"))
+    text = AutoConfig.for_model("qwen2")
+    text.architectures = ["Qwen2VLForConditionalGeneration"]
+    assert is_vision_language(text)

@@ -116,10 +116,12 @@ def is_vision_language(config) -> bool:
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    if getattr(config, "vision_config", None) is not None:
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return True
     vlm_classes = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
-    return any(arch in vlm_classes for arch in getattr(config, "architectures", None) or [])
+    if any(arch in vlm_classes for arch in getattr(config, "architectures", None) or []):
+        return True
+    return getattr(config, "vision_config", None) is not None
 
 
 def load_processor(where: str, config, **kwargs) -> ProcessorMixin:
@@ -180,7 +182,15 @@ def _from_pretrained(where: str, cfg: ModelConfig, device: str, dtype: torch.dty
     config = AutoConfig.from_pretrained(where, **kwargs)
     if is_vision_language(config):
         from transformers import AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
 
+        if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise ModelSourceError(
+                f"{where} has a vision tower, but this transformers has no image-text-to-text model"
+                f" for its model type {config.model_type!r}"
+            )
         processor = load_processor(where, config, **kwargs)
         model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, **_placement(cfg, device), **kwargs)
         return model, processor

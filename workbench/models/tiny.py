@@ -6,7 +6,8 @@ real transformers model class with a few thousand parameters, a byte-level BPE t
 trained in milliseconds on a fixed text, and a chat template in the style of that family
 (Qwen3 and GLM carry an `enable_thinking` switch; the llama one does not, so both thinking
 paths of the engine are exercised). Same arch, same weights: init is seeded.
-Vision-language ones (`tiny:glm4v`, `tiny:qwen2_vl`) live in tiny_vlm.py.
+Vision-language ones (`tiny:glm4v`, `tiny:qwen2_vl`, `tiny:qwen2_5_vl`, `tiny:smolvlm`)
+live in tiny_vlm.py.
 """
 
 from __future__ import annotations
