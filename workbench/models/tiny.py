@@ -6,6 +6,8 @@ real transformers model class with a few thousand parameters, a byte-level BPE t
 trained in milliseconds on a fixed text, and a chat template in the style of that family
 (Qwen3 and GLM carry an `enable_thinking` switch; the llama one does not, so both thinking
 paths of the engine are exercised). Same arch, same weights: init is seeded.
+Vision-language ones (`tiny:glm4v`, `tiny:qwen2_vl`, `tiny:qwen2_5_vl`, `tiny:smolvlm`)
+live in tiny_vlm.py.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
 def build_tiny(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny random `arch` model and its tokenizer: 2 layers, 4 query heads over 2 KV heads."""
     if arch not in FAMILIES:
-        known = ", ".join(f"tiny:{a}" for a in FAMILIES)
+        from workbench.models import tiny_vlm
+
+        known = ", ".join(f"tiny:{a}" for a in [*FAMILIES, *tiny_vlm.FAMILIES])
         raise ModelSourceError(f"unknown tiny model 'tiny:{arch}' (known: {known})")
     from transformers import AutoConfig
 
