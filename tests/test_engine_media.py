@@ -81,3 +81,72 @@ def test_a_session_without_vision_says_how_to_get_it(tiny):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     with pytest.raises(UnsupportedInputError, match="no image input: .*(adapter|vision)"):
         tiny.engine.plan({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}]})
+
+
+# --- native vision-language models through the engine -------------------------------------
+
+
+def _image_url(colour: str, size=(64, 48)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _ask_about(colour: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(colour)}},
+                                         {"type": "text", "text": "what colour is this?"}]}]
+
+
+@pytest.fixture(scope="module", params=["glm4v", "qwen2_vl", "smolvlm"])
+def vlm(request):
+    import workbench
+
+    return workbench.load(f"tiny:{request.param}", quiet=True)
+
+
+def test_a_vlm_answers_through_the_engine_as_generate_does(vlm):
+    plan = vlm.engine.plan({"messages": _ask_about("red"), **FIELDS})
+    assert plan.prompt.solo and "pixel_values" in plan.prompt.inputs
+    sampled = []
+    for _, event in vlm.engine.generate([plan]):
+        if isinstance(event, Done):
+            assert event.stats.media[0]["path"] == "native"
+    import workbench.engine.sequence as sequence_module
+
+    original = sequence_module.Sequence.accept
+
+    def spy(self, logits):
+        token, events = original(self, logits)
+        sampled.append(token)
+        return token, events
+
+    sequence_module.Sequence.accept = spy
+    try:
+        list(vlm.engine.generate([vlm.engine.plan({"messages": _ask_about("red"), **FIELDS})]))
+    finally:
+        sequence_module.Sequence.accept = original
+    ids = torch.tensor([plan.prompt.ids])
+    with torch.inference_mode():
+        expected = vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **plan.prompt.inputs,
+                                      max_new_tokens=8, do_sample=False)
+    assert sampled == expected[0, ids.shape[1]:].tolist()
+
+
+def test_a_vlm_text_request_after_an_image_request_is_unchanged(vlm):
+    """The model keeps the last prefill's position offset: the engine must reset it."""
+    hello = {"messages": [{"role": "user", "content": "hello"}], **FIELDS}
+    before = _texts(vlm.engine.generate([vlm.engine.plan(hello)]))
+    list(vlm.engine.generate([vlm.engine.plan({"messages": _ask_about("blue"), **FIELDS})]))
+    assert _texts(vlm.engine.generate([vlm.engine.plan(hello)])) == before
+
+
+def test_a_vlm_session_generates_one_request_at_a_time(vlm):
+    assert vlm.engine.max_batch == 1
+    plans = [vlm.engine.plan({"messages": _ask_about(c), **FIELDS}) for c in ("red", "blue")]
+    with pytest.raises(ValueError, match="at most 1 request"):
+        list(vlm.engine.generate(plans))

@@ -95,7 +95,7 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     if processor is not None:
         from workbench.modalities.native import NativeVision
 
-        native = NativeVision(processor, dtype=loaded.dtype)
+        native = NativeVision(processor, dtype=loaded.dtype, device=loaded.device)
     elif config.vision_adapter == "none":
         no_vision = "media.vision_adapter is none in this session's config"
     else:
@@ -108,9 +108,10 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     if config.speech == "none":
         no_speech = "media.speech is none in this session's config"
     else:
-        from workbench.modalities.speech import SpeechRecognizer
 
-        def speech() -> SpeechRecognizer:
+        def speech():
+            from workbench.modalities.speech import SpeechRecognizer  # faster-whisper loads on first audio
+
             return SpeechRecognizer(config.speech)
 
     return Media(

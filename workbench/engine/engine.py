@@ -184,6 +184,11 @@ class Engine:
             batch = Batch(self._forward, lambda: self.cache_factory(self.model.config), self.pad_id, device)
 
         def join(new: list[Plan]) -> None:
+            if self.media is not None and self.media.native is not None:
+                # A VLM keeps the last prefill's multimodal position offset on the model.
+                from workbench.modalities.native import reset_rope_state
+
+                reset_rope_state(self.model)
             first = len(sequences)
             sequences.extend(Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in new)
             indices = range(first, len(sequences))

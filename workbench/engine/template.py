@@ -81,7 +81,8 @@ def render_prompt(
 ) -> Prompt:
     """`media` (the session's image and speech inputs) turns image and audio parts into model
     inputs; without it, such parts are refused."""
-    if not tokenizer.chat_template and not (media and media.native):
+    native = media is not None and media.native is not None
+    if not tokenizer.chat_template and not native:
         raise UnsupportedInputError(
             "this model's tokenizer has no chat template, so it cannot hold a conversation; "
             "load an instruct/chat model or add a chat_template to its tokenizer_config.json"
@@ -90,7 +91,7 @@ def render_prompt(
     plain, images = _plain_messages(messages, reader)
     kwargs: dict = {}
     thinking_via = None
-    if has_thinking_switch(tokenizer):
+    if media.native.has_thinking_switch if native else has_thinking_switch(tokenizer):
         kwargs["enable_thinking"] = enable_thinking
         thinking_via = "template" if enable_thinking else None
     elif enable_thinking:
@@ -101,7 +102,7 @@ def render_prompt(
             images.insert(0, [])
         thinking_via = "instruction"
     inputs, solo = None, False
-    if any(images):
+    if any(images) or native:  # a VLM's own processor renders all its prompts
         text, ids, inputs, solo = reader.render(tokenizer, plain, images, kwargs)
     else:
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from workbench.engine.errors import RequestError
+from workbench.engine.errors import MediaInputError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # What Image.open reports for them: phone cameras write multi-picture JPEGs, which Pillow's
@@ -58,8 +58,10 @@ _OTHER_FORMATS = (
 )
 
 
-class ImageInputError(RequestError):
+class ImageInputError(MediaInputError):
     """An image part cannot be used as sent; the message says why and what to send instead."""
+
+    code = "invalid_image"
 
 
 def load_image(
