@@ -109,8 +109,8 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
         no_speech = "media.speech is none in this session's config"
     else:
 
-        def speech():
-            from workbench.modalities.speech import SpeechRecognizer  # faster-whisper loads on first audio
+        def speech():  # faster-whisper loads on the first audio part, not with the session
+            from workbench.modalities.speech import SpeechRecognizer
 
             return SpeechRecognizer(config.speech)
 
@@ -127,26 +127,29 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
 
 
 def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool, load):
-    """(adapter, None) when `path` holds an adapter trained for this model, else (None, why)."""
-    train = "train one for it with `python -m workbench.modalities.train_adapter --source SOURCE --out DIR`"
-    if not path.is_dir():
+    """(adapter, "") when `path` holds an adapter trained for this model, else (None, why).
+    `auto` takes the shipped adapter only for the model it was trained on (the embedded
+    default, compressed or not): another model's embedding space would read it as noise."""
+    train = "train one for it with `python -m workbench.modalities.train_adapter --model SOURCE --out DIR`"
+    config_file = path / "config.json"
+    if not config_file.is_file():
         if explicit:
             raise ConfigError(f"media.vision_adapter: {path} is not a folder written by workbench.modalities.train_adapter")
         return None, f"no vision adapter is installed at {path}; {train}"
-    adapter = load(path)
+    trained = json.loads(config_file.read_text(encoding="utf-8"))
+    trained_for, width = trained.get("lm", "?"), trained.get("lm_hidden_size")
     hidden = loaded.model.get_input_embeddings().weight.shape[1]
-    trained_for = adapter.config.language_model
-    if adapter.config.lm_hidden != hidden:
+    if width != hidden:
         if explicit:
             raise ConfigError(
-                f"media.vision_adapter: {path} was trained for {trained_for} (embedding width "
-                f"{adapter.config.lm_hidden}); the loaded model's width is {hidden}"
+                f"media.vision_adapter: {path} was trained for {trained_for} (embedding width {width}); "
+                f"the loaded model's width is {hidden}"
             )
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
     if not explicit and trained_for != loaded.source:
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
-    device = loaded.model.get_input_embeddings().weight.device
-    return adapter.to(device).eval(), ""
+    weight = loaded.model.get_input_embeddings().weight
+    return load(path, dtype=weight.dtype, device=weight.device), ""
 
 
 def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: dict) -> WorkbenchConfig:

@@ -92,7 +92,7 @@ class Media:
         if self.native is not None:
             sees = "images through the model's own vision encoder and processor"
         elif self.adapter is not None:
-            sees = f"images through the modular ViT-Tiny adapter, trained only on {self.adapter.config.trained_on}"
+            sees = f"images through the modular ViT-Tiny adapter, trained only on {self.adapter.config.training_data}"
         else:
             sees = f"no images ({self.no_vision_reason})"
         hears = (
