@@ -150,14 +150,14 @@ def _turn(rng: random.Random, shape: str) -> float:
 
 def _single_object(rng: random.Random, qtype: str) -> Item:
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    r = rng.uniform(14, 24)
+    r = rng.uniform(12, 20)
+    # 1.2 r bounds every shape (star and diamond points included): the whole object stays
+    # inside one half both ways, so left/right and top/bottom are never a matter of degree.
     margin = r * 1.2 + 2
-    # Keep the centre at least 12 px off the middle lines so left/right and top/bottom are
-    # clear for every picture, not only for position questions.
-    gap = 12
     right, bottom = rng.random() < 0.5, rng.random() < 0.5
-    cx = rng.uniform(CANVAS / 2 + gap, CANVAS - margin) if right else rng.uniform(margin, CANVAS / 2 - gap)
-    cy = rng.uniform(CANVAS / 2 + gap, CANVAS - margin) if bottom else rng.uniform(margin, CANVAS / 2 - gap)
+    half = CANVAS / 2
+    cx = rng.uniform(half + margin, CANVAS - margin) if right else rng.uniform(margin, half - margin)
+    cy = rng.uniform(half + margin, CANVAS - margin) if bottom else rng.uniform(margin, half - margin)
     image, draw = _canvas(rng)
     draw_shape(draw, shape, colour, cx, cy, r, _turn(rng, shape))
     labels = {
