@@ -320,16 +320,8 @@ def _freeze(model) -> None:
 
 
 def _model_name(session, source: str | None) -> str:
-    for attr in ("name", "source"):
-        value = getattr(session, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    spec = getattr(session, "spec", None)
-    for attr in ("name", "source"):
-        value = getattr(spec, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return source or "embedded:smollm2-135m-instruct"
+    loaded = getattr(session, "loaded", None)
+    return getattr(loaded, "source", None) or source or "embedded:smollm2-135m-instruct"
 
 
 def _to_pixels(adapter: VisionAdapter, items: list[shapes.Item], chunk: int = 512) -> torch.Tensor:
@@ -357,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     # other at every barrier ran the ViT step 7x slower than one thread did (measured).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests) keep theirs
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     bf16 = not args.no_bf16
 
     quick = args.quick
