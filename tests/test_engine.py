@@ -96,11 +96,12 @@ def test_consumer_that_stops_iterating_stops_generation(count_forwards):
 
 def test_images_and_audio_are_refused_clearly_for_a_text_model(tiny):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    with pytest.raises(UnsupportedInputError, match="has no image input"):
+    with pytest.raises(UnsupportedInputError, match="has no image input: .*vision adapter"):
         tiny.engine.stream({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]})
+    deaf = workbench.load(tiny.config.model_copy(update={"media": tiny.config.media.model_copy(update={"speech": "none"})}), quiet=True)
     audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
-    with pytest.raises(UnsupportedInputError, match="has no audio input"):
-        tiny.engine.stream({"messages": [{"role": "user", "content": [audio]}]})
+    with pytest.raises(UnsupportedInputError, match="no speech input: media.speech is none"):
+        deaf.engine.stream({"messages": [{"role": "user", "content": [audio]}]})
 
 
 def test_text_parts_are_accepted_like_a_string(tiny):

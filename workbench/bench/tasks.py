@@ -42,6 +42,8 @@ class Item:
     question: str
     answer: str
     aliases: tuple[str, ...] = ()
+    parts: tuple[dict, ...] = ()
+    """Content parts sent before the question: an image_url or an input_audio part."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Task:
     items: Callable[[], list[Item]] | None = None
     """None while the task cannot run yet; `unavailable` then says why."""
     unavailable: str = ""
+    system: str | None = SYSTEM_PROMPT
+    """The system message sent with every question; None sends none (the model's default)."""
 
 
 @dataclass
@@ -178,6 +182,23 @@ def arithmetic_items(count: int = 20, seed: int = 9) -> list[Item]:
     return items
 
 
+def image_items(count: int = 40, seed: int = 2026) -> list[Item]:
+    """Questions about generated pictures, each sent as a PNG data: URL before the question."""
+    import base64
+    import io
+
+    from workbench.modalities import shapes
+
+    items = []
+    for shown in shapes.generate(count, seed):
+        buffer = io.BytesIO()
+        shown.image.save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        aliases = (shapes.NUMBER_WORDS[int(shown.answer)],) if shown.answer.isdigit() else ()
+        items.append(Item(shown.question, shown.answer, aliases, ({"type": "image_url", "image_url": {"url": url}},)))
+    return items
+
+
 TASKS: dict[str, Task] = {
     "facts": Task(
         "facts", "facts (capitals, units, science)", "text",
@@ -189,7 +210,13 @@ TASKS: dict[str, Task] = {
         "generated in code (workbench/bench/tasks.py, seed 9): 20 questions",
         items=arithmetic_items,
     ),
-    "image_qa": Task("image_qa", "image questions", "image", "waits for image input (issue 8)", unavailable=MULTIMODAL_NOT_YET),
+    "image_qa": Task(
+        "image_qa", "image questions (generated shapes)", "image",
+        "workbench/modalities/shapes.py, seed 2026 (never used in training): 40 pictures, 8 of each question "
+        "type (colour, shape, count, position, text), asked with no system prompt, as the adapter was trained",
+        items=image_items,
+        system=None,
+    ),
     "speech": Task("speech", "speech clips", "audio", "waits for audio input (issue 8)", unavailable=MULTIMODAL_NOT_YET),
 }
 
@@ -208,10 +235,11 @@ def resolve_tasks(names: str) -> list[Task]:
 # --- asking an endpoint -----------------------------------------------------------------
 
 
-async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int) -> tuple[Answer, dict]:
+async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None) -> tuple[Answer, dict]:
+    question = [*item.parts, {"type": "text", "text": item.question}] if item.parts else item.question
     body = {
         "model": endpoint.model,
-        "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}],
+        "messages": [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
@@ -230,13 +258,13 @@ async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int)
     return answer, data.get("usage") or {}
 
 
-async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: int, progress) -> list[tuple[Answer, dict]]:
+async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: int, progress, system: str | None) -> list[tuple[Answer, dict]]:
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
 
         async def one(item: Item):
             async with gate:
-                result = await _ask(client, endpoint, item, max_tokens)
+                result = await _ask(client, endpoint, item, max_tokens, system)
             progress.update()
             return result
 
@@ -250,7 +278,7 @@ def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int 
     items = task.items()[:limit]
     result = TaskResult(task.name, asked=len(items))
     with tqdm(total=len(items), desc=f"{task.name} @ {endpoint.model}", leave=False) as progress:
-        pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress))
+        pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress, task.system))
     for answer, usage in pairs:
         result.answers.append(answer)
         result.correct += answer.correct
