@@ -23,6 +23,11 @@ from workbench.engine.errors import RequestError
 SAMPLE_RATE = 16_000
 """What Whisper (and so every speech model here) is trained on."""
 
+MAX_SECONDS = 120.0
+"""A limit callers may pass as max_seconds for chat: two minutes is a long voice message, and
+on a busy 2-core CPU Whisper base takes about as long as the audio (see the speech bench), so a
+longer clip would hold the one recognizer for minutes; that belongs in a transcription tool."""
+
 SOUNDFILE_FORMATS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "au"})
 """libsndfile reads these itself (Opus only inside Ogg)."""
 
@@ -78,8 +83,15 @@ def load_audio(
     else:
         if isinstance(data, (str, Path)):
             path = Path(data)
-            if not path.is_file():
-                raise AudioInputError(f"no audio file at {path}")
+            try:
+                found = path.is_file()
+            except OSError:  # a name too long for the file system: most likely base64 passed as a path
+                found = False
+            if not found:
+                shown = str(data) if len(str(data)) <= 80 else str(data)[:77] + "..."
+                raise AudioInputError(
+                    f"no audio file at {shown!r} (a str is a path: pass encoded audio as bytes, base64 through audio_from_part)"
+                )
             if fmt is None and path.suffix:
                 try:
                     fmt = normalise_format(path.suffix)
