@@ -8,6 +8,8 @@
   quality perplexity (local configs) and answer accuracy per task, over the OpenAI HTTP path
   compare the comparison table: columns = configs and endpoints, rows = latency, context,
           quality, price
+  speech  Whisper models on espeak-ng clips of known sentences: WER, real-time factor, load
+          time, language detection
 """
 
 from __future__ import annotations
@@ -145,6 +147,22 @@ def _compare(args) -> None:
     print(f"Results in {out}/compare.json, compare.md, compare.html")
 
 
+def _speech(args) -> None:
+    from workbench.bench import speech as speech_bench
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("error: --models names no model (tiny.en, base, or a CTranslate2 Whisper folder)")
+    try:
+        rows, results, meta = speech_bench.run(models, args.out, clips=args.clips, voice=args.voice,
+                                               other_per_language=args.other, beam_size=args.beam_size,
+                                               threads=args.threads)
+    except (speech_bench.SpeechBenchError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(speech_bench.to_markdown(rows, results, meta).split("\n\n| model | clip |")[0])
+    print(f"Results in {args.out}/speech.json, speech.md, speech.html (clips in {args.out}/clips)")
+
+
 def _target_options(parser) -> None:
     parser.add_argument("--configs", default=None,
                         help="comma-separated config files, model sources or saved folders, each optionally NAME=SPEC "
@@ -210,6 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--png", action="store_true", help="also write compare.png (needs kaleido and a Chromium)")
     compare.add_argument("--out", type=Path, default=None, help="results folder (default runs/compare-TIMESTAMP)")
     compare.set_defaults(run=_compare)
+
+    speech = sub.add_parser("speech", help="Whisper WER, real-time factor and language detection on espeak-ng clips")
+    speech.add_argument("--models", default="tiny.en,base", help="comma-separated: tiny.en, base, or CTranslate2 Whisper folders")
+    speech.add_argument("--clips", type=int, default=40, help="English clips (the sentence list in order)")
+    speech.add_argument("--voice", default="en-us", help="espeak-ng voice for the English clips (variants are cycled)")
+    speech.add_argument("--other", type=int, default=4, help="German, French, Spanish and Italian clips each (up to 5), for language detection")
+    speech.add_argument("--beam-size", type=int, default=None, help="decoding beam (default: the recognizer's)")
+    speech.add_argument("--threads", type=int, default=2, help="CTranslate2 CPU threads")
+    speech.add_argument("--out", type=Path, default=Path("bench-results/speech"), help="results folder")
+    speech.set_defaults(run=_speech)
 
     args = parser.parse_args(argv)
     args.run(args)
