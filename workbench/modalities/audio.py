@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.engine.errors import RequestError
+from workbench.engine.errors import MediaInputError
 
 SAMPLE_RATE = 16_000
 """What Whisper (and so every speech model here) is trained on."""
@@ -39,8 +39,10 @@ FORMATS = SOUNDFILE_FORMATS | CONTAINER_FORMATS
 _ALIASES = {"wave": "wav", "x-wav": "wav", "mpeg": "mp3", "x-m4a": "m4a", "oga": "ogg", "aif": "aiff"}
 
 
-class AudioInputError(RequestError):
+class AudioInputError(MediaInputError):
     """Audio that cannot be turned into 16 kHz mono samples; the message says why and what to send."""
+
+    code = "invalid_audio"
 
 
 def normalise_format(format: str | None) -> str | None:
