@@ -3,6 +3,7 @@ comparison table over real HTTP (tiny models served by this workbench, a scripte
 endpoint whose right answers are known, endpoints that refuse or reject)."""
 
 import json
+import os
 import threading
 import time
 
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from workbench.bench.__main__ import main
 from workbench.bench.targets import parse_endpoint, parse_targets
-from workbench.bench.tasks import TASKS, Item, arithmetic_items, is_correct, resolve_tasks
+from workbench.bench.tasks import TASKS, Item, _facts, arithmetic_items, is_correct, resolve_tasks
 from workbench.serve.live import free_port
 
 # --- the checker --------------------------------------------------------------------------
@@ -67,9 +68,34 @@ def test_arithmetic_set_is_the_same_every_time():
     assert len(arithmetic_items()) == 20
 
 
-def test_multimodal_tasks_are_registered_but_say_they_cannot_run_yet():
-    for name in ("image_qa", "speech"):
-        assert TASKS[name].items is None and "not yet available" in TASKS[name].unavailable
+def test_image_questions_are_generated_pictures_sent_as_data_urls():
+    from workbench.bench.tasks import image_items
+    from workbench.modalities.images import load_image
+
+    items = image_items()
+    assert items == image_items() and len(items) == 40
+    kinds = {}
+    for item in items:
+        (part,) = item.parts
+        image = load_image(part["image_url"]["url"])  # a PNG data: URL the server accepts
+        assert image.size == (128, 128) and item.answer and not item.spoken
+        kinds[item.question] = item.answer
+    assert len(kinds) > 10  # varied questions, not one repeated
+
+
+def test_spoken_facts_are_wav_parts_without_text(monkeypatch):
+    from workbench.bench.tasks import TaskUnavailable, run_task, spoken_items
+
+    try:
+        items = spoken_items(_facts()[:2])
+    except TaskUnavailable as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs espeak-ng
+        pytest.skip(str(exc))
+    assert all(item.spoken and item.parts[0]["input_audio"]["format"] == "wav" for item in items)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no espeak-ng: the task says so instead of failing
+    result = run_task(None, TASKS["speech"])
+    assert result.unavailable.startswith("n/a (") and "espeak-ng" in result.unavailable
     assert [t.name for t in resolve_tasks("all")] == list(TASKS)
 
 
@@ -195,7 +221,10 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
         assert task["asked"] == 3 and task["failed"] == 0 and len(task["answers"]) == 3
         assert task["prompt_tokens"] > 0 and task["completion_tokens"] > 0
         assert task["correct"] == sum(is_correct(Item(a["question"], a["expected"]), a["reply"]) for a in task["answers"])
-    assert result["tasks"]["image_qa"]["unavailable"] == "n/a (multimodal input not yet available)"
+    images = result["tasks"]["image_qa"]  # a tiny random model has no vision: each question is refused
+    assert images["failed"] == images["asked"] == 3 and "no image input" in images["answers"][0]["error"]
+    spoken = result["tasks"]["speech"]  # but it hears: Whisper transcribes, the tiny model babbles
+    assert spoken["asked"] == 3 and spoken["failed"] == 0
     assert (tmp_path / "quality.html").exists()
     assert "| tiny:llama |" in capsys.readouterr().out
 
@@ -249,10 +278,11 @@ def test_compare_measures_local_configs_through_the_workbench_server(compared):
 def test_compare_prices_questions_from_reported_usage(compared):
     _, columns, table = compared
     oracle = columns["oracle"]
-    # four facts questions (all capitals: right) and four arithmetic ones (wrong), 10 + 5 tokens each
+    # four facts questions (all capitals: right), four arithmetic ones (wrong), four image and four
+    # spoken questions, 10 + 5 tokens each
     assert oracle["quality"]["tasks"]["facts"]["correct"] == 4 and oracle["quality"]["tasks"]["arithmetic"]["correct"] == 0
-    assert oracle["task_tokens"] == {"prompt": 80, "completion": 40}
-    assert oracle["task_cost_usd"] == pytest.approx((80 * 0.5 + 40 * 2) / 1000)
+    assert oracle["task_tokens"] == {"prompt": 160, "completion": 80}
+    assert oracle["task_cost_usd"] == pytest.approx((160 * 0.5 + 80 * 2) / 1000)
     assert (oracle["context_length"], oracle["context_source"]) == (4096, "reported by /v1/models")
     assert all(level["aggregate_tok_s"] > 0 for level in oracle["serve"])
     assert table["accuracy: facts (capitals, units, science)"]["oracle"] == "100% (4/4)"
@@ -267,7 +297,7 @@ def test_compare_reports_failing_endpoints_in_their_column(compared):
     for name in ("refused", "nokey"):
         assert table["time to first token p50 / p95, ms (1 client)"][name] == "error"
         assert table["accuracy: arithmetic (two-digit + - ×)"][name].startswith("error: ")
-        assert table["accuracy: image questions"][name] == "n/a (multimodal input not yet available)"
+        assert table["accuracy: image questions (generated shapes)"][name].startswith("error: ")
     assert table["context length, tokens"]["refused"] == "1,000 (given)"
     assert table["load average on this machine while timing (1 min, before / after)"]["refused"] == "n/a"
     assert table["status"]["tiny:llama"] == "ok"

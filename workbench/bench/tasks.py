@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from workbench.compress.data import DATA_DIR
 
 SYSTEM_PROMPT = "Answer with only the answer: a word, a name or a number. No explanation."
-MULTIMODAL_NOT_YET = "n/a (multimodal input not yet available)"
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,14 @@ class Item:
     aliases: tuple[str, ...] = ()
     parts: tuple[dict, ...] = ()
     """Content parts sent before the question: an image_url or an input_audio part."""
+    spoken: bool = False
+    """The question is in the audio part only; its text is not sent."""
+    options: tuple[str, ...] = ()
+    """The choices a question offers ("left or right?"): a reply naming more than one is wrong."""
+
+
+class TaskUnavailable(RuntimeError):
+    """A task cannot be built on this machine (e.g. no espeak-ng to speak its questions)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,8 @@ def is_correct(item: Item, reply: str) -> bool:
         given = numbers_in(item.question) - {target}
         return numbers_in(reply) - given == {target}
     words = f" {normalise(reply)} "
+    if any(f" {normalise(o)} " in words for o in item.options if o not in expected):
+        return False  # "left or right" hedges; echoing the question is not an answer
     return any(f" {normalise(e)} " in words for e in expected)
 
 
@@ -194,8 +203,29 @@ def image_items(count: int = 40, seed: int = 2026) -> list[Item]:
         buffer = io.BytesIO()
         shown.image.save(buffer, "PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-        aliases = (shapes.NUMBER_WORDS[int(shown.answer)],) if shown.answer.isdigit() else ()
-        items.append(Item(shown.question, shown.answer, aliases, ({"type": "image_url", "image_url": {"url": url}},)))
+        options = tuple(p for p in shapes.POSITIONS if re.search(rf"\b{p}\b", shown.question.lower()))
+        part = {"type": "image_url", "image_url": {"url": url}}
+        items.append(Item(shown.question, shown.answer, parts=(part,), options=options))
+    return items
+
+
+def spoken_items(questions, voice: str = "en-us") -> list[Item]:
+    """Each question spoken by espeak-ng, sent as a WAV input_audio part with no text."""
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    from workbench.bench.speech import SpeechBenchError, synthesise
+
+    items = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i, item in enumerate(questions):
+            try:
+                wav = synthesise(item.question, Path(folder) / f"q{i}.wav", voice=voice).read_bytes()
+            except SpeechBenchError as exc:
+                raise TaskUnavailable(f"n/a ({exc})") from None
+            part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode("ascii"), "format": "wav"}}
+            items.append(Item(item.question, item.answer, item.aliases, (part,), spoken=True))
     return items
 
 
@@ -217,7 +247,12 @@ TASKS: dict[str, Task] = {
         items=image_items,
         system=None,
     ),
-    "speech": Task("speech", "speech clips", "audio", "waits for audio input (issue 8)", unavailable=MULTIMODAL_NOT_YET),
+    "speech": Task(
+        "speech", "spoken facts (espeak-ng)", "audio",
+        "the 32 `facts` questions spoken by espeak-ng (en-us, 160 wpm) and sent as input_audio WAV parts only, "
+        "no text: speech recognition and answering together",
+        items=lambda: spoken_items(_facts()),
+    ),
 }
 
 
@@ -236,7 +271,9 @@ def resolve_tasks(names: str) -> list[Task]:
 
 
 async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None) -> tuple[Answer, dict]:
-    question = [*item.parts, {"type": "text", "text": item.question}] if item.parts else item.question
+    question = item.question
+    if item.parts:
+        question = [*item.parts, *([] if item.spoken else [{"type": "text", "text": item.question}])]
     body = {
         "model": endpoint.model,
         "messages": [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}],
@@ -275,7 +312,10 @@ def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int 
     """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time."""
     if task.items is None:
         return TaskResult(task.name, unavailable=task.unavailable)
-    items = task.items()[:limit]
+    try:
+        items = task.items()[:limit]
+    except TaskUnavailable as exc:
+        return TaskResult(task.name, unavailable=str(exc))
     result = TaskResult(task.name, asked=len(items))
     with tqdm(total=len(items), desc=f"{task.name} @ {endpoint.model}", leave=False) as progress:
         pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress, task.system))
