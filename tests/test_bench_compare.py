@@ -14,7 +14,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from workbench.bench.__main__ import main
 from workbench.bench.targets import parse_endpoint, parse_targets
-from workbench.bench.tasks import TASKS, Item, _facts, arithmetic_items, is_correct, resolve_tasks
+from workbench.bench.tasks import (
+    TASKS,
+    Item,
+    _facts,
+    arithmetic_items,
+    is_correct,
+    resolve_tasks,
+)
 from workbench.serve.live import free_port
 
 # --- the checker --------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_media_records_reach_the_stats(tiny):
     plan = engine.plan(ChatRequest.from_prompt("hi", **FIELDS))
     record = {"kind": "audio", "transcript": "hi"}
     plan = dataclasses.replace(plan, prompt=dataclasses.replace(plan.prompt, media=(record,), media_s=0.25))
-    stats = [e.stats for _, e in engine.generate([plan]) if isinstance(e, Done)][0]
+    stats = next(e.stats for _, e in engine.generate([plan]) if isinstance(e, Done))
     assert stats.media == (record,) and stats.media_s == 0.25
 
 

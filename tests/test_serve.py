@@ -383,7 +383,7 @@ def spoken(text: str, tmp_path) -> str:
 
     try:
         espeak()
-    except Exception as exc:  # noqa: BLE001 - the reason is the skip message
+    except Exception as exc:
         if os.environ.get("CI"):
             raise  # CI installs espeak-ng (.ci/run): missing there is a failure
         pytest.skip(f"espeak-ng is needed to speak the test question: {exc}")
@@ -408,7 +408,7 @@ def test_a_streamed_reply_to_audio_says_what_was_heard_in_its_last_chunk(server,
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
                       json={"model": MODEL, "messages": audio_message(audio, "wav"), "max_tokens": 6, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][0]
+    finish = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     assert "colour" in finish["media"][0]["transcript"].lower() or "color" in finish["media"][0]["transcript"].lower()
 
 
