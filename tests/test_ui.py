@@ -125,9 +125,31 @@ BAD_INPUTS = {
     "unreadable image": (lambda tmp: ("what is this?", [tmp / "photo.png"]), "could not read the image photo.png"),
     "corrupt audio": (lambda tmp: ("transcribe", [tmp / "voice.wav"]), "could not read the audio file voice.wav"),
     "not media": (lambda tmp: ("read this", [tmp / "notes.txt"]), "Invalid file type"),  # Gradio's own check
-    "image, text-only model": (lambda tmp: ("describe", [_png(tmp / "ok.png")]), "the loaded model has no image input"),
-    "audio, text-only model": (lambda tmp: ("transcribe", [_wav(tmp / "ok.wav")]), "the loaded model has no audio input"),
+    "too long audio": (lambda tmp: ("what did I say?", [_silence(tmp / "long.flac", 130)]), "the audio is 130.0 s long; the limit is 120 s"),
 }
+
+
+def _silence(path: Path, seconds: float) -> Path:
+    import numpy as np
+    import soundfile
+
+    soundfile.write(str(path), np.zeros(int(16000 * seconds), dtype=np.int16), 16000, format="FLAC")
+    return path
+
+
+def test_an_image_for_a_model_that_cannot_see_says_why(thinking_client, tmp_path):
+    with pytest.raises(AppError, match="the loaded model has no image input: the shipped vision adapter was trained for"):
+        say(thinking_client, "describe", files=[_png(tmp_path / "ok.png")])
+
+
+@pytest.mark.embedded
+def test_a_recorded_question_is_transcribed_answered_and_shown(page, tmp_path):
+    from workbench.bench.speech import synthesise
+
+    clip = synthesise("What is the capital of France?", tmp_path / "microphone.wav")
+    history, _, stats = say(page[0], "", files=[clip], max_tokens=24)
+    assert "Paris" in text_of(history[-1])
+    assert re.search(r"heard \(tiny\.en, en, [\d.]+ s of audio in [\d.]+ s\): .What is the capital of France\?.", stats), stats
 
 
 @pytest.mark.embedded
