@@ -163,6 +163,17 @@ def test_build_inputs_lets_gradients_reach_the_images(tiny_llama):
     assert image.grad is not None and torch.equal(image.grad, torch.ones_like(image))
 
 
+def test_batched_answers_match_one_at_a_time(tiny_llama):
+    """Left padding in a batch must not change any row's greedy answer."""
+    adapter = _small_adapter(lm_hidden=tiny_llama.model.config.hidden_size)
+    items = shapes.generate(4, seed=1)
+    questions = [item.question + " please" * k for k, item in enumerate(items)]  # unequal lengths
+    images = [item.image for item in items]
+    batched = answer_questions(adapter, tiny_llama, images, questions, max_new_tokens=5, batch=4)
+    single = [answer_questions(adapter, tiny_llama, [i], [q], max_new_tokens=5)[0] for i, q in zip(images, questions)]
+    assert batched == single
+
+
 def test_answers_are_normalised_before_scoring():
     assert is_correct("Red.", "red") and is_correct("It is red", "red")
     assert is_correct("three", "3") and is_correct("3 shapes", "3")

@@ -29,6 +29,7 @@ from transformers import ViTConfig, ViTModel
 # appear in real text and survive chat templates (Jinja copies content verbatim).
 IMAGE_SENTINEL = "\ue000<|workbench:image|>\ue000"
 
+STEM_STRIDE = 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -46,9 +47,13 @@ class AdapterConfig:
     image_size: int = 64
     patch_size: int = 8
     vit_hidden_size: int = 192
-    vit_layers: int = 4
+    vit_layers: int = 2  # ViT-Tiny has 12; 2 learnt faster per CPU second than 4 or 6 here
     vit_heads: int = 3
     vit_mlp_size: int = 768
+    # Optional two-convolution stem (stride 4) in front of the ViT, 0 for none (Xiao et al.
+    # 2021, "Early convolutions help transformers see better"). Off by default: in short
+    # CPU runs on the shapes set it learnt shapes no better than plain patches (measured).
+    stem_channels: int = 0
     # The 8x8 patch grid is average-pooled to grid x grid image tokens. 2x2 (one token per
     # quadrant) keeps the language model's sequence short on a shared 2-core CPU.
     grid: int = 2
@@ -72,7 +77,13 @@ class AdapterConfig:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @property
+    def stem_stride(self) -> int:
+        return STEM_STRIDE if self.stem_channels else 1
+
     def check(self) -> None:
+        if self.patch_size % self.stem_stride:
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of the stem's stride {self.stem_stride}")
         patches = self.image_size // self.patch_size
         if self.image_size % self.patch_size or patches % self.grid:
             raise ValueError(
@@ -88,15 +99,27 @@ class VisionAdapter(nn.Module):
         super().__init__()
         config.check()
         self.config = config
+        channels = config.stem_channels
+        self.stem = (
+            nn.Sequential(
+                nn.Conv2d(3, channels // 2, 3, stride=2, padding=1),
+                nn.GELU(),
+                nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1),
+                nn.GELU(),
+            )
+            if channels
+            else nn.Identity()
+        )
+        stride = config.stem_stride
         self.vit = ViTModel(
             ViTConfig(
                 hidden_size=config.vit_hidden_size,
                 num_hidden_layers=config.vit_layers,
                 num_attention_heads=config.vit_heads,
                 intermediate_size=config.vit_mlp_size,
-                image_size=config.image_size,
-                patch_size=config.patch_size,
-                num_channels=3,
+                image_size=config.image_size // stride,
+                patch_size=config.patch_size // stride,
+                num_channels=channels or 3,
             ),
             add_pooling_layer=False,
         )
@@ -143,7 +166,8 @@ class VisionAdapter(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled ViT features (n, n_tokens, vit_hidden): what the projector reads."""
-        hidden = self.vit(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
+        stem = self.stem(pixel_values.to(self.device, self.dtype))
+        hidden = self.vit(pixel_values=stem).last_hidden_state
         patches = hidden[:, 1:]  # drop the CLS token: the grid keeps where things are
         n, count, width = patches.shape
         side = int(count**0.5)

@@ -150,7 +150,7 @@ def _turn(rng: random.Random, shape: str) -> float:
 
 def _single_object(rng: random.Random, qtype: str) -> Item:
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    r = rng.uniform(12, 20)
+    r = rng.uniform(16, 24)
     # 1.2 r bounds every shape (star and diamond points included): the whole object stays
     # inside one half both ways, so left/right and top/bottom are never a matter of degree.
     margin = r * 1.2 + 2
