@@ -315,3 +315,14 @@ def test_broken_files_are_named_with_what_is_wrong(tmp_path, name, data, message
     with pytest.raises(media.MediaError, match=message):
         media.content("hi", [str(path)])
     assert media.content("hi", []) == "hi"
+
+
+@pytest.mark.embedded
+def test_an_uploaded_picture_is_seen_through_the_adapter(page, tmp_path):
+    from workbench.modalities import shapes
+
+    item = next(i for i in shapes.generate(20, seed=5, qtypes=("colour",)) if i.answer in ("red", "blue", "green"))
+    item.image.save(tmp_path / "shapes.png")
+    history, _, stats = say(page[0], item.question, files=[tmp_path / "shapes.png"], max_tokens=8)
+    assert item.answer in text_of(history[-1]).lower()
+    assert "saw a 128×128 image through the adapter vision path" in stats
