@@ -422,7 +422,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     quick = args.quick
     images = args.images or (120 if quick else 12000)
-    epochs = args.epochs or (1 if quick else 3)
+    epochs = args.epochs or (1 if quick else 8)
     steps = args.steps or (4 if quick else 300)
     batch = args.batch or (4 if quick else 16)
     eval_items = args.eval_items or (10 if quick else 300)
