@@ -80,26 +80,28 @@ FAMILIES = {
 _THINK_TOKENS = ["<think>", "</think>"]
 
 
-def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
-    family = FAMILIES[arch]
+def byte_level_tokenizer(special_tokens, eos_token: str, pad_token: str, added_tokens, chat_template: str) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on the built-in corpus: every tiny model's tokenizer."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=384,
-        special_tokens=list(family.special_tokens),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=family.eos_tokens[0],
-        pad_token=family.pad_token,
-    )
-    tokenizer.add_tokens(_THINK_TOKENS)
-    tokenizer.chat_template = family.chat_template
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token=pad_token)
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
+    family = FAMILIES[arch]
+    return byte_level_tokenizer(family.special_tokens, family.eos_tokens[0], family.pad_token, _THINK_TOKENS, family.chat_template)
 
 
 def build_tiny(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -33,11 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from workbench.models.errors import ModelSourceError
-from workbench.models.tiny import _CORPUS, _THINK_TOKENS
+from workbench.models.tiny import _THINK_TOKENS, byte_level_tokenizer
 
 # Images are resized so that pixels fall within these bounds (a multiple of 28 = patch 14
 # x merge 2 per side): 4 to 16 merged tokens per image.
@@ -194,21 +193,9 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
 
 def _tokenizer(family: _VlmFamily) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=list(family.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return byte_level_tokenizer(
+        family.special_tokens, family.eos_tokens[0], family.pad_token, family.extra_tokens, family.chat_template
     )
-    backend.train_from_iterator(_CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=family.eos_tokens[0], pad_token=family.pad_token)
-    if family.extra_tokens:
-        tokenizer.add_tokens(list(family.extra_tokens))
-    tokenizer.chat_template = family.chat_template
-    return tokenizer
 
 
 def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int, eos):
