@@ -283,6 +283,19 @@ def test_stale_rope_deltas_shift_a_text_only_request_unless_reset(loaded):
         assert not torch.allclose(out.logits[0, -1], clean.logits[0, -1], atol=1e-6)
 
 
+def prefill_each(model, prompts):
+    """Prefill each prompt alone, as the engine does: (caches, rope deltas, last logits)."""
+    caches, deltas, logits = [], [], []
+    for prompt in prompts:
+        reset_rope_state(model)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=cache, use_cache=True)
+        caches.append(cache)
+        deltas.append(rope_delta(model))
+        logits.append(out.logits[0, -1])
+    return caches, deltas, logits
+
+
 def test_interleaved_requests_are_safe_with_explicit_decode_positions(loaded):
     """Two requests prefilled one after the other, then decoded in turns: each step passes
     its own position_ids, so neither reads the other's rope_deltas."""
@@ -293,15 +306,10 @@ def test_interleaved_requests_are_safe_with_explicit_decode_positions(loaded):
         vision.render(*ask(picture((10, 10, 10), size=(84, 168)), "and", picture(), "two")),
     ]
     expected = [reference(model, p) for p in prompts]
-    caches, deltas, nexts, got = [], [], [], [[] for _ in prompts]
+    got = [[] for _ in prompts]
     with torch.inference_mode():
-        for prompt in prompts:
-            reset_rope_state(model)
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=cache, use_cache=True)
-            caches.append(cache)
-            deltas.append(rope_delta(model))
-            nexts.append(int(out.logits[0, -1].argmax()))
+        caches, deltas, last = prefill_each(model, prompts)
+        nexts = [int(row.argmax()) for row in last]
         for _ in range(STEPS):
             for i, cache in enumerate(caches):
                 if len(got[i]) >= len(expected[i]):
@@ -399,15 +407,8 @@ def test_a_left_padded_batch_of_different_requests_decodes_each_as_alone(loaded)
         steps = []
         reference(model, prompt, steps=4, logits=steps)
         expected_logits.append(steps)
-    caches, deltas, logits = [], [], []
     with torch.inference_mode():
-        for prompt in prompts:
-            reset_rope_state(model)
-            cache = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=cache, use_cache=True)
-            caches.append(cache)
-            deltas.append(rope_delta(model))
-            logits.append(out.logits[0, -1])
+        caches, deltas, logits = prefill_each(model, prompts)
         lengths = torch.tensor([[len(p.ids)] for p in prompts])
         width = int(lengths.max())
         batch_cache = caches[0]
