@@ -17,7 +17,7 @@ from workbench.config import (
 )
 from workbench.engine import ChatRequest, Engine
 from workbench.engine.events import ChatResult, ReplyBuilder
-from workbench.engine.media import Media, MediaLimits
+from workbench.engine.media import Media
 from workbench.models import LoadedModel, load_model
 
 SAVED_CONFIG = "workbench.yaml"
@@ -82,13 +82,6 @@ class Session:
 
 def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     """The session's image and speech inputs, from its `media:` config section."""
-    limits = MediaLimits(
-        allow_remote_images=config.allow_remote_images,
-        max_image_bytes=config.max_image_bytes,
-        max_image_pixels=config.max_image_pixels,
-        max_audio_seconds=config.max_audio_seconds,
-        speech_language=config.speech_language,
-    )
     adapter = native = None
     no_vision = ""
     processor = getattr(loaded, "processor", None)
@@ -99,10 +92,10 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     elif config.vision_adapter == "none":
         no_vision = "media.vision_adapter is none in this session's config"
     else:
-        from workbench.modalities.adapter import VisionAdapter, shipped_adapter_dir
+        from workbench.modalities.adapter import shipped_adapter_dir
 
         path = shipped_adapter_dir() if config.vision_adapter == "auto" else Path(config.vision_adapter).expanduser()
-        adapter, no_vision = _adapter_for(loaded, path, explicit=config.vision_adapter != "auto", load=VisionAdapter.load)
+        adapter, no_vision = _adapter_for(loaded, path, explicit=config.vision_adapter != "auto")
     speech = None
     no_speech = ""
     if config.speech == "none":
@@ -120,13 +113,13 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
         embed_tokens=loaded.model.get_input_embeddings(),
         speech=speech,
         speech_name=None if config.speech == "none" else config.speech,
-        limits=limits,
+        limits=config,
         no_vision_reason=no_vision,
         no_speech_reason=no_speech,
     )
 
 
-def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool, load):
+def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
     """(adapter, "") when `path` holds an adapter trained for this model, else (None, why).
     `auto` takes the shipped adapter only for the model it was trained on (the embedded
     default, compressed or not): another model's embedding space would read it as noise."""
@@ -148,8 +141,10 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool, load):
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
     if not explicit and trained_for != loaded.source:
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
+    from workbench.modalities.adapter import VisionAdapter
+
     weight = loaded.model.get_input_embeddings().weight
-    return load(path, dtype=weight.dtype, device=weight.device), ""
+    return VisionAdapter.load(path, dtype=weight.dtype, device=weight.device), ""
 
 
 def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: dict) -> WorkbenchConfig:

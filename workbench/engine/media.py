@@ -24,17 +24,9 @@ from typing import Any
 
 import torch
 
+from workbench.config import MediaConfig
 from workbench.engine.errors import UnsupportedInputError
 from workbench.engine.request import AudioPart, ImagePart, TextPart
-
-
-@dataclass
-class MediaLimits:
-    allow_remote_images: bool = False
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_audio_seconds: float = 120.0
-    speech_language: str | None = None
 
 
 class Media:
@@ -48,7 +40,7 @@ class Media:
         embed_tokens: torch.nn.Module | None = None,
         speech: Callable[[], Any] | None = None,
         speech_name: str | None = None,
-        limits: MediaLimits | None = None,
+        limits: MediaConfig | None = None,
         no_vision_reason: str = "",
         no_speech_reason: str = "",
     ):
@@ -65,7 +57,8 @@ class Media:
         self._heard: dict[str, object] = {}
         """Transcripts by audio payload: a chat re-sends its earlier recordings every turn."""
         self.speech_name = speech_name
-        self.limits = limits or MediaLimits()
+        self.limits = limits or MediaConfig()
+        """The config's media section: size and length limits, remote images, speech language."""
         self.no_vision_reason = no_vision_reason
         self.no_speech_reason = no_speech_reason
 
