@@ -22,12 +22,17 @@ from workbench.modalities.adapter import (
     placeholder_id,
     shipped_adapter_dir,
 )
-from workbench.modalities.train_adapter import answer_questions, is_correct, main
+from workbench.modalities.train_adapter import (
+    answer_questions,
+    is_correct,
+    main,
+    vision_pictures,
+)
 
 
 def _small_adapter(lm_hidden: int = 32) -> VisionAdapter:
     torch.manual_seed(0)
-    return VisionAdapter(AdapterConfig(lm_hidden_size=lm_hidden, image_size=32, vit_layers=1, grid=2)).eval()
+    return VisionAdapter(AdapterConfig(lm_hidden_size=lm_hidden, image_size=32, vit_layers=1)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,25 @@ def test_unknown_question_type_is_refused():
         shapes.make_item(random.Random(0), "smell")
 
 
+def test_stage_one_draws_fresh_pictures_each_epoch_without_words():
+    first, again, second = vision_pictures(40, 0, 0), vision_pictures(40, 0, 0), vision_pictures(40, 0, 1)
+    assert [i.image.tobytes() for i in first] == [i.image.tobytes() for i in again]
+    assert not {i.image.tobytes() for i in first} & {i.image.tobytes() for i in second}
+    assert {i.qtype for i in first + second} == {"colour", "shape", "position", "count"}
+    held_out = {i.image.tobytes() for i in shapes.generate(200, 1000)}
+    assert not held_out & {i.image.tobytes() for e in range(8) for i in vision_pictures(40, 0, e)}
+
+
 # --- the adapter's files and inputs ---------------------------------------------------
+
+def test_config_mistakes_are_named():
+    with pytest.raises(ValueError, match="image_tokens must be at least 1"):
+        VisionAdapter(AdapterConfig(lm_hidden_size=8, image_tokens=0))
+    with pytest.raises(ValueError, match="must split into patches of 8"):
+        VisionAdapter(AdapterConfig(lm_hidden_size=8, image_size=60))
+    with pytest.raises(ValueError, match="multiple of the stem's stride 4"):
+        VisionAdapter(AdapterConfig(lm_hidden_size=8, patch_size=6, image_size=60))
+
 
 def test_save_load_round_trip_is_float16_on_disk(tmp_path):
     adapter = _small_adapter()
@@ -204,4 +227,6 @@ def test_shipped_adapter_sees_colour_and_shape(embedded):
     items = shapes.generate(20, seed=4242, qtypes=("colour", "shape"))
     answers = answer_questions(adapter, embedded, [i.image for i in items], [i.question for i in items])
     right = sum(is_correct(a, i.answer) for a, i in zip(answers, items))
-    assert right >= 16, list(zip([i.answer for i in items], answers))
+    # 20/20 on this machine; the held-out target is 90% per type (README), kept here with
+    # room for a different CPU's rounding.
+    assert right >= 18, list(zip([i.answer for i in items], answers))

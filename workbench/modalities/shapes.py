@@ -232,11 +232,12 @@ def generate(n: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES) -> lis
     return [make_item(rng, qtypes[i % len(qtypes)]) for i in range(n)]
 
 
-def describe() -> str:
-    """What the set contains, in one sentence, for config files and READMEs."""
+def describe(qtypes: tuple[str, ...] = QUESTION_TYPES) -> str:
+    """What the part of the set holding ``qtypes`` shows, in one sentence, for config files and READMEs."""
+    words = f"words {', '.join(WORDS)}; " if "text" in qtypes else ""
     return (
         f"generated shapes set ({CANVAS}x{CANVAS} pictures drawn with Pillow): "
         f"shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; counts 1-4; "
-        f"positions left/right/top/bottom; words {', '.join(WORDS)}; "
-        f"question types {', '.join(QUESTION_TYPES)}"
+        f"positions left/right/top/bottom; {words}"
+        f"question types {', '.join(qtypes)}"
     )
