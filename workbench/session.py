@@ -132,14 +132,12 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
     trained = json.loads(config_file.read_text(encoding="utf-8"))
     trained_for, width = trained.get("lm", "?"), trained.get("lm_hidden_size")
     hidden = loaded.model.get_input_embeddings().weight.shape[1]
-    if width != hidden:
-        if explicit:
-            raise ConfigError(
-                f"media.vision_adapter: {path} was trained for {trained_for} (embedding width {width}); "
-                f"the loaded model's width is {hidden}"
-            )
-        return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
-    if not explicit and trained_for != loaded.source:
+    if explicit and width != hidden:
+        raise ConfigError(
+            f"media.vision_adapter: {path} was trained for {trained_for} (embedding width {width}); "
+            f"the loaded model's width is {hidden}"
+        )
+    if not explicit and (width != hidden or trained_for != loaded.source):
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
     from workbench.modalities.adapter import VisionAdapter
 

@@ -183,10 +183,10 @@ class MediaReader:
             prompt = self.media.native.render(messages, flat, template_kwargs.get("enable_thinking"))
             text, ids, inputs, solo = prompt.text, prompt.ids, prompt.inputs, True
         else:
-            from workbench.modalities.adapter import IMAGE_SENTINEL, build_inputs
+            from workbench.modalities.adapter import build_inputs, with_images
 
             messages = [
-                {**entry, "content": f"{IMAGE_SENTINEL}\n" * len(seen) + entry["content"]}
+                {**entry, "content": with_images(entry["content"], len(seen))}
                 for entry, seen in zip(plain, images, strict=True)
             ]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)

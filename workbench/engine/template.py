@@ -57,8 +57,7 @@ def _plain_messages(messages: list[Message], media: MediaReader | None) -> tuple
     Audio parts become their transcript, in place, so speech joins the dialogue as text."""
     out, images = [], []
     for message in messages:
-        if message.media_kinds() and media is None:
-            kinds = message.media_kinds()
+        if media is None and (kinds := message.media_kinds()):
             what = " and ".join(sorted({"image_url": "image", "input_audio": "audio"}[k] for k in kinds))
             raise UnsupportedInputError(f"the loaded model has no {what} input: send text content only")
         seen: list = []

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from workbench.modalities.images import to_rgb
+
 # Marks where an image goes in an already-templated prompt. Private-use code points never
 # appear in real text and survive chat templates (Jinja copies content verbatim).
 IMAGE_SENTINEL = "\ue000<|workbench:image|>\ue000"
@@ -159,7 +161,7 @@ class VisionAdapter(nn.Module):
                 raise TypeError(f"image {i} is a {type(image).__name__}, not a PIL image")
             if image.width < 1 or image.height < 1:
                 raise ValueError(f"image {i} is empty ({image.width}x{image.height})")
-            rgb = _to_rgb(image).resize((size, size), Image.BILINEAR)
+            rgb = to_rgb(image).resize((size, size), Image.BILINEAR)
             pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
             tensors.append(pixels.view(size, size, 3).permute(2, 0, 1))
         if not tensors:
@@ -241,18 +243,6 @@ class AttentionPool(nn.Module):
         return self.attention(queries, keys, keys, need_weights=False)[0] + patches.mean(1, keepdim=True)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def placeholder_id(tokenizer) -> int:
     """The token id whose positions carry image embeddings.
 
@@ -269,13 +259,17 @@ def placeholder_id(tokenizer) -> int:
 def chat_prompt(tokenizer, text: str, n_images: int = 1) -> str:
     """The templated prompt for one user turn with images: the engine's format.
 
-    Every image becomes ``IMAGE_SENTINEL + "\\n"``, all of a message's images come before
-    its text, and the model's own chat template does the rest.
+    The images are marked by ``with_images`` (the engine marks every message the same way)
+    and the model's own chat template does the rest.
     """
-    content = (IMAGE_SENTINEL + "\n") * n_images + text
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": with_images(text, n_images)}], tokenize=False, add_generation_prompt=True
     )
+
+
+def with_images(text: str, n_images: int) -> str:
+    """A message's content with its images marked: each image one sentinel line, before the text."""
+    return (IMAGE_SENTINEL + "\n") * n_images + text
 
 
 def build_inputs(tokenizer, embed_tokens: nn.Module, text: str,

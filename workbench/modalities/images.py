@@ -225,10 +225,11 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageInputError(f"image refused as a decompression bomb: {exc}") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageInputError(f"the {image.format} image is corrupt or truncated: {exc}") from exc
-    return _to_rgb(image)
+    return to_rgb(image)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB as a person sees it: transparency over white, 16-bit grey scaled."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
