@@ -27,8 +27,12 @@ def test_streams_in_several_deltas(embedded):
 
 
 def test_stop_string_cuts_the_real_answer(embedded):
+    """The stopped reply is the unstopped greedy reply cut before the stop string: two paths
+    agreeing on this machine, not one exact sentence that another CPU's kernels may word differently."""
+    full = embedded.chat(FRANCE, temperature=0, max_tokens=48).text
+    assert "Paris" in full
     result = embedded.chat(FRANCE, temperature=0, max_tokens=48, stop=["Paris"])
-    assert result.text.rstrip() == "The capital of France is"
+    assert result.text == full[: full.index("Paris")]
     assert result.stats.finish_reason == "stop"
 
 

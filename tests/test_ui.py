@@ -144,12 +144,21 @@ def test_an_image_for_a_model_that_cannot_see_says_why(thinking_client, tmp_path
 
 @pytest.mark.embedded
 def test_a_recorded_question_is_transcribed_answered_and_shown(page, tmp_path):
+    import jiwer
+
+    from workbench.bench import speech as speech_bench
     from workbench.bench.speech import synthesise
 
     clip = synthesise("What is the capital of France?", tmp_path / "microphone.wav")
     history, _, stats = say(page[0], "", files=[clip], max_tokens=24)
-    assert "Paris" in text_of(history[-1])
-    assert re.search(r"heard \(tiny\.en, en, [\d.]+ s of audio in [\d.]+ s\): .What is the capital of France\?.", stats), stats
+    heard = re.search(r"heard \(tiny\.en, en, [\d.]+ s of audio in [\d.]+ s\): “(.*)”", stats)
+    assert heard, stats
+    # Whisper's exact words depend on the CPU's int8 kernels: a WER bound on what was heard,
+    # and the answer must be the greedy answer to that transcript typed in (two paths, one machine).
+    refs, hyps = speech_bench.normalise("What is the capital of France?"), speech_bench.normalise(heard[1])
+    assert jiwer.wer(refs, hyps) <= 0.5, heard[1]
+    typed, _, _ = say(page[0], heard[1], max_tokens=24)
+    assert text_of(history[-1]) == text_of(typed[-1])
 
 
 @pytest.mark.embedded
