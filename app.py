@@ -1,4 +1,8 @@
-"""Hugging Face Space-style entry point: the same app as `python -m workbench.ui`."""
+"""Hugging Face Space entry point: the same app as `python -m workbench.ui`.
+
+A Space sets GRADIO_SERVER_NAME=0.0.0.0 (and may set GRADIO_SERVER_PORT); both are honoured,
+so this file runs unchanged there (docs/space.md has the Dockerfile and README front matter).
+"""
 
 from workbench.ui.__main__ import main
 
