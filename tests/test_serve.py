@@ -212,7 +212,7 @@ BAD_REQUESTS = [
     ("empty messages", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
     ("wrong type", {"model": MODEL, "messages": user(), "temperature": "hot"}, 400, "invalid_value", "temperature"),
     ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
-    ("n above one", {"model": MODEL, "messages": user(), "n": 2}, 400, "invalid_value", "n"),
+    ("n above one", {"model": MODEL, "messages": user(), "n": 2}, 400, "unsupported_parameter", "n"),
     ("empty stop string", {"model": MODEL, "messages": user(), "stop": [""]}, 400, "invalid_value", "stop"),
     ("unknown model", {"model": "gpt-9", "messages": user()}, 404, "model_not_found", "model"),
     ("over the context limit", {"model": MODEL, "messages": user("phone " * 9000)}, 400, "context_length_exceeded", "messages"),

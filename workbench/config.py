@@ -64,6 +64,15 @@ class GenerationConfig(_Strict):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=0)
     """0 disables top-k filtering."""
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    """Drop tokens less likely than min_p times the most likely one; 0 is off."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's: subtract this times a token's count in the reply so far; 0 is off."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's: subtract this from every token already in the reply; 0 is off."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    """vLLM's: divide positive (multiply negative) logits of prompt and reply tokens; 1 is off.
+    The embedded model loops on some prompts at the default temperature; 1.1 stops that."""
     seed: int | None = None
     enable_thinking: bool = False
     return_reasoning: bool = True

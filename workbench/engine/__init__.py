@@ -7,7 +7,7 @@ from workbench.engine.errors import (
     RequestError,
     UnsupportedInputError,
 )
-from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta
+from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta, TokenLogprob
 from workbench.engine.request import ChatRequest, Message
 from workbench.engine.thinking import ThinkingParser, split_thinking
 
@@ -24,6 +24,7 @@ __all__ = [
     "Stats",
     "TextDelta",
     "ThinkingParser",
+    "TokenLogprob",
     "UnsupportedInputError",
     "split_thinking",
 ]

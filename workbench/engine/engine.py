@@ -37,6 +37,7 @@ from workbench.engine.errors import ContextLengthError
 from workbench.engine.events import Event
 from workbench.engine.media import Media
 from workbench.engine.request import ChatRequest
+from workbench.engine.sampling import penalize
 from workbench.engine.sequence import Plan, Sequence
 from workbench.engine.template import render_prompt
 
@@ -120,6 +121,11 @@ class Engine:
             return_reasoning=d.return_reasoning if request.return_reasoning is None else request.return_reasoning,
             ignore_eos=request.ignore_eos,
             started=started,
+            min_p=d.min_p if request.min_p is None else request.min_p,
+            frequency_penalty=d.frequency_penalty if request.frequency_penalty is None else request.frequency_penalty,
+            presence_penalty=d.presence_penalty if request.presence_penalty is None else request.presence_penalty,
+            repetition_penalty=d.repetition_penalty if request.repetition_penalty is None else request.repetition_penalty,
+            logprobs=request.logprobs,
         )
 
     def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, forward=None, inputs=None) -> torch.Tensor:
@@ -208,10 +214,12 @@ class Engine:
                 if new:
                     join(new)
             keep, tokens = [], []
+            # penalties run over the whole batch at once, each row with its own values
+            logits = penalize(batch.logits, [sequences[index].sampler for index in batch.rows])
             for row, index in enumerate(batch.rows):
                 if is_cancelled is not None and is_cancelled(index):
                     continue
-                token, events = sequences[index].accept(batch.logits[row : row + 1])
+                token, events = sequences[index].accept(logits[row : row + 1], batch.logits[row : row + 1])
                 for event in events:
                     yield index, event
                 if not sequences[index].finished:

@@ -17,6 +17,18 @@ class ReasoningDelta:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives, as the model
+    gave them (before penalties, temperature and filters, vLLM's default), for requests that
+    ask for logprobs. Comes before the text deltas of that token."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the most likely tokens, best first."""
+
+
+@dataclass(frozen=True)
 class Stats:
     """Token counts and timings of one reply. Times are seconds from the request's start."""
 
@@ -45,7 +57,7 @@ class Done:
     stats: Stats
 
 
-Event = TextDelta | ReasoningDelta | Done
+Event = TextDelta | ReasoningDelta | TokenLogprob | Done
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class ChatResult:
     text: str
     reasoning: str
     stats: Stats
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per generated token when the request asked for logprobs, else empty."""
 
     def __str__(self) -> str:
         return self.text
@@ -67,16 +81,21 @@ class ReplyBuilder:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._stats: Stats | None = None
+        self._logprobs: list[TokenLogprob] = []
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
             self._text.append(event.text)
         elif isinstance(event, ReasoningDelta):
             self._reasoning.append(event.text)
+        elif isinstance(event, TokenLogprob):
+            self._logprobs.append(event)
         elif isinstance(event, Done):
             self._stats = event.stats
 
     def result(self) -> ChatResult:
         if self._stats is None:
             raise RuntimeError("the reply ended without its Done event")
-        return ChatResult(text="".join(self._text), reasoning="".join(self._reasoning), stats=self._stats)
+        return ChatResult(
+            text="".join(self._text), reasoning="".join(self._reasoning), stats=self._stats, logprobs=tuple(self._logprobs)
+        )

@@ -75,6 +75,17 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """Drop tokens less likely than min_p times the most likely one (0 is off)."""
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """OpenAI's: minus this times a token's count in the reply so far, from its logit."""
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """OpenAI's: minus this from the logit of every token already in the reply."""
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    """vLLM's / transformers': logits of tokens in the prompt or reply divided (if positive) or
+    multiplied (if negative) by this; 1 is off."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """None: no logprobs; n: each generated token's logprob and its n most likely alternatives."""
     seed: int | None = None
     stop: list[str] = []
     enable_thinking: bool | None = None

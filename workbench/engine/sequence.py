@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from workbench.engine.detokenize import IncrementalDetokenizer
-from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta
+from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta, TokenLogprob
 from workbench.engine.sampling import Sampler
 from workbench.engine.stops import StopMatcher
 from workbench.engine.template import Prompt
@@ -38,13 +38,23 @@ class Plan:
     return_reasoning: bool
     ignore_eos: bool
     started: float
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    """None: no logprobs; n: each token's logprob and its n most likely alternatives."""
 
 
 class Sequence:
     def __init__(self, plan: Plan, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], device: torch.device):
         self.plan = plan
         self.eos_ids = eos_ids
-        self.sampler = Sampler(temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, device=device)
+        self.sampler = Sampler(
+            temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, device=device,
+            min_p=plan.min_p, frequency_penalty=plan.frequency_penalty, presence_penalty=plan.presence_penalty,
+            repetition_penalty=plan.repetition_penalty, prompt_ids=plan.prompt.ids,
+        )
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(plan.stop)
         self.parser = ThinkingParser(start_in_reasoning=plan.prompt.starts_in_reasoning)
@@ -58,8 +68,9 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, logits: torch.Tensor) -> tuple[int, list[Event]]:
-        """Sample from this sequence's (1, vocab) logits; return the token and its events."""
+    def accept(self, logits: torch.Tensor, raw: torch.Tensor | None = None) -> tuple[int, list[Event]]:
+        """Sample from this sequence's (1, vocab) logits (penalties applied); return the token
+        and its events. `raw` are the model's own logits, for logprobs (default: `logits`)."""
         token = self.sampler(logits)
         self.generated += 1
         self.last_token_at = time.perf_counter()
@@ -69,7 +80,8 @@ class Sequence:
             self.finish_reason = "stop"
             return token, list(self._finish())
         was_reasoning = self.parser.channel == "reasoning"
-        events = list(self._events(self.parser.feed(self.stops.feed(self.detokenizer.add(token)))))
+        events: list[Event] = [] if self.plan.logprobs is None else [self._logprob(token, logits if raw is None else raw)]
+        events += list(self._events(self.parser.feed(self.stops.feed(self.detokenizer.add(token)))))
         if was_reasoning or self.parser.channel == "reasoning":
             self.reasoning_tokens += 1
         if self.stops.stopped:
@@ -79,6 +91,14 @@ class Sequence:
         if self.finished:
             events.extend(self._finish())
         return token, events
+
+    def _logprob(self, token: int, logits: torch.Tensor) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if self.plan.logprobs:
+            values, ids = logprobs.topk(self.plan.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token, float(logprobs[token]), top)
 
     def _finish(self) -> Iterator[Event]:
         tail = self.stops.feed(self.detokenizer.flush()) + self.stops.flush()

@@ -34,6 +34,7 @@ from workbench.engine import (
     ReasoningDelta,
     RequestError,
     TextDelta,
+    TokenLogprob,
     UnsupportedInputError,
 )
 from workbench.engine.errors import MediaInputError
@@ -230,6 +231,8 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        if (refused := protocol.unsupported_field(data)) is not None:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
         try:
             req = protocol.ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
@@ -240,6 +243,9 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
                 param="model", code="model_not_found",
             )
         return req
+
+    def token_text(token_id: int) -> str:
+        return session.tokenizer.decode([token_id])
 
     def _plan(req: protocol.ChatCompletionRequest) -> Plan:
         try:
@@ -264,7 +270,7 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse(generation.events(plan), completion_id, req.model, include_usage, metrics),
+                _sse(generation.events(plan), completion_id, req.model, include_usage, metrics, token_text),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -280,7 +286,8 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
         finally:
             metrics.ended()
         metrics.finished(stream=False, stats=result.stats)
-        return JSONResponse(protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats))
+        logprobs = protocol.logprobs_field(list(result.logprobs), token_text) if plan.logprobs is not None else None
+        return JSONResponse(protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats, logprobs))
 
     @app.get("/v1/models")
     async def models():
@@ -315,25 +322,45 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
 
 
 async def _sse(
-    events: AsyncIterator[Event], completion_id: str, model: str, include_usage: bool, metrics: ServerMetrics
+    events: AsyncIterator[Event],
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    metrics: ServerMetrics,
+    token_text: Callable[[int], str],
 ) -> AsyncIterator[str]:
     created = int(time.time())
+    waiting: list[TokenLogprob] = []
+    """Logprobs of tokens whose text has not gone out yet (the detokenizer and stop matcher
+    hold text back); they ride on the next chunk, the rest on the finishing one."""
 
     def frame(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def logprobs() -> dict | None:
+        if not waiting:
+            return None
+        field = protocol.logprobs_field(waiting, token_text)
+        waiting.clear()
+        return field
 
     metrics.started()
     stats = None
     try:
         yield frame(protocol.chunk(completion_id, model, created, delta={"role": "assistant", "content": ""}))
         async for event in events:
-            if isinstance(event, TextDelta):
-                yield frame(protocol.chunk(completion_id, model, created, delta=protocol.text_delta(event.text)))
+            if isinstance(event, TokenLogprob):
+                waiting.append(event)
+            elif isinstance(event, TextDelta):
+                delta = protocol.text_delta(event.text)
+                yield frame(protocol.chunk(completion_id, model, created, delta=delta, logprobs=logprobs()))
             elif isinstance(event, ReasoningDelta):
-                yield frame(protocol.chunk(completion_id, model, created, delta=protocol.reasoning_delta(event.text)))
+                delta = protocol.reasoning_delta(event.text)
+                yield frame(protocol.chunk(completion_id, model, created, delta=delta, logprobs=logprobs()))
             elif isinstance(event, Done):
                 stats = event.stats
-        yield frame(protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason) | protocol.media_field(stats))
+        finish = protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason, logprobs=logprobs())
+        yield frame(finish | protocol.media_field(stats))
         if include_usage:
             yield frame(protocol.chunk(completion_id, model, created, usage_stats=stats))
         yield "data: [DONE]\n\n"

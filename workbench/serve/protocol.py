@@ -1,20 +1,23 @@
 """OpenAI chat-completions shapes, as pydantic models, and their translation to the engine.
 
 Requests are validated here so that every mistake a client can make becomes an
-OpenAI-shaped 400 naming the field. Fields OpenAI clients send that the workbench does
-not act on (`user`, `presence_penalty`, `logprobs`, ...) are accepted and ignored, as vLLM
-does, so stock clients keep working.
+OpenAI-shaped 400 naming the field. Fields that do not change the reply (`user`,
+`metadata`, `store`, ...) are accepted and ignored, as vLLM does, so stock clients keep
+working; fields that would change its meaning and are not implemented (tools, a JSON
+response format, `logit_bias`, n > 1, ...) are refused with code `unsupported_parameter`,
+since silently ignoring them hands back a reply the client did not ask for.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workbench.engine.events import Stats
+from workbench.engine.events import Stats, TokenLogprob
 from workbench.engine.request import ChatRequest, Message
 
 
@@ -35,6 +38,12 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -47,12 +56,11 @@ class ChatCompletionRequest(BaseModel):
     chat_template_kwargs: ChatTemplateKwargs | None = None
     ignore_eos: bool = False
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (one choice per request), got n={n}")
-        return n
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def to_engine(self) -> ChatRequest:
         thinking = self.enable_thinking
@@ -64,12 +72,64 @@ class ChatCompletionRequest(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_p=self.min_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             seed=self.seed,
             stop=self.stop,
             enable_thinking=thinking,
             return_reasoning=self.return_reasoning,
             ignore_eos=self.ignore_eos,
         )
+
+
+def _set(value) -> bool:
+    return value not in (None, False, [], {}, "")
+
+
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v not in (None, 1), "only n=1 is supported (one choice per request)"),
+    "best_of": (lambda v: v not in (None, 1), "only one candidate is generated (best_of 1)"),
+    "use_beam_search": (_set, "beam search is not implemented; the engine samples or decodes greedily"),
+    "tools": (_set, "tool calling is not implemented; the model would answer in plain text"),
+    "tool_choice": (lambda v: v not in (None, "none"), "tool calling is not implemented"),
+    "functions": (_set, "function calling is not implemented"),
+    "function_call": (lambda v: v not in (None, "none"), "function calling is not implemented"),
+    "logit_bias": (_set, "logit_bias is not implemented"),
+    "response_format": (
+        lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") == "text"),
+        "only response_format {\"type\": \"text\"} is supported; JSON output is not enforced",
+    ),
+    "modalities": (lambda v: _set(v) and v != ["text"], "only text output is supported"),
+    "audio": (_set, "audio output is not supported"),
+    "prediction": (_set, "predicted outputs are not supported"),
+    "guided_json": (_set, "guided decoding is not implemented"),
+    "guided_regex": (_set, "guided decoding is not implemented"),
+    "guided_choice": (_set, "guided decoding is not implemented"),
+    "guided_grammar": (_set, "guided decoding is not implemented"),
+    "structured_outputs": (_set, "structured outputs are not implemented"),
+}
+"""Fields that change what a reply means and are not implemented: a 400, not silence."""
+
+
+def unsupported_field(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, why) for the first field of a request body this server refuses, else None."""
+    for name, (used, why) in UNSUPPORTED.items():
+        if name in data and used(data[name]):
+            return name, f"{name} is not supported here: {why}"
+    return None
+
+
+def logprobs_field(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """A choice's `logprobs` in OpenAI's shape: one entry per generated token."""
+
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(i, lp) for i, lp in e.top]} for e in entries]}
 
 
 def new_id() -> str:
@@ -91,7 +151,9 @@ def _reasoning_fields(reasoning: str | None) -> dict[str, str]:
     return {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
 
 
-def completion(completion_id: str, model: str, text: str, reasoning: str, stats: Stats) -> dict[str, Any]:
+def completion(
+    completion_id: str, model: str, text: str, reasoning: str, stats: Stats, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -102,7 +164,7 @@ def completion(completion_id: str, model: str, text: str, reasoning: str, stats:
                 "index": 0,
                 "message": {"role": "assistant", "content": text, **_reasoning_fields(reasoning)},
                 "finish_reason": stats.finish_reason,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
         ],
         "usage": usage(stats),
@@ -124,6 +186,7 @@ def chunk(
     delta: dict[str, Any] | None = None,
     finish_reason: Literal["stop", "length"] | None = None,
     usage_stats: Stats | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if usage_stats is not None:
@@ -131,7 +194,7 @@ def chunk(
         body["usage"] = usage(usage_stats)
         body.update(media_field(usage_stats))
     else:
-        body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
+        body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": logprobs}]
     return body
 
 
