@@ -32,6 +32,18 @@ def test_penalties_follow_openai_and_vllm_per_row():
     assert logits.tolist() == [LOGITS, LOGITS]  # a copy, not in place
 
 
+def test_repetition_penalty_matches_transformers_own_processor():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    ids = torch.tensor([[3, 7, 7, 20], [1, 2, 3, 49]])  # prompt and reply tokens of each row
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, ids, True)
+    zero = torch.zeros(2)
+    ours = apply_penalties(logits, torch.zeros(2, 50), seen, zero, zero, torch.tensor([1.3, 1.3]))
+    assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
 def test_penalize_counts_each_rows_own_tokens_and_leaves_plain_rows_alone():
     plain, penalised = sampler(), sampler(frequency_penalty=1.0, repetition_penalty=2.0, prompt_ids=[3])
     logits = torch.tensor([LOGITS, LOGITS])
