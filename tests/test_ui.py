@@ -137,6 +137,24 @@ def _silence(path: Path, seconds: float) -> Path:
     return path
 
 
+def test_the_penalty_sliders_reach_the_engine(thinking_client):
+    plain, _, _ = say(thinking_client, "hi", max_tokens=24)
+    again, _, _ = say(thinking_client, "hi", max_tokens=24, presence_penalty=0.0, repetition_penalty=1.0)
+    penalised, _, _ = say(thinking_client, "hi", max_tokens=24, presence_penalty=2.0)
+    assert text_of(again[-1]) == text_of(plain[-1])  # the defaults are off
+    assert text_of(penalised[-1]) != text_of(plain[-1])  # the tiny model's greedy loop is broken
+
+
+def test_settings_turn_into_a_valid_request_with_every_sampling_field():
+    from workbench.engine import ChatRequest
+    from workbench.ui.chat import Settings
+
+    request = Settings(False, 0.7, 0.9, 64, -1, 0.05, 1.1, 0.5, 0.25).request([{"role": "user", "content": "hi"}])
+    parsed = ChatRequest.model_validate(request)
+    assert (parsed.min_p, parsed.repetition_penalty, parsed.frequency_penalty, parsed.presence_penalty) == (0.05, 1.1, 0.5, 0.25)
+    assert parsed.seed is None and parsed.max_tokens == 64
+
+
 def test_an_image_for_a_model_that_cannot_see_says_why(thinking_client, tmp_path):
     with pytest.raises(AppError, match="the loaded model has no image input: the shipped vision adapter was trained for"):
         say(thinking_client, "describe", files=[_png(tmp_path / "ok.png")])

@@ -26,9 +26,17 @@ class Settings:
     max_tokens: int
     seed: float | None
     """negative or None: a fresh random seed each reply"""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def request(self, messages: list[dict]) -> dict:
         return {
+            "min_p": float(self.min_p),
+            "repetition_penalty": float(self.repetition_penalty),
+            "frequency_penalty": float(self.frequency_penalty),
+            "presence_penalty": float(self.presence_penalty),
             "messages": messages,
             "enable_thinking": bool(self.thinking),
             "temperature": float(self.temperature),
