@@ -300,3 +300,26 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
     plans = [compiled.engine.plan(ChatRequest.from_prompt(p, max_tokens=4, temperature=0)) for p in ("a", "b c")]
     list(compiled.engine.generate(plans))
     assert len(steps) == 18  # two requests together decode eagerly on a dynamic cache
+
+
+def test_a_running_request_answers_the_same_when_another_joins_it(tiny):
+    """A request that decodes alone for a few steps, then gets company, keeps its reply: the
+    batch's mask must cover the tokens it decoded alone, or joining misaligns its cache."""
+    engine = tiny.engine
+    fields = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+    first = engine.plan(ChatRequest.from_prompt("hi", **fields))
+    alone = run_batch(engine, ["hi"], **fields)[0][0]
+    for late_prompt in ("a much longer prompt than hi, long enough to pad the first row", "x"):
+        late = engine.plan(ChatRequest.from_prompt(late_prompt, **fields))
+        asked = []
+
+        def admit(room, late=late):
+            asked.append(room)
+            return [late] if len(asked) == 4 else []  # joins after three steps alone
+
+        texts = ["", ""]
+        for index, event in engine.generate([first], admit=admit):
+            if isinstance(event, TextDelta):
+                texts[index] += event.text
+        assert texts[0] == alone, f"the first reply changed when {late_prompt!r} joined"
+        assert texts[1] == run_batch(engine, [late_prompt], **fields)[0][0]

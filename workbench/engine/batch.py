@@ -88,9 +88,11 @@ class Batch:
     def step(self, tokens: list[int]) -> None:
         """Feed each remaining row its sampled token; the next logits are ready after."""
         step = torch.tensor(tokens, device=self._device).view(-1, 1)
+        # The mask grows every step, padded or not: it must span the whole cache, or a request
+        # that joins later is padded against a stale width and the earlier rows' keys misalign.
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=-1)
         if self.padded:
-            positions = self.mask.sum(-1, keepdim=True)
-            self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=-1)
             self.logits = self._forward(step, self.cache, self.mask, positions)
         else:
             self.logits = self._forward(step, self.cache)
