@@ -169,3 +169,57 @@ def test_int8_weight_only_uses_the_packed_kernel_with_torchaos_int8_values():
     assert layer(x).dtype == torch.float32
     torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=2e-2)
     assert torch.nn.functional.cosine_similarity(layer(x).flatten(), original(x).flatten(), dim=0) > 0.999
+
+
+def _tied(arch="llama"):
+    """A tiny model whose lm_head shares the embedding table, as the embedded SmolLM2's does."""
+    session = workbench.load(f"tiny:{arch}", quiet=True)
+    session.model.lm_head.weight = session.model.get_input_embeddings().weight
+    session.model.config.tie_word_embeddings = True
+    return session
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "bf16", "fp16"])
+def test_quantizing_a_tied_lm_head_leaves_the_embedding_table_untouched(scheme):
+    session = _tied()
+    embedding = session.model.get_input_embeddings().weight
+    table = embedding.detach().clone()
+    before = logits(session)
+    quantize(session, scheme="keep", rules=[{"pattern": "lm_head", "scheme": scheme}])
+    after_embedding = session.model.get_input_embeddings().weight
+    assert after_embedding.dtype == torch.float32 and torch.equal(after_embedding, table)
+    assert session.model.lm_head.weight.data_ptr() != after_embedding.data_ptr()
+    assert session.model.config.tie_word_embeddings is False
+    after = logits(session)
+    assert after.dtype == torch.float32 and not torch.equal(after, before)
+    assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
+
+
+def test_an_untied_lm_head_is_not_copied():
+    session = workbench.load("tiny:llama", quiet=True)
+    from workbench.compress.quantization import untie_from_embedding
+
+    head = session.model.lm_head.weight
+    assert not untie_from_embedding(session.model, "lm_head")
+    assert session.model.lm_head.weight is head
+
+
+def test_int8_lm_head_on_the_embedded_model_keeps_perplexity_within_one_percent(embedded_cache, monkeypatch):
+    """The int8 config quantizes the tied lm_head too; its perplexity must stay within 1% of
+    fp32 on held-out windows (16 windows measured 14.772 -> 14.888; here 4, to stay short)."""
+    from workbench.compress.data import evaluation_texts
+    from workbench.compress.quality import perplexity
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
+    session = workbench.load("configs/default.yaml", device="cpu", quiet=True)
+    texts = evaluation_texts()
+    fp32 = perplexity(session.model, session.tokenizer, texts, max_windows=4)
+    table = session.model.get_input_embeddings().weight.detach().clone()
+    from workbench.config import load_config
+
+    (step,) = load_config("configs/int8.yaml").compression
+    report = quantize(session, **step.model_extra)
+    assert report.modules["lm_head"] == "int8_weight_only"
+    assert torch.equal(session.model.get_input_embeddings().weight, table)
+    int8 = perplexity(session.model, session.tokenizer, texts, max_windows=4)
+    assert int8 != fp32 and int8 < fp32 * 1.01

@@ -3,8 +3,11 @@
 Each linear layer gets one scheme, chosen by the first glob rule its name matches (e.g.
 `model.layers.*.mlp.*` -> int8_weight_only, `*.self_attn.*` -> fp16), else the step's
 default scheme; `keep` leaves a layer as it is. `lm_head` is kept unless a rule names it:
-the output projection is where quantization error costs perplexity most, and with tied
-embeddings it is the embedding table too. Embeddings and norms are never touched.
+the output projection is where quantization error costs perplexity most. Embeddings and
+norms are never touched. A rule that names an `lm_head` tied to the embedding table (the
+embedded SmolLM2's 49,152 x 576 matrix) first gives it an untied copy, so the embedding
+lookup keeps its float32 rows while the output projection — the largest read of every
+decode step — shrinks.
 
 Schemes:
 - `fp16`, `bf16`: the layer's weights are stored in that dtype; its input is cast on the
@@ -134,6 +137,23 @@ def preflight(options: dict, device: torch.device, dtype: torch.dtype) -> None:
         check_supported(scheme, opts.group_size, device, dtype)
 
 
+def untie_from_embedding(model: nn.Module, name: str) -> bool:
+    """Give layer `name` its own copy of a weight it shares with the input embedding.
+
+    Every scheme replaces or recasts the layer's weight; on a tied weight `fp16`/`bf16`
+    would recast the embedding table with it (one Parameter, two modules). Returns whether
+    the layer was tied. The config says the model is untied from now on, so nothing ties
+    the two back together (transformers' `tie_weights`)."""
+    module = model.get_submodule(name)
+    embedding = model.get_input_embeddings().weight
+    if module.weight is not embedding and module.weight.data_ptr() != embedding.data_ptr():
+        return False
+    module.weight = nn.Parameter(embedding.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
 def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
     """Store the layer in `dtype`; its caller keeps seeing its own dtype in and out."""
     module.to(dtype)
@@ -163,6 +183,8 @@ def quantize(session, **options) -> QuantizeReport:
             raise ValueError(f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64")
     before = linear_bytes(model)
     changed = [n for n, scheme in plan.items() if scheme != "keep"]
+    for name in changed:
+        untie_from_embedding(model, name)
     changed_before = sum(layer_bytes(model.get_submodule(n)) for n in changed)
     from torchao.quantization import quantize_
 
