@@ -93,3 +93,50 @@ def test_a_target_that_cannot_load_is_skipped_with_the_reason(tmp_path):
     data = json.loads((tmp_path / "decode.json").read_text())
     assert [r["target"] for r in data["summary"]] == ["engine:tiny:llama"]
     assert "nonesuch" in data["skipped"]["engine:tiny:nonesuch"]
+
+
+CPUINFO = """processor\t: 0
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 sha_ni
+processor\t: 1
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 sha_ni
+"""
+
+
+def test_cpu_identity_keeps_the_model_and_the_kernel_relevant_flags():
+    from workbench.bench.cpu import cpu_identity
+
+    identity = cpu_identity(CPUINFO)
+    assert identity["model"] == "AMD EPYC 9B14"
+    assert identity["flags"] == ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]
+    assert cpu_identity("model name\t: Old Xeon\nflags\t: sse2 avx avx2 fma\n")["flags"] == ["avx2", "fma"]
+
+
+def test_decode_results_record_their_cpu_and_merge_only_with_the_same_cpu(tmp_path, capsys):
+    import pytest
+
+    from workbench.bench.cpu import cpu_identity
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        main(["decode", "--targets", "engine:tiny:llama", "--tokens", "3", "--repeats", "1", "--out", str(out)])
+    data = json.loads((first / "decode.json").read_text())
+    assert data["meta"]["cpu"] == cpu_identity()
+    main(["decode", "--merge", f"{first},{second}", "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m" / "decode.json").read_text())
+    assert [r["target"] for r in merged["summary"]] == ["a · engine:tiny:llama", "b · engine:tiny:llama"]
+    assert "runs on one CPU" in capsys.readouterr().out
+
+    other = json.loads((second / "decode.json").read_text())
+    other["meta"]["cpu"] = {**other["meta"]["cpu"], "flags": ["avx2"]}
+    (second / "decode.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="figures from two machines are not merged"):
+        main(["decode", "--merge", f"{first},{second}", "--out", str(tmp_path / "m2")])
+    del other["meta"]["cpu"]
+    (second / "decode.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="does not record its CPU"):
+        main(["decode", "--merge", f"{first},{second}", "--out", str(tmp_path / "m3")])
+    with pytest.raises(SystemExit, match="holds no decode.json"):
+        main(["decode", "--merge", f"{first},{tmp_path / 'nowhere'}", "--out", str(tmp_path / "m4")])
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()

@@ -282,9 +282,12 @@ def test_joined_rows_compute_what_they_would_alone(tiny):
     assert "".join(joined_text) == alone[1]
 
 
-def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path):
+def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path, caplog):
     # One compilation (tens of seconds on a small CPU): greedy replies must not change, the
     # decode steps must go through the compiled graph, and a batch keeps the eager path.
+    # A served lone request (continuous batching: `admit`) takes the compiled path too, and
+    # hands over to the eager batch when another request joins it, both replies unchanged.
+    caplog.set_level("WARNING", logger="workbench.engine.engine")
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  source: tiny:llama\n  compile: true\n")
     compiled = workbench.load(str(config), quiet=True)
@@ -300,3 +303,68 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
     plans = [compiled.engine.plan(ChatRequest.from_prompt(p, max_tokens=4, temperature=0)) for p in ("a", "b c")]
     list(compiled.engine.generate(plans))
     assert len(steps) == 18  # two requests together decode eagerly on a dynamic cache
+    compiling = [r.getMessage() for r in caplog.records if "compiling the decode step" in r.getMessage()]
+    assert len(compiling) == 1 and "256-token static cache" in compiling[0]  # once per cache length, said before it starts
+
+    fields = {"temperature": 0, "max_tokens": 10, "ignore_eos": True}
+    expected = [eager.chat(p, **fields).text for p in ("hello there", "a late request")]
+    first, late = (compiled.engine.plan(ChatRequest.from_prompt(p, **fields)) for p in ("hello there", "a late request"))
+    asked = []
+
+    def admit(room):
+        asked.append(room)
+        return [late] if len(asked) == 4 else []  # joins after three compiled steps
+
+    texts = ["", ""]
+    for index, event in compiled.engine.generate([first], admit=admit):
+        if isinstance(event, TextDelta):
+            texts[index] += event.text
+    assert texts == expected
+    assert steps == ["StaticCache"] * (18 + 3)  # then the pair decodes eagerly
+
+
+def test_a_running_request_answers_the_same_when_another_joins_it(tiny):
+    """A request that decodes alone for a few steps, then gets company, keeps its reply: the
+    batch's mask must cover the tokens it decoded alone, or joining misaligns its cache."""
+    engine = tiny.engine
+    fields = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+    first = engine.plan(ChatRequest.from_prompt("hi", **fields))
+    alone = run_batch(engine, ["hi"], **fields)[0][0]
+    for late_prompt in ("a much longer prompt than hi, long enough to pad the first row", "x"):
+        late = engine.plan(ChatRequest.from_prompt(late_prompt, **fields))
+        asked = []
+
+        def admit(room, late=late):
+            asked.append(room)
+            return [late] if len(asked) == 4 else []  # joins after three steps alone
+
+        texts = ["", ""]
+        for index, event in engine.generate([first], admit=admit):
+            if isinstance(event, TextDelta):
+                texts[index] += event.text
+        assert texts[0] == alone, f"the first reply changed when {late_prompt!r} joined"
+        assert texts[1] == run_batch(engine, [late_prompt], **fields)[0][0]
+
+
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        "scheme: int8_weight_only\n    rules: [{pattern: lm_head, scheme: int8_weight_only}]",
+        "scheme: int4_weight_only\n    group_size: 32",
+    ],
+    ids=["int8+lm_head", "int4"],
+)
+def test_compiled_decode_of_a_quantized_model_answers_as_its_eager_path(tmp_path, quantize):
+    """The fast paths change numerics against fp32, not against themselves: the same
+    quantized config, eager and compiled (one compilation each), gives the same greedy reply,
+    and a reply batched with another gives it too."""
+    texts = {}
+    for compile_ in ("false", "true"):
+        config = tmp_path / f"{compile_}.yaml"
+        config.write_text(f"model:\n  source: tiny:llama\n  compile: {compile_}\ncompression:\n  - step: quantize\n    {quantize}\n")
+        session = workbench.load(str(config), quiet=True)
+        assert session.engine.compiled == (compile_ == "true")
+        texts[compile_] = session.chat("hello there", max_tokens=10, temperature=0, ignore_eos=True).text
+    assert texts["true"] == texts["false"]
+    batched, _ = run_batch(session.engine, ["hello there", "a longer prompt than the first"], max_tokens=10, ignore_eos=True)
+    assert batched[0] == texts["false"]

@@ -33,8 +33,10 @@ def _out(path: Path | None, kind: str) -> Path:
 
 
 def _decode(args) -> None:
-    import platform
+    from workbench.bench.cpu import cpu_identity, describe
 
+    if args.merge:
+        return _merge(args)
     targets = args.targets.split(",") if args.targets else decode_bench.default_targets()
     batches = tuple(int(b) for b in args.batch.split(","))
     load_before = os.getloadavg()[0]
@@ -44,9 +46,12 @@ def _decode(args) -> None:
         raise SystemExit(str(exc)) from None
     load_after = os.getloadavg()[0]
     devices = sorted({i["device"] for i in info.values()})
+    cpu = cpu_identity()
+    gpu = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devices) else None
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-        + (f", {torch.cuda.get_device_name()}" if any(d.startswith("cuda") for d in devices) else ""),
+        "machine": f"{describe(cpu)}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads" + (f", {gpu}" if gpu else ""),
+        "cpu": cpu,
+        "gpu": gpu,
         "tokens": args.tokens,
         "repeats": args.repeats,
         "batches": list(batches),
@@ -57,6 +62,18 @@ def _decode(args) -> None:
     out = _out(args.out, "decode")
     decode_bench.write_results(out, runs, rows, info, skipped, meta)
     print(decode_bench.to_markdown(rows, meta, skipped))
+    print(f"Results in {out}/decode.json, decode.md, decode.html")
+
+
+def _merge(args) -> None:
+    """One table from several decode results of one CPU (refused across CPUs)."""
+    try:
+        rows, meta = decode_bench.merge_results([Path(f) for f in args.merge.split(",")])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    out = _out(args.out, "decode-merged")
+    decode_bench.write_results(out, [], rows, {}, {}, meta)
+    print(decode_bench.to_markdown(rows, meta, {}))
     print(f"Results in {out}/decode.json, decode.md, decode.html")
 
 
@@ -190,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     decode.add_argument("--tokens", type=int, default=64, help="new tokens per reply (end of turn ignored)")
     decode.add_argument("--repeats", type=int, default=3, help="rounds over the fixed prompt set")
     decode.add_argument("--out", type=Path, default=None, help="results folder (default runs/decode-TIMESTAMP)")
+    decode.add_argument(
+        "--merge", default=None, metavar="DIR,DIR",
+        help="instead of timing, put these result folders' rows in one table (refused if they ran on different CPUs)",
+    )
     decode.set_defaults(run=_decode)
 
     serve = sub.add_parser("serve", help="HTTP latency and throughput at several concurrency levels")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from workbench.bench.cpu import describe, same_cpu
 from workbench.bench.decode_targets import PROMPTS, Target, llamacpp_available, worker
 
 
@@ -135,12 +136,20 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
 
 def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
     load = meta.get("load_average", ["?", "?"])
-    lines = [
-        (
+    if "merged_from" in meta:
+        caption = (
+            f"Decode results of {len(meta['merged_from'])} runs on one CPU, {meta['machine']} "
+            f"({', '.join(meta['merged_from'])}): targets were interleaved within each run only, "
+            "so each row's ratios are to its own run's rows"
+        )
+    else:
+        caption = (
             f"Decode bench on {meta['machine']}: {meta['tokens']} new tokens, greedy, "
             f"{meta['repeats']} x {len(PROMPTS)} prompts, targets interleaved (torch {meta['torch']}; "
             f"1-minute load average {load[0]} before, {load[-1]} after)"
-        ),
+        )
+    lines = [
+        caption,
         "",
         (
             "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
@@ -191,3 +200,39 @@ def write_results(out_dir: Path, runs: list[Run], rows: list[dict], info: dict, 
     (out_dir / "decode.md").write_text(to_markdown(rows, meta, skipped))
     (out_dir / "decode.html").write_text(to_html(rows, meta))
     return out_dir
+
+
+def merge_results(folders: list[Path]) -> tuple[list[dict], dict]:
+    """The summary rows of several decode results, in one table: (rows, meta).
+
+    Refused, before anything is written, when a folder has no decode.json, when a result
+    does not record its CPU, or when two results ran on different CPUs (or GPUs). Each row
+    keeps the ratios of its own run: rows are labelled with their folder's name, and ratios
+    are never recomputed across runs that were not interleaved."""
+    results = []
+    for folder in folders:
+        path = Path(folder) / "decode.json"
+        if not path.is_file():
+            raise ValueError(f"{folder} holds no decode.json: give folders written by `bench decode --out`")
+        data = json.loads(path.read_text())
+        if "cpu" not in data["meta"]:
+            raise ValueError(f"{path} does not record its CPU (written before the bench did): rerun that bench to merge it")
+        results.append((Path(folder), data))
+    first_folder, first = results[0]
+    for folder, data in results[1:]:
+        if not same_cpu(first["meta"]["cpu"], data["meta"]["cpu"]) or first["meta"].get("gpu") != data["meta"].get("gpu"):
+            raise ValueError(
+                f"{first_folder} ran on {_where(first['meta'])} but {folder} on {_where(data['meta'])}: "
+                "figures from two machines are not merged into one table; compare runs from one CPU"
+            )
+    rows = [{**row, "target": f"{folder.name} · {row['target']}"} for folder, data in results for row in data["summary"]]
+    meta = {
+        **first["meta"],
+        "merged_from": [str(folder) for folder, _ in results],
+        "load_average": [v for _, data in results for v in data["meta"].get("load_average", [])],
+    }
+    return rows, meta
+
+
+def _where(meta: dict) -> str:
+    return describe(meta["cpu"]) + (f" with {meta['gpu']}" if meta.get("gpu") else "")

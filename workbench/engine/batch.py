@@ -88,9 +88,11 @@ class Batch:
     def step(self, tokens: list[int]) -> None:
         """Feed each remaining row its sampled token; the next logits are ready after."""
         step = torch.tensor(tokens, device=self._device).view(-1, 1)
+        # The mask grows every step, padded or not: it must span the whole cache, or a request
+        # that joins later is padded against a stale width and the earlier rows' keys misalign.
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=-1)
         if self.padded:
-            positions = self.mask.sum(-1, keepdim=True)
-            self.mask = torch.cat([self.mask, torch.ones_like(positions)], dim=-1)
             self.logits = self._forward(step, self.cache, self.mask, positions)
         else:
             self.logits = self._forward(step, self.cache)
@@ -99,3 +101,15 @@ class Batch:
 def _pad_seq(t: torch.Tensor, width: int) -> torch.Tensor:
     """Left-pad a (batch, heads, seq, dim) cache tensor along seq with zeros (masked out)."""
     return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+
+def to_dynamic(batch: Batch, forward: Callable, new_cache: Callable[[], Cache]) -> None:
+    """Hand a lone request's compiled decode over to the eager path so that others can join:
+    the filled part of its static cache (the mask's width: the mask grows every step) moves
+    into a fresh dynamic cache, and later steps run through `forward`."""
+    width = batch.mask.shape[1]
+    cache = new_cache()
+    for index, layer in enumerate(batch.cache.layers):
+        # copies: a CUDA graph's static buffers are overwritten by its next replay
+        cache.update(layer.keys[:, :, :width].clone(), layer.values[:, :, :width].clone(), index)
+    batch.cache, batch._forward, batch._new_cache = cache, forward, new_cache

@@ -9,16 +9,20 @@ token flows through its request's `Sequence` (detokenizer -> stop matcher -> thi
 parser -> events). The loop is a generator that only runs while its consumer pulls, so a
 consumer that stops iterating stops generation at the next token.
 
-With `compile_decode()`, a request that decodes alone (not joined by others, plain
-dynamic cache policy) writes its KV cache into a `StaticCache` of a fixed bucket length
-instead, so every decode step has the same shapes and runs as one `torch.compile`d graph
-(on CUDA replayed as a CUDA graph): the Python and dispatch work per token, which is most
-of the time a small model spends per token, goes away. The prefill stays eager: prompt
-lengths vary and it runs once per request.
+With `compile_decode()`, a request that decodes alone (plain dynamic cache policy) writes
+its KV cache into a `StaticCache` of a fixed bucket length instead, so every decode step
+has the same shapes and runs as one `torch.compile`d graph (on CUDA replayed as a CUDA
+graph): the Python and dispatch work per token, which is most of the time a small model
+spends per token, goes away. The prefill stays eager: prompt lengths vary and it runs once
+per request. The server's lone requests take this path too: when another request arrives
+mid-reply (continuous batching), the filled part of the static cache moves into a dynamic
+one and the batch goes on eagerly, so nobody waits for a compiled reply to end. The first
+request of each cache length logs that it compiles (minutes on a small CPU).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -32,7 +36,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
-from workbench.engine.batch import Batch, can_join
+from workbench.engine.batch import Batch, can_join, to_dynamic
 from workbench.engine.errors import ContextLengthError
 from workbench.engine.events import Event
 from workbench.engine.media import Media
@@ -40,6 +44,8 @@ from workbench.engine.request import ChatRequest
 from workbench.engine.sampling import penalize
 from workbench.engine.sequence import Plan, Sequence
 from workbench.engine.template import render_prompt
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -69,6 +75,8 @@ class Engine:
         self.cache_policy = "dynamic"
         """Set by the kv_cache step; only `dynamic` may be replaced by the compiled static path."""
         self._compiled_step: Callable | None = None
+        self._compiled_lengths: set[int] = set()
+        """static cache lengths whose decode graph is compiled already"""
 
     def compile_decode(self) -> None:
         """Decode single requests through a compiled graph over a static KV cache.
@@ -151,14 +159,25 @@ class Engine:
     def _compiled_forward(self, input_ids, cache, attention_mask=None, position_ids=None, inputs=None) -> torch.Tensor:
         if input_ids.shape[1] > 1 or attention_mask is not None or inputs:  # the prefill
             return self._forward(input_ids, cache, attention_mask, position_ids, inputs=inputs)
+        length = cache.layers[0].max_cache_len
+        if length not in self._compiled_lengths:
+            log.warning(
+                "compiling the decode step for a %d-token static cache: this request waits for it "
+                "(seconds on a GPU, minutes on a small CPU); later requests of this length reuse it", length,
+            )
+            started = time.perf_counter()
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         # a copy: the next replay of a CUDA graph reuses its output buffer
-        return self._forward(input_ids, cache, forward=self._compiled_step).clone()
+        logits = self._forward(input_ids, cache, forward=self._compiled_step).clone()
+        if length not in self._compiled_lengths:
+            self._compiled_lengths.add(length)
+            log.warning("compiled the decode step for %d-token caches in %.1f s", length, time.perf_counter() - started)
+        return logits
 
-    def _static_cache_for(self, plans: list[Plan], admit) -> Callable[[], Cache] | None:
+    def _static_cache_for(self, plans: list[Plan]) -> Callable[[], Cache] | None:
         """A static cache for a lone request when the compiled path may take it, else None."""
-        if not self.compiled or len(plans) != 1 or admit is not None or self.cache_policy != "dynamic":
+        if not self.compiled or len(plans) != 1 or self.cache_policy != "dynamic":
             return None
         plan = plans[0]
         if plan.prompt.solo:  # a VLM's multimodal positions: eager only
@@ -183,11 +202,9 @@ class Engine:
             raise ValueError(f"this engine's KV-cache policy generates at most {self.max_batch} request(s) at a time")
         device = self.device
         sequences: list[Sequence] = []
-        static = self._static_cache_for(plans, admit)
-        if static is not None:
-            batch = Batch(self._compiled_forward, static, self.pad_id, device)
-        else:
-            batch = Batch(self._forward, lambda: self.cache_factory(self.model.config), self.pad_id, device)
+        static = self._static_cache_for(plans)
+        dynamic = lambda: self.cache_factory(self.model.config)  # noqa: E731
+        batch = Batch(self._compiled_forward, static, self.pad_id, device) if static else Batch(self._forward, dynamic, self.pad_id, device)
 
         def join(new: list[Plan]) -> None:
             if self.media is not None and self.media.native is not None:
@@ -209,9 +226,11 @@ class Engine:
         limit = min(n for n in (self.max_batch, max_rows, 1 << 30) if n is not None)
         while batch.rows:
             room = limit - len(batch.rows)
-            if admit is not None and room > 0 and can_join(batch.cache):
+            if admit is not None and room > 0 and (can_join(batch.cache) or static is not None):
                 new = admit(room)[:room]
                 if new:
+                    if not can_join(batch.cache):  # a compiled lone decode hands over to the eager batch
+                        to_dynamic(batch, self._forward, dynamic)
                     join(new)
             keep, tokens = [], []
             # penalties run over the whole batch at once, each row with its own values
