@@ -115,3 +115,30 @@ def llamacpp_greedy(path: Path, model, prompt_ids: list[list[int]], tokens: int 
         pairs.append((ref, got))
     llm.close()
     return pairs
+
+
+def llamacpp_perplexity(path: Path, tokenizer, texts: list[str], *, window: int = 512, max_windows: int = 4) -> float:
+    """Perplexity of the GGUF in llama.cpp over the same windows as
+    workbench.compress.quality.perplexity (same tokenizer, same split), so the two compare."""
+    import math
+
+    import llama_cpp
+    import numpy as np
+
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    windows = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
+    windows = [w for w in windows if len(w) > 1][:max_windows]
+    llm = llama_cpp.Llama(str(path), n_ctx=window, n_batch=window, n_threads=2, logits_all=True, verbose=False)
+    total, count = 0.0, 0
+    try:
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            total -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+            count += len(w) - 1
+    finally:
+        llm.close()
+    return math.exp(total / count)
