@@ -101,16 +101,17 @@ def llamacpp_greedy(path: Path, model, prompt_ids: list[list[int]], tokens: int 
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    eos = {llm.token_eos()}
     pairs = []
     for ids in prompt_ids:
+        # Both stop at the end-of-sequence token (kept in the list), or after `tokens`.
         with torch.inference_mode():
             ref = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=tokens, do_sample=False,
-                                 min_new_tokens=tokens, pad_token_id=0)[0, len(ids):].tolist()
-        llm.reset()
+                                 eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])[0, len(ids):].tolist()
         got = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             got.append(int(token))
-            if len(got) == tokens:
+            if len(got) == tokens or token in eos:
                 break
         pairs.append((ref, got))
     llm.close()
@@ -142,3 +143,17 @@ def llamacpp_perplexity(path: Path, tokenizer, texts: list[str], *, window: int 
     finally:
         llm.close()
     return math.exp(total / count)
+
+
+def llamacpp_logits(path: Path, ids: list[int]):
+    """llama.cpp's logits at every position of `ids` (numpy, [len(ids), vocab])."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)), n_threads=2,
+                          logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
