@@ -63,4 +63,7 @@ echo "Building llama-cpp-python==$VERSION from source (15-30 minutes on 2 cores)
 pip_args=(--no-cache-dir)
 if [[ $FORCE == 1 ]]; then pip_args+=(--force-reinstall --no-deps); fi
 "$PYTHON" -m pip install "${pip_args[@]}" "llama-cpp-python==$VERSION"
+# its OpenAI server's imports (bench compare/quality serve .gguf targets with it); the same pins as
+# pyproject.toml's [llamacpp] extra
+"$PYTHON" -m pip install "sse-starlette==3.7.1" "starlette-context==0.5.1" "pydantic-settings==2.16.3"
 "$PYTHON" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed')"

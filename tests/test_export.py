@@ -265,3 +265,13 @@ def test_a_failure_while_writing_leaves_nothing_at_path(tmp_path, monkeypatch, t
     with pytest.raises(OSError, match="disk full"):
         session.export(tmp_path / "out", to=to)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benches_refuse_a_missing_gguf_target_before_anything_runs(tmp_path):
+    from workbench.bench.decode_targets import Target as DecodeTarget
+    from workbench.bench.targets import TargetError, parse_configs
+
+    with pytest.raises(TargetError, match="python -m workbench.export"):
+        parse_configs(f"cpp={tmp_path}/nope.gguf")
+    with pytest.raises(ValueError, match="python -m workbench.export"):
+        DecodeTarget.parse(f"llamacpp:{tmp_path}/nope.gguf")

@@ -151,3 +151,22 @@ def test_decode_bench_times_an_exported_gguf_beside_the_engine(tmp_path, embedde
     data = json.loads((tmp_path / "bench" / "decode.json").read_text())
     assert data["targets"][f"llamacpp:{path}"]["dtype"] == "Q8_0"
     assert not data["skipped"]
+
+
+def test_compare_serves_an_exported_gguf_through_llamacpps_openai_server(tmp_path):
+    import json
+
+    from workbench.bench.__main__ import main
+
+    pytest.importorskip("sse_starlette")
+    path = tmp_path / "tiny.gguf"
+    workbench.load("tiny:llama", quiet=True).export(path, type="q8_0")
+    main(["compare", "--configs", f"local=tiny:llama,cpp={path}", "--tasks", "facts", "--limit", "2", "--windows", "1",
+          "--concurrency", "1", "--requests", "1", "--tokens", "4", "--out", str(tmp_path / "compare")])
+    data = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    columns = {c["name"]: c for c in data["columns"]}
+    assert columns["cpp"]["error"] in (None, ""), columns["cpp"]["error"]
+    (level,) = columns["cpp"]["serve"]
+    assert level["failed"] == 0 and level["aggregate_tok_s"] > 0
+    assert columns["cpp"]["quality"]["tasks"]["facts"]["asked"] == 2
+    assert "llama.cpp (llama-cpp-python server)" in (tmp_path / "compare" / "compare.md").read_text()
