@@ -275,3 +275,10 @@ def test_benches_refuse_a_missing_gguf_target_before_anything_runs(tmp_path):
         parse_configs(f"cpp={tmp_path}/nope.gguf")
     with pytest.raises(ValueError, match="python -m workbench.export"):
         DecodeTarget.parse(f"llamacpp:{tmp_path}/nope.gguf")
+
+
+def test_overwrite_replaces_a_file_with_a_checkpoint_folder(tmp_path):
+    out = tmp_path / "m"
+    out.write_text("an old file")
+    _tiny("llama").export(out, to="hf", overwrite=True)
+    assert (out / "config.json").is_file() and _only(out) == ["m"]

@@ -104,6 +104,8 @@ def _replace(staged: Path, path: Path) -> None:
         staged.rename(path)
         shutil.rmtree(old, ignore_errors=True)
     else:
+        if staged.is_dir() and path.exists():
+            path.unlink()  # a file (or link) where a checkpoint folder goes
         os.replace(staged, path)
 
 
