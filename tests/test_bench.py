@@ -38,6 +38,8 @@ def test_decode_bench_refuses_a_malformed_target(tmp_path):
         main(["decode", "--targets", "gguf:Q8_0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="llama.cpp types are F32, F16, Q4_1, Q8_0"):
         main(["decode", "--targets", "llamacpp:Q5_K", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no-such.gguf does not exist"):
+        main(["decode", "--targets", f"llamacpp:{tmp_path}/no-such.gguf", "--out", str(tmp_path)])
 
 
 def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):

@@ -64,6 +64,15 @@ class Session:
         (directory / SAVED_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         return directory
 
+    def export(self, path: str | Path, *, to: str = "gguf", type: str | None = None, pad: bool = False,
+               overwrite: bool = False, check: bool = False):
+        """The model as it is now, for a deployment runtime: `to="gguf"` one file for llama.cpp
+        (`type` f16, q8_0 or q4_0), `to="hf"` a stock transformers checkpoint. See
+        workbench/export and docs/export.md; returns an ExportResult."""
+        from workbench.export import export
+
+        return export(self, path, to=to, type=type, pad=pad, overwrite=overwrite, check=check)
+
     def chat(self, prompt: str | list[dict], **params) -> ChatResult:
         """One reply, collected. `prompt` is a user message or a list of OpenAI-style messages;
         `params` are ChatRequest fields (enable_thinking, max_tokens, temperature, stop, ...)."""

@@ -121,6 +121,8 @@ def machine() -> str:
 
 
 def _what(target: Target) -> str:
+    if target.local and target.config.endswith(".gguf"):
+        return f"llama.cpp (llama-cpp-python server) `{target.config}`"
     return f"workbench `{target.config}`" if target.local else f"`{target.model}` at {target.base_url}"
 
 

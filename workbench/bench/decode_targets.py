@@ -5,7 +5,9 @@ A target is `PATH:SPEC`:
   `tiny:llama`); `engine+compile:CONFIG` the same with `model.compile` on;
 - `generate:CONFIG` — plain `model.generate` on the same weights;
 - `llamacpp:TYPE` — llama.cpp (llama-cpp-python) on the embedded model's GGUF, re-encoded
-  from the shipped Q4_1 file to TYPE (F32, F16, Q8_0 or Q4_1; same values, other storage).
+  from the shipped Q4_1 file to TYPE (F32, F16, Q8_0 or Q4_1; same values, other storage);
+  `llamacpp:PATH.gguf` — llama.cpp on a GGUF file, e.g. a compressed config exported with
+  `python -m workbench.export CONFIG --to gguf`, so it is timed beside the engine on that config.
 
 Each target lives in its own worker process so that its peak memory is its own (CUDA:
 peak allocated; CPU: the process's peak resident set), and runs are interleaved by the
@@ -48,8 +50,11 @@ class Target:
         path, sep, spec = text.partition(":")
         if not sep or path not in PATHS or not spec:
             raise ValueError(f"bad target {text!r}: write PATH:SPEC with PATH one of {', '.join(PATHS)}, e.g. engine:configs/int8.yaml or llamacpp:Q8_0")
-        if path == "llamacpp" and spec not in GGUF_TYPES:
-            raise ValueError(f"bad target {text!r}: llama.cpp types are {', '.join(GGUF_TYPES)}")
+        if path == "llamacpp" and spec.endswith(".gguf"):
+            if not Path(spec).expanduser().is_file():
+                raise ValueError(f"bad target {text!r}: {spec} does not exist (write one with python -m workbench.export CONFIG --to gguf --out {spec})")
+        elif path == "llamacpp" and spec not in GGUF_TYPES:
+            raise ValueError(f"bad target {text!r}: llama.cpp types are {', '.join(GGUF_TYPES)}, or give a PATH.gguf file")
         return cls(path, spec)
 
 
@@ -61,6 +66,8 @@ def gguf_variant(kind: str) -> Path:
     """The embedded GGUF re-encoded to `kind`, made once and kept in the workbench cache."""
     from workbench.models.embedded import cache_root, gguf_path
 
+    if kind.endswith(".gguf"):
+        return Path(kind).expanduser()
     source = gguf_path("smollm2-135m-instruct")
     if kind == "Q4_1":
         return source
@@ -203,10 +210,13 @@ class _LlamaCppRunner(_Runner):
         self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
         tokenizer = workbench.load(quiet=True).tokenizer  # the same prompt ids as the engine's
         self.prompts = [_prompt_ids(tokenizer, i) for i in range(len(PROMPTS))]
+        probe = "Paris, 2024: a KV cache."
+        if self.llm.tokenize(probe.encode(), add_bos=False) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+            raise RuntimeError(f"{path} does not share the embedded model's tokenizer, so it cannot be given the engine's prompt ids")
         self.info = {
             "source": path.name,
             "device": "cpu",
-            "dtype": target.spec,
+            "dtype": target.spec if target.spec in GGUF_TYPES else _file_type(path),
             "threads": threads,
             "weight_bytes": path.stat().st_size,
             "bits_per_weight": 8 * path.stat().st_size / llama_cpp.llama_model_n_params(self.llm.model),
@@ -230,6 +240,16 @@ class _LlamaCppRunner(_Runner):
             "ttft_s": stamps[0] - start,
             "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0,
         }
+
+
+def _file_type(path: Path) -> str:
+    """A GGUF file's encoding (F16, Q8_0, ...) from its general.file_type key."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return "?"
+    return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")
 
 
 def _runner(target: Target) -> _Runner:

@@ -39,7 +39,7 @@ class ServeRun:
 async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, concurrency: int) -> ServeRun:
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = chunks = 0
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -54,12 +54,16 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, c
                     tokens = data["usage"]["completion_tokens"]
                 for choice in data.get("choices", []):
                     delta = choice.get("delta", {})
-                    if first is None and (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
-                        first = time.perf_counter()
+                    if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter()
     except httpx.HTTPError as exc:
         return ServeRun(concurrency, False, 0.0, time.perf_counter() - start, 0, f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
-    return ServeRun(concurrency, True, (first or end) - start, end - start, tokens)
+    # An endpoint that sends no usage in the stream (llama-cpp-python's server) is counted by
+    # its content chunks: one token each there.
+    return ServeRun(concurrency, True, (first or end) - start, end - start, tokens or chunks)
 
 
 async def _level(base_url: str, model: str, api_key: str | None, concurrency: int, requests_per_client: int, tokens: int):

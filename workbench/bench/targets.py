@@ -4,9 +4,10 @@ A config target is loaded here and served in-process by this workbench's own Ope
 server, so every target, local or cloud, is measured through the same HTTP path. Targets
 come from two command-line options:
 
-    --configs configs/default.yaml,int8=configs/int8.yaml,tiny:llama
+    --configs configs/default.yaml,int8=configs/int8.yaml,tiny:llama,q8=runs/export/default-q8_0.gguf
         config files, model sources or saved model folders; named by the file's stem
-        unless written NAME=SPEC
+        unless written NAME=SPEC. A `.gguf` file (from `python -m workbench.export`) is
+        served by llama-cpp-python's OpenAI server instead (llamacpp_server.py)
     --endpoint NAME=BASE_URL,model=ID[,key_env=VAR][,price_in=USD][,price_out=USD][,context=N]
         an OpenAI-compatible endpoint (BASE_URL ends in /v1); the API key is read from the
         environment variable VAR, never from the command line; prices are US dollars per
@@ -77,6 +78,15 @@ def parse_configs(text: str, *, price_in: float | None = None, price_out: float 
             except ConfigError as exc:
                 raise TargetError(f"--configs: {exc}") from None
             name = name or Path(spec).stem
+        elif spec.endswith(".gguf"):
+            if not Path(spec).expanduser().is_file():
+                raise TargetError(f"--configs: {spec} does not exist (write it with python -m workbench.export CONFIG --to gguf --out {spec})")
+            from workbench.bench.llamacpp_server import missing_modules
+
+            if missing := missing_modules():
+                raise TargetError(f"--configs: serving {spec} needs llama-cpp-python's server; missing {', '.join(missing)} "
+                                  "(pip install -e '.[llamacpp]', scripts/install_llamacpp.sh)")
+            name = name or Path(spec).stem
         elif spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
             raise TargetError(f"--configs: {spec} does not exist (a config file, a model source or a saved model folder)")
         targets.append(Target(name.strip() or spec, config=spec, price_in=price_in, price_out=price_out))
@@ -145,6 +155,12 @@ def open_target(target: Target):
     ends; an endpoint target has no session."""
     if not target.local:
         yield Endpoint(target.base_url, target.model, os.environ.get(target.key_env) if target.key_env else None), None
+        return
+    if target.config.endswith(".gguf"):
+        from workbench.bench.llamacpp_server import LlamaCppServer
+
+        with LlamaCppServer(target.config, model_name=target.name) as server:
+            yield Endpoint(server.base_url + "/v1", target.name), None
         return
     import workbench
     from workbench.serve.live import LiveServer

@@ -1,0 +1,284 @@
+"""Export to GGUF and stock transformers checkpoints (workbench/export), without llama.cpp:
+files read back with gguf.GGUFReader, GGUFs loaded by transformers' own GGUF reader (which
+undoes the q/k permutation), checkpoints reloaded with plain AutoModelForCausalLM.
+llama.cpp itself runs in test_export_llamacpp.py."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import workbench
+from workbench.compress.pruning import prune_groups
+from workbench.export import ExportError
+from workbench.export.__main__ import main
+from workbench.export.gguf_vocab import pre_tokenizer_name
+from workbench.export.verify import compare_logits, gguf_logits
+from workbench.export.weights import float_state, head_layout, pad_attention
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 64, 12]])
+
+
+def _tiny(arch: str, removed: dict | None = None) -> workbench.Session:
+    session = workbench.load(f"tiny:{arch}", quiet=True)
+    if removed:
+        prune_groups(session.model, removed)
+    return session
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=IDS).logits
+
+
+def _fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+def _only(path) -> list[str]:
+    """What is in PATH's folder: a failed export must leave no partial file behind."""
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+# --- GGUF ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_uniform_model_is_written_as_its_own_arch_and_reads_back(tmp_path, arch):
+    session = _tiny(arch)
+    result = session.export(tmp_path / "m.gguf", type="f16")
+    fields, tensors = _fields(tmp_path / "m.gguf")
+    assert result.arch == arch and fields["general.architecture"] == arch
+    assert fields[f"{arch}.attention.head_count"] == 4 and fields[f"{arch}.attention.head_count_kv"] == 2
+    assert fields[f"{arch}.attention.key_length"] == 16 and fields[f"{arch}.block_count"] == 2
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert ("blk.0.attn_q_norm.weight" in tensors) == (arch == "qwen3")
+    assert "output.weight" in tensors  # the tiny models do not tie their embeddings
+    # tokenizer and chat template copied
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"]) == session.model.config.vocab_size
+    assert fields["tokenizer.chat_template"] == session.tokenizer.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"] == session.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_start = session.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert fields["tokenizer.ggml.token_type"][im_start] == gguf.TokenType.CONTROL
+    assert _only(tmp_path / "m.gguf") == ["m.gguf"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_transformers_reads_the_gguf_back_to_the_same_logits(tmp_path, arch):
+    """transformers' GGUF loader reverses llama.cpp's q/k permutation; a wrong permutation
+    (or none) would change the logits far beyond float16 rounding."""
+    session = _tiny(arch)
+    session.export(tmp_path / "m.gguf", type="f16")
+    diff, agree = gguf_logits(tmp_path / "m.gguf", session.model, session.tokenizer, head_dim=16)
+    assert diff < 5e-3 and agree == 1.0
+
+
+def test_the_permutation_matters(tmp_path, monkeypatch):
+    """The round-trip check above can fail: skipping the permutation breaks it."""
+    from workbench.export import to_gguf
+
+    session = _tiny("llama")
+    session.export(tmp_path / "right.gguf", type="f16")
+    right, _ = gguf_logits(tmp_path / "right.gguf", session.model, session.tokenizer, head_dim=16)
+    monkeypatch.setattr(to_gguf, "permute", lambda w, n: w)
+    session.export(tmp_path / "wrong.gguf", type="f16")
+    wrong, _ = gguf_logits(tmp_path / "wrong.gguf", session.model, session.tokenizer, head_dim=16)
+    assert wrong > 5 * right  # float16 rounding on one side, scrambled rotary pairs on the other
+
+
+def test_q8_0_and_q4_0_quantize_the_matrices(tmp_path):
+    session = _tiny("llama")
+    q8 = session.export(tmp_path / "q8.gguf", type="q8_0")
+    q4 = session.export(tmp_path / "q4.gguf", type="q4_0")
+    _, t8 = _fields(tmp_path / "q8.gguf")
+    _, t4 = _fields(tmp_path / "q4.gguf")
+    assert t8["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t4["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert t4["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # kept at 8 bits
+    assert t4["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert q4.bytes < q8.bytes
+    diff, agree = gguf_logits(tmp_path / "q8.gguf", session.model, session.tokenizer, head_dim=16)
+    assert diff < 0.1 and agree >= 0.75
+
+
+def test_non_uniform_llama_prune_is_written_as_deci_with_per_layer_head_arrays(tmp_path):
+    session = _tiny("llama", {0: [1]})
+    result = session.export(tmp_path / "m.gguf", type="f16")
+    fields, tensors = _fields(tmp_path / "m.gguf")
+    assert result.arch == "deci" and fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [2, 4] and fields["deci.attention.head_count_kv"] == [1, 2]
+    assert list(tensors["blk.0.attn_q.weight"].shape) == [64, 2 * 16]
+    assert list(tensors["blk.1.attn_q.weight"].shape) == [64, 4 * 16]
+    assert list(tensors["blk.0.attn_output.weight"].shape) == [2 * 16, 64]
+
+
+def test_non_uniform_prune_padded_is_plain_llama_with_the_same_logits(tmp_path):
+    session = _tiny("llama", {0: [1]})
+    result = session.export(tmp_path / "m.gguf", type="f16", pad=True)
+    fields, _ = _fields(tmp_path / "m.gguf")
+    assert result.arch == "llama" and result.padded and fields["llama.attention.head_count"] == 4
+    diff, agree = gguf_logits(tmp_path / "m.gguf", session.model, session.tokenizer, head_dim=16)
+    assert diff < 5e-3 and agree == 1.0
+
+
+def test_non_uniform_qwen3_needs_pad_and_says_so(tmp_path):
+    session = _tiny("qwen3", {1: [0]})
+    with pytest.raises(ExportError, match="--pad") as err:
+        session.export(tmp_path / "m.gguf")
+    assert "one head count for all layers" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    assert session.export(tmp_path / "m.gguf", pad=True).arch == "qwen3"
+
+
+def test_int8_session_exports_dequantized_to_q8_0_but_not_q4_0(tmp_path):
+    from workbench.config import parse_config
+
+    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [{"step": "quantize", "scheme": "int8_weight_only"}]})
+    session = workbench.load(config, quiet=True)
+    state = float_state(session.model)
+    assert state["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert not any(k.endswith("scales") for k in state)
+    session.export(tmp_path / "m.gguf", type="q8_0")
+    _, tensors = _fields(tmp_path / "m.gguf")
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    with pytest.raises(ExportError, match="second time"):
+        session.export(tmp_path / "q4.gguf", type="q4_0")
+    with pytest.raises(ExportError, match="q8_0"):
+        session.export(tmp_path / "hf", to="hf")
+    assert _only(tmp_path / "m.gguf") == ["m.gguf"]
+
+
+def test_embedded_model_keeps_its_tokenizer_and_reads_back_in_transformers(tmp_path, embedded):
+    assert pre_tokenizer_name(__import__("json").loads(embedded.tokenizer.backend_tokenizer.to_str())) == "gpt-2"
+    result = embedded.export(tmp_path / "smollm2.gguf", type="f16")
+    fields, tensors = _fields(tmp_path / "smollm2.gguf")
+    assert result.arch == "llama" and "output.weight" not in tensors  # tied to token_embd
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert len(fields["tokenizer.ggml.merges"]) > 40_000
+    diff, agree = gguf_logits(tmp_path / "smollm2.gguf", embedded.model, embedded.tokenizer, head_dim=64)
+    assert diff < 0.05 and agree >= 0.95
+
+
+# --- stock transformers ---------------------------------------------------------------------
+
+
+def test_uniform_prune_loads_with_stock_transformers_and_identical_logits(tmp_path):
+    session = _tiny("qwen3", {0: [0], 1: [1]})  # one KV group out of every layer
+    before = _logits(session.model)
+    session.export(tmp_path / "hf", to="hf", check=True)
+    config = __import__("json").loads((tmp_path / "hf" / "config.json").read_text())
+    assert "attention_heads_per_layer" not in config and "key_value_heads_per_layer" not in config
+    assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 1
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_logits(stock), before, atol=0, rtol=0)
+
+
+def test_non_uniform_prune_to_hf_is_refused_unless_padded(tmp_path):
+    session = _tiny("llama", {0: [1]})
+    with pytest.raises(ExportError, match="--pad"):
+        session.export(tmp_path / "hf", to="hf")
+    assert list(tmp_path.iterdir()) == []
+    session.export(tmp_path / "hf", to="hf", pad=True)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert stock.config.num_attention_heads == 4
+    torch.testing.assert_close(_logits(stock), _logits(session.model), atol=1e-6, rtol=0)
+    diff, _ = compare_logits(session.model, stock, session.tokenizer)
+    assert diff < 1e-5
+
+
+def test_padding_is_exact_on_the_weights():
+    session = _tiny("llama", {1: [0]})
+    state, layout = pad_attention(float_state(session.model), head_layout(session.model))
+    assert layout.heads == [4, 4] and state["model.layers.1.self_attn.q_proj.weight"].shape[0] == 64
+    assert state["model.layers.1.self_attn.v_proj.weight"][16:].abs().sum() == 0
+    assert state["model.layers.1.self_attn.o_proj.weight"][:, 32:].abs().sum() == 0
+
+
+# --- bad input, nothing half-written ---------------------------------------------------------
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse refuses unknown choices itself, with exit code 2
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_exports_a_source_string(tmp_path, capsys):
+    assert main(["tiny:llama", "--to", "gguf", "--out", str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    assert "Exported GGUF q8_0 (llama)" in capsys.readouterr().out
+    assert _only(tmp_path / "m.gguf") == ["m.gguf"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tiny:llama", "--to", "onnx"], "invalid choice: 'onnx'"),
+        (["tiny:llama", "--to", "gguf", "--type", "q5_k"], "invalid choice: 'q5_k'"),
+        (["tiny:llama", "--to", "hf", "--type", "q8_0"], "--type picks a GGUF encoding"),
+        (["./no/such/dir", "--to", "gguf"], "model directory no/such/dir does not exist"),
+        (["configs/no-such.yaml", "--to", "gguf"], "config file configs/no-such.yaml does not exist"),
+        (["tiny:nosuch", "--to", "gguf"], "unknown tiny model"),
+        (["configs/int8.yaml", "--to", "hf"], "this session is quantized (int8_weight_only)"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_message_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *argv, "--out", out)
+    assert code == 2 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_path_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_text("keep me")
+    code, err = _cli(capsys, "tiny:llama", "--to", "gguf", "--out", out)
+    assert code == 2 and "--overwrite" in err and out.read_text() == "keep me"
+    code, _ = _cli(capsys, "tiny:llama", "--to", "gguf", "--out", out, "--overwrite")
+    assert code == 0 and out.read_bytes()[:4] == b"GGUF"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "old.txt").write_text("old")
+    assert _cli(capsys, "tiny:llama", "--to", "hf", "--out", hf, "--overwrite")[0] == 0
+    assert (hf / "config.json").is_file() and not (hf / "old.txt").exists()
+    assert _only(out) == ["hf", "m.gguf"]
+
+
+@pytest.mark.parametrize("to", ["gguf", "hf"])
+def test_a_failure_while_writing_leaves_nothing_at_path(tmp_path, monkeypatch, to):
+    from workbench.export import to_gguf, to_hf
+
+    def half_then_fail(path, *args, **kwargs):
+        path = path if to == "gguf" else path / "model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(to_gguf if to == "gguf" else to_hf, f"write_{to}", half_then_fail)
+    session = _tiny("llama")
+    with pytest.raises(OSError, match="disk full"):
+        session.export(tmp_path / "out", to=to)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benches_refuse_a_missing_gguf_target_before_anything_runs(tmp_path):
+    from workbench.bench.decode_targets import Target as DecodeTarget
+    from workbench.bench.targets import TargetError, parse_configs
+
+    with pytest.raises(TargetError, match="python -m workbench.export"):
+        parse_configs(f"cpp={tmp_path}/nope.gguf")
+    with pytest.raises(ValueError, match="python -m workbench.export"):
+        DecodeTarget.parse(f"llamacpp:{tmp_path}/nope.gguf")
+
+
+def test_overwrite_replaces_a_file_with_a_checkpoint_folder(tmp_path):
+    out = tmp_path / "m"
+    out.write_text("an old file")
+    _tiny("llama").export(out, to="hf", overwrite=True)
+    assert (out / "config.json").is_file() and _only(out) == ["m"]

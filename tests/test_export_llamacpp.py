@@ -1,0 +1,172 @@
+"""Exported GGUF files run in llama.cpp (llama-cpp-python, `scripts/install_llamacpp.sh`):
+the same greedy tokens as the engine for the first 16 tokens (f16) and perplexity within 1%
+(q8_0), for the embedded model and a head-pruned one (per-layer heads: llama.cpp's deci).
+Skipped where llama-cpp-python is not installed; test_export.py checks the files without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import workbench
+from workbench.compress.data import evaluation_texts
+from workbench.compress.quality import perplexity
+from workbench.config import parse_config
+from workbench.export import verify
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+PROMPTS = ["What is the capital of France?", "Give me three tips for saving battery on a phone.",
+           "Explain in two sentences what a KV cache is."]
+
+
+@pytest.fixture(scope="module")
+def pruned(embedded_cache) -> workbench.Session:
+    """The embedded model with a quarter of its KV groups removed at random across layers:
+    different head counts per layer, like configs/pruned-25.yaml, in seconds instead of minutes."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
+    try:
+        config = parse_config({"model": {"source": "embedded:smollm2-135m-instruct", "device": "cpu"},
+                               "compression": [{"step": "prune_heads", "criterion": "random", "ratio": 0.25}]})
+        session = workbench.load(config, quiet=True)
+    finally:
+        mp.undo()
+    return session
+
+
+@pytest.fixture(scope="module", params=["embedded", "pruned"])
+def session(request, embedded, pruned) -> workbench.Session:
+    return embedded if request.param == "embedded" else pruned
+
+
+def _llama(path, **kw):
+    return llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, verbose=False, **kw)
+
+
+def _llamacpp_reply(llm, tokenizer, prompt: str, tokens: int = 16) -> str:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    out = []
+    for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
+        if token == llm.token_eos() or len(out) == tokens:
+            break
+        out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("tiny_arch", ["llama", "qwen3"])
+def test_tiny_models_uniform_and_pruned_give_transformers_logits(tmp_path, tiny_arch):
+    """Random tiny models have near-tied logits, so greedy tokens would hinge on float16
+    rounding; their logits are compared instead (the embedded model's tokens are below)."""
+    import numpy as np
+
+    from workbench.compress.pruning import prune_groups
+
+    session = workbench.load(f"tiny:{tiny_arch}", quiet=True)
+    ids = session.tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+
+    def gap(name: str) -> float:
+        with torch.inference_mode():
+            ref = session.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        return float(np.abs(verify.llamacpp_logits(tmp_path / name, ids) - ref).max()), float(ref.std())
+
+    session.export(tmp_path / "full.gguf")
+    diff, spread = gap("full.gguf")
+    assert diff < 0.02 * spread
+    prune_groups(session.model, {0: [1]})
+    result = session.export(tmp_path / "pruned.gguf", pad=tiny_arch == "qwen3")
+    assert result.arch == ("deci" if tiny_arch == "llama" else "qwen3")
+    diff, spread = gap("pruned.gguf")
+    assert diff < 0.02 * spread
+
+
+def test_llama_without_the_permutation_is_wrong_in_llamacpp(tmp_path, monkeypatch):
+    from workbench.export import to_gguf
+
+    session = workbench.load("tiny:llama", quiet=True)
+    ids = session.tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        ref = session.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    session.export(tmp_path / "right.gguf")
+    monkeypatch.setattr(to_gguf, "permute", lambda w, n: w)
+    session.export(tmp_path / "wrong.gguf")
+    right = abs(verify.llamacpp_logits(tmp_path / "right.gguf", ids) - ref).max()
+    wrong = abs(verify.llamacpp_logits(tmp_path / "wrong.gguf", ids) - ref).max()
+    assert wrong > 5 * right
+
+
+def test_llamacpp_tokenizes_like_the_engine(tmp_path, embedded):
+    embedded.export(tmp_path / "m.gguf", type="q8_0")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    texts = ["Hello world!", "In 2024, 3.14159 * 42 = 131.95", "  leading spaces\n\nand\ttabs", "你好，世界",
+             "<|im_start|>user\nhi<|im_end|>\n", "don't won't it's"]
+    for text in texts:
+        want = embedded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+
+
+def test_f16_greedy_replies_equal_the_engine(tmp_path, session):
+    result = session.export(tmp_path / "m.gguf", type="f16")
+    assert result.arch == ("deci" if len(set(result.heads)) > 1 else "llama")
+    llm = _llama(tmp_path / "m.gguf")
+    for prompt in PROMPTS:
+        engine = session.chat(prompt, temperature=0, max_tokens=16).text
+        assert _llamacpp_reply(llm, session.tokenizer, prompt).strip() == engine.strip(), prompt
+    llm.close()
+
+
+def test_f16_greedy_token_ids_equal_transformers(tmp_path, session):
+    session.export(tmp_path / "m.gguf", type="f16")
+    ids = [list(session.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)) for p in PROMPTS]
+    for ref, got in verify.llamacpp_greedy(tmp_path / "m.gguf", session.model, ids):
+        assert got == ref
+
+
+def test_q8_0_perplexity_within_one_percent_of_the_engine(tmp_path, session):
+    session.export(tmp_path / "m.gguf", type="q8_0")
+    texts = evaluation_texts()
+    engine = perplexity(session.model, session.tokenizer, texts, window=512, max_windows=4)
+    llamacpp = verify.llamacpp_perplexity(tmp_path / "m.gguf", session.tokenizer, texts, window=512, max_windows=4)
+    assert abs(llamacpp / engine - 1) < 0.01, (engine, llamacpp)
+
+
+def test_check_flag_runs_llamacpp(tmp_path):
+    session = workbench.load("tiny:llama", quiet=True)
+    result = session.export(tmp_path / "m.gguf", check=True)
+    assert any("llama.cpp greedy 16 tokens equal to transformers' on 2 of 2" in c for c in result.checks)
+
+
+def test_decode_bench_times_an_exported_gguf_beside_the_engine(tmp_path, embedded_cache, monkeypatch):
+    import json
+
+    from workbench.bench.__main__ import main
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
+    path = tmp_path / "default-q8_0.gguf"
+    workbench.load("configs/default.yaml", device="cpu", quiet=True).export(path, type="q8_0")
+    main(["decode", "--targets", f"engine:tiny:llama,llamacpp:{path}", "--tokens", "4", "--repeats", "1",
+          "--out", str(tmp_path / "bench")])
+    data = json.loads((tmp_path / "bench" / "decode.json").read_text())
+    assert data["targets"][f"llamacpp:{path}"]["dtype"] == "Q8_0"
+    assert not data["skipped"]
+
+
+def test_compare_serves_an_exported_gguf_through_llamacpps_openai_server(tmp_path):
+    import json
+
+    from workbench.bench.__main__ import main
+
+    pytest.importorskip("sse_starlette")
+    path = tmp_path / "tiny.gguf"
+    workbench.load("tiny:llama", quiet=True).export(path, type="q8_0")
+    main(["compare", "--configs", f"local=tiny:llama,cpp={path}", "--tasks", "facts", "--limit", "2", "--windows", "1",
+          "--concurrency", "1", "--requests", "1", "--tokens", "4", "--out", str(tmp_path / "compare")])
+    data = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    columns = {c["name"]: c for c in data["columns"]}
+    assert columns["cpp"]["error"] in (None, ""), columns["cpp"]["error"]
+    (level,) = columns["cpp"]["serve"]
+    assert level["failed"] == 0 and level["aggregate_tok_s"] > 0
+    assert columns["cpp"]["quality"]["tasks"]["facts"]["asked"] == 2
+    assert "llama.cpp (llama-cpp-python server)" in (tmp_path / "compare" / "compare.md").read_text()

@@ -1,0 +1,51 @@
+"""`python -m workbench.export SOURCE --to gguf|hf --out PATH [--type f16|q8_0|q4_0] [--pad]
+[--overwrite] [--check]`: write a config's (compressed) model, a saved model folder or any
+model source as a GGUF file for llama.cpp or a stock transformers checkpoint.
+
+A bad request (unknown format or type, PATH already there, a quantized config asked for a
+transformers checkpoint, a model that does not exist) is refused with exit code 2 before
+the model is loaded, and nothing is written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workbench.config import ConfigError
+from workbench.export import FORMATS, GGUF_TYPES, ExportError, check_request, export, quantized_schemes
+from workbench.models import ModelSourceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a config (configs/pruned-25.yaml), a saved model folder, or a source string (embedded:NAME, tiny:ARCH, a hub id)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="gguf: one file for llama.cpp; hf: a stock transformers checkpoint folder")
+    parser.add_argument("--out", required=True, type=Path, help="the .gguf file or the checkpoint folder to write")
+    parser.add_argument("--type", choices=GGUF_TYPES, default=None, help="GGUF encoding (default f16)")
+    parser.add_argument("--pad", action="store_true", help="zero-pad pruned heads back to one head count per layer (exact outputs) where the format needs it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--check", action="store_true", help="reload the export (transformers; llama.cpp when installed) and compare with the model")
+    args = parser.parse_args(argv)
+
+    import workbench
+    from workbench.session import _config_for, preflight
+
+    try:
+        config = _config_for(args.source, {"device": "cpu"})
+        check_request(args.to, args.type, args.out, overwrite=args.overwrite, schemes=quantized_schemes(config.compression))
+        preflight(config)
+        session = workbench.load(config)
+        result = export(session, args.out, to=args.to, type=args.type, pad=args.pad, overwrite=args.overwrite, check=args.check)
+    except (ExportError, ConfigError, ModelSourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    for line in result.checks:
+        print(f"  check: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
