@@ -120,8 +120,8 @@ def test_a_vlm_answers_through_the_engine_as_generate_does(vlm):
 
     original = sequence_module.Sequence.accept
 
-    def spy(self, logits):
-        token, events = original(self, logits)
+    def spy(self, logits, *raw):
+        token, events = original(self, logits, *raw)
         sampled.append(token)
         return token, events
 
