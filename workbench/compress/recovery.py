@@ -209,6 +209,15 @@ def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
 # --- training ----------------------------------------------------------------------------------
 
 
+def _windows(tokenizer, texts: list[str], window: int, count: int, device) -> list[torch.Tensor]:
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    chunks = [c for c in chunks if len(c) > 1][:count]
+    if not chunks:
+        raise ValueError("recover: the evaluation text is too short for a perplexity")
+    return [c.to(device)[None] for c in chunks]
+
+
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) per token at temperature T, scaled by T^2."""
     t = temperature
@@ -281,8 +290,6 @@ def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: lis
     from tqdm.auto import tqdm
 
     from workbench.compress import recovery_data as rd
-    from workbench.compress.quality import perplexity
-
     report = RecoverReport(step="recover", mode=opts.train)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
@@ -297,11 +304,21 @@ def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: lis
     data = rd.Mixture(rd.chat_stream(tokenizer, chats, replies), rd.text_stream(tokenizer, calibration),
                       opts.seq_len, opts.calibration_share, opts.seed)
 
+    windows = _windows(tokenizer, evaluation, 512, opts.eval_windows, device)
+
     def evaluate(model) -> tuple[float, float]:
+        """Held-out perplexity (as quality.perplexity: the same 512-token windows) and KL to the
+        teacher, from one forward of each model per window."""
         model.eval()
-        ppl = perplexity(model, tokenizer, evaluation, max_windows=opts.eval_windows)
-        kl = held_out_kl(model, teacher, tokenizer, evaluation, windows=opts.eval_windows, temperature=opts.temperature)
-        return ppl, kl
+        nll, kl, tokens = 0.0, 0.0, 0
+        with torch.inference_mode():
+            for w in windows:
+                student_logits = model(input_ids=w, use_cache=False).logits.float()
+                n = w.shape[1] - 1
+                nll += float(torch.nn.functional.cross_entropy(student_logits[0, :-1], w[0, 1:], reduction="sum"))
+                kl += float(kl_loss(student_logits, teacher(input_ids=w, use_cache=False).logits, opts.temperature)) * n
+                tokens += n
+        return math.exp(nll / tokens), kl / tokens
 
     def score(ppl: float, kl: float) -> float:
         return {"perplexity": ppl, "kl": kl, "last": 0.0}[opts.keep]

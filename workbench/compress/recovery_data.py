@@ -68,23 +68,28 @@ def teacher_replies(teacher, tokenizer, chats: list[list[dict]], *, max_tokens: 
 
     device = teacher.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replies: list[str] = []
+    # Replies so far are kept after every batch, so an interrupted run resumes where it stopped.
+    partial = cached.with_suffix(".partial.json") if cached is not None else None
+    replies: list[str] = json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
-        for start in tqdm(range(0, len(chats), batch), desc="teacher replies", disable=not progress):
+        for start in tqdm(range(len(replies), len(chats), batch), desc="teacher replies", disable=not progress):
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats[start:start + batch]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.inference_mode():
                 out = teacher.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad,
                                        temperature=None, top_p=None, top_k=None)
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            replies += [r.strip() for r in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+            if partial is not None:
+                partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
     finally:
         tokenizer.padding_side = side
-    replies = [r.strip() for r in replies]
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(replies, indent=1, ensure_ascii=False), encoding="utf-8")
+        partial.unlink(missing_ok=True)
     return replies
 
 
