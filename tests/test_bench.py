@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from workbench.bench.__main__ import main
 
 
@@ -142,3 +144,22 @@ def test_decode_results_record_their_cpu_and_merge_only_with_the_same_cpu(tmp_pa
     with pytest.raises(SystemExit, match="holds no decode.json"):
         main(["decode", "--merge", f"{first},{tmp_path / 'nowhere'}", "--out", str(tmp_path / "m4")])
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+
+
+def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_removal(tmp_path, capsys):
+    main(["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor", "--windows", "1",
+          "--calibration-texts", "2", "--recovery", "none,compensate,recover", "--facts",
+          "--recover-options", '{"steps": 4, "warmup": 1, "batch": 1, "seq_len": 32, "eval_every": 2, "eval_windows": 1, '
+          '"reply_tokens": 4, "calibration_share": 1.0}', "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "pruning.json").read_text())
+    assert {(r["ratio"], r["recovery"]) for r in data["rows"]} == {
+        (0.0, "none"), (0.0, "compensate"), (0.0, "recover"), (0.5, "none"), (0.5, "compensate"), (0.5, "recover")}
+    pruned = {r["recovery"]: r for r in data["rows"] if r["ratio"] == 0.5}
+    assert pruned["compensate"]["perplexity"] != pruned["none"]["perplexity"]
+    assert all(0 <= r["facts"] <= 32 for r in data["rows"])
+    assert "taylor (compensate)" in capsys.readouterr().out
+
+
+def test_pruning_bench_names_a_bad_recover_option_before_loading():
+    with pytest.raises(Exception, match="stepz"):
+        main(["pruning", "--config", "tiny:llama", "--ratios", "0.5", "--recovery", "recover", "--recover-options", '{"stepz": 3}'])

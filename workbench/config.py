@@ -144,6 +144,14 @@ class WorkbenchConfig(_Strict):
         names = [s.step for s in steps]
         if "quantize" in names and "prune_heads" in names[names.index("quantize") :]:
             raise ValueError("prune_heads must come before quantize: pruning slices plain weight matrices")
+        if "recover" in names:
+            at = names.index("recover")
+            if names.count("recover") > 1:
+                raise ValueError("recover is listed twice; one recovery step heals the pruned model")
+            if "prune_heads" not in names[:at]:
+                raise ValueError("recover must come after prune_heads: it heals a pruned model (nothing to recover otherwise)")
+            if "quantize" in names[:at]:
+                raise ValueError("recover must come before quantize: it trains (or merges into) plain float weights")
         return steps
 
 

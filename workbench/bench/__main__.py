@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -105,10 +106,17 @@ def _pruning(args) -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     criteria = args.criteria.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = pruning_bench.run_curve(args.config, ratios, criteria, seeds, args.windows, args.calibration_texts)
+    stages = args.recovery.split(",")
+    recover_options = json.loads(args.recover_options) if args.recover_options else {}
+    if "recover" in stages:
+        from workbench.compress.recovery import RecoverOptions
+
+        RecoverOptions.model_validate(recover_options)  # a bad option fails before the first model loads
+    rows = pruning_bench.run_curve(args.config, ratios, criteria, seeds, args.windows, args.calibration_texts,
+                                   stages=stages, recover_options=recover_options, facts=args.facts)
     summary = pruning_bench.summarise(rows)
     meta = {"source": args.config or "embedded:smollm2-135m-instruct", "windows": args.windows, "seeds": seeds,
-            "ratios": ratios, "criteria": criteria}
+            "ratios": ratios, "criteria": criteria, "recovery": stages, "recover_options": recover_options}
     out = _out(args.out, "pruning")
     pruning_bench.write_results(out, rows, summary, meta)
     print(pruning_bench.to_markdown(summary, meta))
@@ -231,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     pruning.add_argument("--seeds", default="0,1,2", help="seeds for random (others use the first)")
     pruning.add_argument("--windows", type=int, default=4, help="512-token windows of held-out text per perplexity")
     pruning.add_argument("--calibration-texts", type=int, default=16, help="calibration documents for taylor / entropy")
+    pruning.add_argument("--recovery", default="none",
+                         help="recovery stages per point: none, compensate (o_proj refit), recover (compensate + distillation)")
+    pruning.add_argument("--recover-options", default=None,
+                         help='JSON options of the recover step for the recover stage, e.g. \'{"steps": 300}\'')
+    pruning.add_argument("--facts", action="store_true", help="also ask the 32 facts questions (greedy) at every point")
     pruning.add_argument("--out", type=Path, default=None, help="results folder (default runs/pruning-TIMESTAMP)")
     pruning.set_defaults(run=_pruning)
 

@@ -1,7 +1,12 @@
-"""Perplexity against the share of attention heads pruned, for each importance criterion.
+"""Perplexity (and `facts` accuracy) against the share of attention heads pruned, for each
+importance criterion, and for each recovery stage: none, o_proj compensation, compensation +
+distillation (`recover`). The question it answers: does the criterion still matter after
+recovery?
 
-Every point prunes a freshly loaded model, so points are independent; `random` runs once
-per seed and is summarised by its median, the control the other criteria must beat.
+Every point prunes a freshly loaded model, so points are independent; the compensated and
+recovered variants of a point reuse its removed groups (`prune_heads(remove=...)`), so the
+stages differ only in what was done after the same removal. `random` runs once per seed and
+is summarised by its median, the control the other criteria must beat.
 """
 
 from __future__ import annotations
@@ -17,32 +22,67 @@ from workbench.compress.data import evaluation_texts
 from workbench.compress.pruning import prune_heads
 from workbench.compress.quality import perplexity
 
+STAGES = ("none", "compensate", "recover")
+
+
+def facts_correct(session, limit: int | None = None) -> int:
+    """Greedy `facts` answers in process (the bench quality task's questions, system prompt
+    and checker, without a server)."""
+    from workbench.bench.tasks import SYSTEM_PROMPT, _facts, is_correct
+
+    correct = 0
+    for item in list(_facts())[:limit]:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}]
+        correct += is_correct(item, session.chat(messages, temperature=0, max_tokens=16).text)
+    return correct
+
+
+def _measure(session, texts, windows: int, facts: bool) -> dict:
+    row = {"perplexity": perplexity(session.model, session.tokenizer, texts, max_windows=windows)}
+    if facts:
+        row["facts"] = facts_correct(session)
+    return row
+
 
 def run_curve(source: str | None, ratios: list[float], criteria: list[str], seeds: list[int], windows: int,
-              calibration_texts: int = 16) -> list[dict]:
+              calibration_texts: int = 16, stages: list[str] | None = None, recover_options: dict | None = None,
+              facts: bool = False) -> list[dict]:
+    from workbench.compress.recovery import recover, teacher_copy
+
+    stages = stages or ["none"]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown recovery stage(s) {unknown} (known: {', '.join(STAGES)})")
     texts = evaluation_texts()
     plan = [(r, c, s) for r in ratios for c in criteria for s in (seeds if c == "random" else seeds[:1])]
     rows = []
     base = None
     for ratio, criterion, seed in tqdm(plan, desc="pruning curve"):
-        session = workbench.load(source, quiet=True)
-        heads = None
-        if ratio > 0:
-            report = prune_heads(session, criterion=criterion, ratio=ratio, seed=seed, calibration_texts=calibration_texts)
-            heads = sum(report.heads_after)
-        elif base is not None:
-            rows.append({**base, "criterion": criterion, "seed": seed})
+        if ratio == 0 and base is not None:
+            rows += [{**b, "criterion": criterion, "seed": seed} for b in base]
             continue
-        row = {
-            "ratio": ratio,
-            "criterion": criterion,
-            "seed": seed,
-            "heads": heads if heads is not None else session.model.config.num_attention_heads * session.model.config.num_hidden_layers,
-            "perplexity": perplexity(session.model, session.tokenizer, texts, max_windows=windows),
-        }
+        session = workbench.load(source, quiet=True)
+        key = {"ratio": ratio, "criterion": criterion, "seed": seed}
         if ratio == 0:
-            base = {k: v for k, v in row.items() if k not in ("criterion", "seed")}
-        rows.append(row)
+            config = session.model.config
+            row = {**key, "recovery": "none", "heads": config.num_attention_heads * config.num_hidden_layers,
+                   **_measure(session, texts, windows, facts)}
+            base = [{**row, "recovery": stage} for stage in stages]  # nothing removed: every stage is the model itself
+            rows += [{**b, "criterion": criterion, "seed": seed} for b in base]
+            continue
+        teacher = teacher_copy(session.model) if "recover" in stages else None
+        report = prune_heads(session, criterion=criterion, ratio=ratio, seed=seed, calibration_texts=calibration_texts)
+        heads = sum(report.heads_after)
+        if "none" in stages:
+            rows.append({**key, "recovery": "none", "heads": heads, **_measure(session, texts, windows, facts)})
+        if "compensate" in stages or "recover" in stages:
+            session = workbench.load(source, quiet=True)
+            prune_heads(session, remove=report.removed, compensate=True, calibration_texts=calibration_texts)
+            if "compensate" in stages:
+                rows.append({**key, "recovery": "compensate", "heads": heads, **_measure(session, texts, windows, facts)})
+            if "recover" in stages:
+                recover(session, teacher=teacher, **(recover_options or {}))
+                rows.append({**key, "recovery": "recover", "heads": heads, **_measure(session, texts, windows, facts)})
     return rows
 
 
@@ -50,27 +90,43 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for ratio in sorted({r["ratio"] for r in rows}):
         for criterion in sorted({r["criterion"] for r in rows}):
-            points = [r for r in rows if r["ratio"] == ratio and r["criterion"] == criterion]
-            if points:
-                out.append({"ratio": ratio, "criterion": criterion, "heads": points[0]["heads"],
-                            "perplexity_median": statistics.median(p["perplexity"] for p in points),
-                            "runs": len(points)})
+            for stage in [s for s in STAGES if any(r.get("recovery", "none") == s for r in rows)]:
+                points = [r for r in rows if r["ratio"] == ratio and r["criterion"] == criterion and r.get("recovery", "none") == stage]
+                if points:
+                    summary = {"ratio": ratio, "criterion": criterion, "recovery": stage, "heads": points[0]["heads"],
+                               "perplexity_median": statistics.median(p["perplexity"] for p in points), "runs": len(points)}
+                    if all("facts" in p for p in points):
+                        summary["facts_median"] = statistics.median(p["facts"] for p in points)
+                    out.append(summary)
     return out
+
+
+def _label(criterion: str, stage: str, stages: list[str]) -> str:
+    return criterion if stages == ["none"] else f"{criterion} ({stage})"
 
 
 def to_markdown(summary: list[dict], meta: dict) -> str:
     criteria = sorted({s["criterion"] for s in summary})
+    stages = [s for s in STAGES if any(x.get("recovery", "none") == s for x in summary)]
+    columns = [(c, st) for c in criteria for st in stages]
     lines = [
         f"Pruning curve: {meta['source']}, perplexity on {meta['windows']} x 512 tokens of held-out text "
-        f"(random: median of seeds {meta['seeds']})",
+        f"(random: median of seeds {meta['seeds']})" + ("; facts: correct of 32, greedy" if any("facts_median" in s for s in summary) else ""),
         "",
-        "| KV groups removed | heads left | " + " | ".join(criteria) + " |",
-        "|---|---|" + "---|" * len(criteria),
+        "| KV groups removed | heads left | " + " | ".join(_label(c, st, stages) for c, st in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for ratio in sorted({s["ratio"] for s in summary}):
-        cells = {s["criterion"]: s for s in summary if s["ratio"] == ratio}
+        cells = {(s["criterion"], s.get("recovery", "none")): s for s in summary if s["ratio"] == ratio}
         heads = next(iter(cells.values()))["heads"]
-        lines.append(f"| {ratio:.0%} | {heads} | " + " | ".join(f"{cells[c]['perplexity_median']:.2f}" for c in criteria) + " |")
+
+        def cell(c, st):
+            s = cells.get((c, st))
+            if s is None:
+                return "—"
+            return f"{s['perplexity_median']:.2f}" + (f" / {s['facts_median']:g}" if "facts_median" in s else "")
+
+        lines.append(f"| {ratio:.0%} | {heads} | " + " | ".join(cell(c, st) for c, st in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,10 +136,14 @@ def write_results(out: Path, rows: list[dict], summary: list[dict], meta: dict) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pruning.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
     (out / "pruning.md").write_text(to_markdown(summary, meta))
+    stages = [s for s in STAGES if any(x.get("recovery", "none") == s for x in summary)]
     fig = go.Figure()
+    dash = {"none": "solid", "compensate": "dash", "recover": "dot"}
     for criterion in sorted({s["criterion"] for s in summary}):
-        points = [s for s in summary if s["criterion"] == criterion]
-        fig.add_scatter(x=[p["ratio"] * 100 for p in points], y=[p["perplexity_median"] for p in points], mode="lines+markers", name=criterion)
+        for stage in stages:
+            points = [s for s in summary if s["criterion"] == criterion and s.get("recovery", "none") == stage]
+            fig.add_scatter(x=[p["ratio"] * 100 for p in points], y=[p["perplexity_median"] for p in points],
+                            mode="lines+markers", name=_label(criterion, stage, stages), line={"dash": dash[stage]})
     fig.update_layout(title=f"Perplexity vs KV groups pruned: {meta['source']}", xaxis_title="% of KV groups removed",
                       yaxis_title="held-out perplexity", yaxis_type="log", width=900, height=500)
     fig.write_html(out / "pruning.html", include_plotlyjs="cdn")

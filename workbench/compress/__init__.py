@@ -13,9 +13,11 @@ from pydantic import BaseModel
 from workbench.compress.kvcache import KVCacheOptions, kv_cache
 from workbench.compress.pruning import PruneOptions, prune_heads
 from workbench.compress.quantization import QuantizeOptions, quantize
+from workbench.compress.recovery import RecoverOptions, recover
 
 STEPS: dict[str, tuple[type[BaseModel], Callable[..., Any]]] = {
     "prune_heads": (PruneOptions, prune_heads),
+    "recover": (RecoverOptions, recover),
     "quantize": (QuantizeOptions, quantize),
     "kv_cache": (KVCacheOptions, kv_cache),
 }

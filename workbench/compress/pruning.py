@@ -39,15 +39,27 @@ class PruneOptions(BaseModel):
     """Fraction of all KV groups (with their query heads) to remove, ranked across layers."""
     per_layer: int | None = Field(None, ge=0)
     """Or: this many KV groups removed from every layer."""
+    remove: dict[int, list[int]] | None = None
+    """Or: exactly these KV groups, {layer: [group, ...]} in the unpruned numbering (no
+    importance is measured; e.g. the groups a shipped recovery adapter was trained on)."""
     min_groups_per_layer: int = Field(1, ge=1)
     seed: int = 0
     calibration_texts: int = Field(16, ge=1)
     calibration_tokens: int = Field(256, ge=16)
+    compensate: bool = False
+    """Refit each pruned layer's o_proj by least squares so its output matches the unpruned
+    layer's on the calibration text (seconds; see compensation.py)."""
+    compensate_ridge: float = Field(1e-3, gt=0.0, le=10.0)
+    """Ridge term of that fit, relative to the mean diagonal of X^T X."""
 
     @model_validator(mode="after")
     def _one_budget(self):
-        if (self.ratio is None) == (self.per_layer is None):
-            raise ValueError("give exactly one budget: `ratio` (global fraction) or `per_layer` (groups per layer)")
+        if sum(b is not None for b in (self.ratio, self.per_layer, self.remove)) != 1:
+            raise ValueError("give exactly one budget: `ratio` (global fraction), `per_layer` (groups per layer) "
+                             "or `remove` (the groups themselves)")
+        for layer, groups in (self.remove or {}).items():
+            if layer < 0 or any(g < 0 for g in groups) or len(set(groups)) != len(groups):
+                raise ValueError(f"remove: layer {layer} lists {groups}; layers and groups are distinct indices >= 0")
         return self
 
 
@@ -65,6 +77,8 @@ class PruneReport:
     params_before: int
     params_after: int
     importance: list[list[float]] = field(default_factory=list)
+    compensation: dict[int, dict[str, float]] = field(default_factory=dict)
+    """layer -> relative o_proj output error on the calibration text before/after the refit"""
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -288,6 +302,17 @@ def prune_groups(model: nn.Module, removed: dict[int, list[int]]) -> None:
     record_in_config(model, attns)
 
 
+def _check_removal(removed: dict[int, list[int]], counts: list[int], min_groups_per_layer: int) -> None:
+    for layer, groups in removed.items():
+        if layer >= len(counts):
+            raise ValueError(f"remove: layer {layer} does not exist; the model has {len(counts)} layers")
+        if any(g >= counts[layer] for g in groups):
+            raise ValueError(f"remove: layer {layer} has KV groups 0..{counts[layer] - 1}, not {groups}")
+        if counts[layer] - len(groups) < min_groups_per_layer:
+            raise ValueError(f"remove: layer {layer} would keep {counts[layer] - len(groups)} of its {counts[layer]} "
+                             f"KV groups; at least {min_groups_per_layer} must stay")
+
+
 def prune_heads(session, **options) -> PruneReport:
     opts = PruneOptions.model_validate(options)
     model = session.model
@@ -295,15 +320,32 @@ def prune_heads(session, **options) -> PruneReport:
     counts = [kv_groups(a) for a in attns]
     gs = attns[0].num_key_value_groups
     params_before = sum(p.numel() for p in model.parameters())
-    scores = importance(model, session.tokenizer, opts.criterion, seed=opts.seed,
-                        calibration_texts=opts.calibration_texts, calibration_tokens=opts.calibration_tokens)
-    removed = choose_groups(scores, counts, ratio=opts.ratio, per_layer=opts.per_layer,
-                            min_groups_per_layer=opts.min_groups_per_layer)
+    if opts.remove is not None:
+        _check_removal(opts.remove, counts, opts.min_groups_per_layer)
+        removed = {layer: sorted(groups) for layer, groups in sorted(opts.remove.items()) if groups}
+        scores = torch.zeros(len(counts), max(counts))
+    else:
+        scores = importance(model, session.tokenizer, opts.criterion, seed=opts.seed,
+                            calibration_texts=opts.calibration_texts, calibration_tokens=opts.calibration_tokens)
+        removed = choose_groups(scores, counts, ratio=opts.ratio, per_layer=opts.per_layer,
+                                min_groups_per_layer=opts.min_groups_per_layer)
+    stats = None
+    if opts.compensate and removed:
+        from workbench.compress import compensation
+        from workbench.compress.data import calibration_texts
+
+        batches = _calibration_batches(session.tokenizer, calibration_texts(), opts.calibration_texts,
+                                       opts.calibration_tokens, attns[0].q_proj.weight.device)
+        stats = compensation.collect(attns, list(removed), model, batches)
     prune_groups(model, removed)
+    fitted = {}
+    if stats is not None:
+        kept = {layer: [g for g in range(counts[layer]) if g not in set(groups)] for layer, groups in removed.items()}
+        fitted = compensation.refit(attns, kept, stats, opts.compensate_ridge)
     after = [kv_groups(a) for a in attns]
     return PruneReport(
         step="prune_heads",
-        criterion=opts.criterion,
+        criterion="given" if opts.remove is not None else opts.criterion,
         group_size=gs,
         removed={int(k): v for k, v in removed.items()},
         heads_before=[n * gs for n in counts],
@@ -312,5 +354,6 @@ def prune_heads(session, **options) -> PruneReport:
         kv_heads_after=after,
         params_before=params_before,
         params_after=sum(p.numel() for p in model.parameters()),
-        importance=[[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
+        importance=[] if opts.remove is not None else [[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
+        compensation=fitted,
     )

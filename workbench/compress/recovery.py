@@ -1,0 +1,416 @@
+"""The `recover` step: heal a head-pruned model by distillation from the unpruned one.
+
+Pruning removes capacity the rest of the network was trained to rely on; a short
+distillation run teaches the remaining weights to reproduce the unpruned model's next-token
+distribution (Minitron and Sheared-LLaMA recover this way; LLM-Pruner with LoRA). The
+teacher is the model as loaded, before any step: the pipeline keeps a copy of it when a
+config lists `recover`. The loss is the KL divergence of the student's from the teacher's
+token distribution at temperature T (x T^2, as in Hinton et al., so the gradient scale does
+not depend on T), on every position of windows drawn from the teacher's own chat replies and
+the shipped calibration text (recovery_data.py).
+
+Two ways to train: `lora` (peft adapters on the chosen linear layers, merged into the weights
+at the end, so the result is a plain pruned model) or `attention` (the q/k/v/o weights of
+every layer trained fully). Held-out perplexity is measured every `eval_every` steps and the
+best state is kept, so a run that starts to overfit the small corpus ends at its best point.
+
+`adapter: DIR` loads a trained LoRA instead of training (seconds): the folder records which
+model and which pruned shapes it was trained on and refuses any other. `save_adapter: DIR`
+writes one. A LoRA adapter is small (fp16 safetensors), which is how the embedded model's
+recovery is shipped (data/recovery/pruned-25).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workbench.compress.data import DATA_DIR
+
+ADAPTER_RECORD = "recovery.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LORA_ONLY = ("rank", "alpha", "dropout", "targets")
+_TRAINING = ("train", "steps", "batch", "seq_len", "lr", "warmup", "temperature", "calibration_share", "prompts",
+             "reply_tokens", "eval_every", "eval_windows", "keep", "save_adapter", "cache_dir", *_LORA_ONLY)
+
+
+def resolve_path(value: str) -> Path:
+    """A path as given, or relative to the repository (configs say `data/recovery/...`)."""
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    repo = DATA_DIR.parent / path
+    return repo if repo.exists() else path
+
+
+class RecoverOptions(BaseModel):
+    """Options of the `recover` step, checked when the config is read."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: str | None = None
+    """Load this trained LoRA folder instead of training."""
+    train: Literal["lora", "attention"] = "lora"
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    batch: int = Field(4, ge=1, le=1024)
+    seq_len: int = Field(256, ge=16, le=8192)
+    lr: float | None = Field(None, gt=0.0, lt=1.0)
+    """Peak learning rate; default 5e-4 for lora, 5e-5 for attention."""
+    warmup: int = Field(50, ge=0)
+    temperature: float = Field(1.0, gt=0.0, le=20.0)
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0.0)
+    """LoRA scaling numerator; default 2 x rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+    calibration_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of training windows drawn from calibration text; the rest are teacher chats."""
+    prompts: str | None = None
+    """Prompts file for the teacher's replies; default data/recovery/prompts.txt."""
+    reply_tokens: int = Field(128, ge=1, le=4096)
+    eval_every: int = Field(100, ge=1)
+    eval_windows: int = Field(4, ge=1)
+    keep: Literal["perplexity", "kl", "last"] = "perplexity"
+    """Which state to end with: the lowest held-out perplexity, the lowest held-out KL to the
+    teacher, or simply the last step's."""
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, le=1024)
+    """torch CPU threads while recovering (restored afterwards); None leaves torch's setting."""
+    cache_dir: str | None = None
+    """Where teacher replies are cached; default the workbench cache folder."""
+    save_adapter: str | None = None
+    """Write the trained LoRA here (lora only)."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        given = self.model_fields_set
+        if self.adapter is not None:
+            clash = sorted(given & set(_TRAINING))
+            if clash:
+                raise ValueError(f"adapter loads a trained adapter, so the training options {', '.join(clash)} do nothing; "
+                                 "drop them, or drop adapter to train")
+            folder = resolve_path(self.adapter)
+            if not (folder / ADAPTER_RECORD).is_file():
+                raise ValueError(f"adapter {self.adapter!r}: no {ADAPTER_RECORD} there (not a folder written by save_adapter)")
+            return self
+        if self.train == "attention":
+            clash = sorted(given & set(_LORA_ONLY))
+            if clash:
+                raise ValueError(f"{', '.join(clash)} only apply to train: lora")
+            if self.save_adapter is not None:
+                raise ValueError("save_adapter saves a LoRA; train: attention changes the weights themselves "
+                                 "(save the model with --out instead)")
+        if self.warmup >= self.steps:
+            raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"targets: {unknown} are not linear layers of a decoder block (known: {', '.join(LORA_TARGETS)})")
+        if self.prompts is not None and not resolve_path(self.prompts).is_file():
+            raise ValueError(f"prompts file {self.prompts!r} does not exist")
+        if self.save_adapter is not None and resolve_path(self.save_adapter).is_file():
+            raise ValueError(f"save_adapter {self.save_adapter!r} is a file; give a folder")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (5e-4 if self.train == "lora" else 5e-5)
+
+
+@dataclass
+class RecoverReport:
+    step: str
+    mode: str
+    steps: int = 0
+    best_step: int = 0
+    seconds: float = 0.0
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    kl_before: float | None = None
+    kl_after: float | None = None
+    """held-out KL(teacher || student) per token, at the start and for the state kept"""
+    history: list[dict] = field(default_factory=list)
+    """[{"step", "loss", "perplexity", "kl"}] at every evaluation"""
+    adapter: str | None = None
+    trainable_params: int = 0
+
+
+# --- shapes and the adapter record -----------------------------------------------------------
+
+
+def pruned_shape(model) -> list[int]:
+    from workbench.compress.pruning import attention_layers, kv_groups
+
+    return [kv_groups(a) for a in attention_layers(model)]
+
+
+def check_adapter(folder: Path, model) -> dict:
+    """The adapter's record, after checking it was trained on a model of this shape."""
+    record = json.loads((folder / ADAPTER_RECORD).read_text())
+    shape = pruned_shape(model)
+    if record.get("kv_heads_per_layer") != shape:
+        raise ValueError(
+            f"adapter {folder} was trained on a model with KV heads per layer {record.get('kv_heads_per_layer')}, "
+            f"but this model has {shape}: it fits only the exact pruned model it was made for "
+            f"(prune_heads {record.get('prune', {}).get('options')}); prune the same way or train a new adapter"
+        )
+    config = model.config
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "model_type"):
+        if key in record.get("model", {}) and record["model"][key] != getattr(config, key, None):
+            raise ValueError(f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
+                             f"this one has {getattr(config, key, None)}")
+    return record
+
+
+def load_adapter(model, folder: Path) -> None:
+    """Apply a saved LoRA and merge it: the model stays a plain transformers model."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    check_adapter(folder, model)
+    lora = LoraConfig.from_pretrained(str(folder))
+    peft_model = get_peft_model(model, lora)
+    weights = {k: v.to(model.dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
+    result = set_peft_model_state_dict(peft_model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {folder} holds weights this model has no place for: {unexpected[:3]}")
+    merged = peft_model.merge_and_unload()
+    assert merged is model  # merged in place: the session's engine keeps its model
+
+
+def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(state, folder / LORA_WEIGHTS)
+    peft_model.peft_config["default"].save_pretrained(str(folder))
+    config = model.config
+    record = {
+        **record,
+        "kv_heads_per_layer": pruned_shape(model),
+        "model": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")},
+    }
+    (folder / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _windows(tokenizer, texts: list[str], window: int, count: int, device) -> list[torch.Tensor]:
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    chunks = [c for c in chunks if len(c) > 1][:count]
+    if not chunks:
+        raise ValueError("recover: the evaluation text is too short for a perplexity")
+    return [c.to(device)[None] for c in chunks]
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2."""
+    t = temperature
+    log_p_teacher = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_p_student = torch.log_softmax(student_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return kl.mean() * t * t
+
+
+def held_out_kl(student, teacher, tokenizer, texts: list[str], *, window: int = 256, windows: int = 4, temperature: float = 1.0) -> float:
+    """Mean token KL(teacher || student) over the first windows of `texts`."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window)][:windows]
+    device = student.get_input_embeddings().weight.device
+    total = 0.0
+    with torch.inference_mode():
+        for chunk in chunks:
+            chunk = chunk.to(device)[None]
+            total += float(kl_loss(student(input_ids=chunk).logits, teacher(input_ids=chunk).logits, temperature))
+    return total / len(chunks)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _trainable(model, opts: RecoverOptions):
+    """(the module to call, its trainable parameters, the peft wrapper or None)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if opts.train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, lora_dropout=opts.dropout,
+                          target_modules=list(opts.targets), bias="none", init_lora_weights=True)
+        peft_model = get_peft_model(model, lora)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        return peft_model, params, peft_model
+    params = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ATTENTION and isinstance(module, torch.nn.Linear):
+            for p in module.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    return model, params, None
+
+
+def _schedule(step: int, opts: RecoverOptions) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < opts.warmup:
+        return (step + 1) / opts.warmup
+    progress = (step - opts.warmup) / max(opts.steps - opts.warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: list[str], evaluation: list[str],
+          progress: bool = True) -> tuple[RecoverReport, object]:
+    """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora)."""
+    from tqdm.auto import tqdm
+
+    from workbench.compress import recovery_data as rd
+    report = RecoverReport(step="recover", mode=opts.train)
+    start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    device = student.get_input_embeddings().weight.device
+    cuda = device.type == "cuda"
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else _default_cache()
+    chats = rd.load_prompts(resolve_path(opts.prompts) if opts.prompts else None) if opts.calibration_share < 1 else []
+    replies = rd.teacher_replies(teacher, tokenizer, chats, max_tokens=opts.reply_tokens, cache_dir=cache, progress=progress) if chats else []
+    data = rd.Mixture(rd.chat_stream(tokenizer, chats, replies), rd.text_stream(tokenizer, calibration),
+                      opts.seq_len, opts.calibration_share, opts.seed)
+
+    windows = _windows(tokenizer, evaluation, 512, opts.eval_windows, device)
+
+    def evaluate(model) -> tuple[float, float]:
+        """Held-out perplexity (as quality.perplexity: the same 512-token windows) and KL to the
+        teacher, from one forward of each model per window."""
+        model.eval()
+        nll, kl, tokens = 0.0, 0.0, 0
+        with torch.inference_mode():
+            for w in windows:
+                student_logits = model(input_ids=w, use_cache=False).logits.float()
+                n = w.shape[1] - 1
+                nll += float(torch.nn.functional.cross_entropy(student_logits[0, :-1], w[0, 1:], reduction="sum"))
+                kl += float(kl_loss(student_logits, teacher(input_ids=w, use_cache=False).logits, opts.temperature)) * n
+                tokens += n
+        return math.exp(nll / tokens), kl / tokens
+
+    def score(ppl: float, kl: float) -> float:
+        return {"perplexity": ppl, "kl": kl, "last": 0.0}[opts.keep]
+
+    report.perplexity_before, report.kl_before = evaluate(student)
+    module, params, peft_model = _trainable(student, opts)
+    report.trainable_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=opts.peak_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))
+    best = score(report.perplexity_before, report.kl_before)
+    best_state, running = _snapshot(params), []
+    report.perplexity_after, report.kl_after = report.perplexity_before, report.kl_before
+    bar = tqdm(range(opts.steps), desc="recover", disable=not progress, file=sys.stderr)
+    for step in bar:
+        module.train()
+        ids = data.batch(opts.batch).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            loss = kl_loss(module(input_ids=ids, use_cache=False).logits, target, opts.temperature)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.item())
+        if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
+            ppl, kl = evaluate(module)
+            mean_loss = sum(running) / len(running)
+            running = []
+            report.history.append({"step": step + 1, "loss": round(mean_loss, 5), "perplexity": round(ppl, 4), "kl": round(kl, 5)})
+            if score(ppl, kl) <= best:
+                best, best_state, report.best_step = score(ppl, kl), _snapshot(params), step + 1
+                report.perplexity_after, report.kl_after = ppl, kl
+            bar.set_postfix(loss=f"{mean_loss:.4f}", ppl=f"{ppl:.2f}", kl=f"{kl:.4f}")
+    with torch.no_grad():
+        for p, saved in zip(params, best_state):
+            p.copy_(saved)
+    for p in params:
+        p.requires_grad_(False)
+    module.eval()
+    report.steps = opts.steps
+    report.seconds = round(time.perf_counter() - start, 1)
+    return report, peft_model
+
+
+def _default_cache() -> Path:
+    from workbench.models.embedded import cache_root
+
+    return cache_root() / "recovery"
+
+
+def recover(session, *, teacher=None, prune: dict | None = None, **options) -> RecoverReport:
+    """The step. `teacher` (the unpruned model) and `prune` (the prune_heads report, recorded
+    in a saved adapter) are passed by the pipeline; neither is a config option."""
+    opts = RecoverOptions.model_validate(options)
+    model = session.model
+    if opts.adapter is not None:
+        folder = resolve_path(opts.adapter)
+        start = time.perf_counter()
+        load_adapter(model, folder)
+        record = json.loads((folder / ADAPTER_RECORD).read_text())
+        return RecoverReport(step="recover", mode="adapter", adapter=str(opts.adapter),
+                             seconds=round(time.perf_counter() - start, 2),
+                             perplexity_before=record.get("perplexity_before"),
+                             perplexity_after=record.get("perplexity_after"))
+    if teacher is None:
+        raise ValueError("recover needs the unpruned model as its teacher: list it after prune_heads in a config's "
+                         "compression steps (the pipeline keeps a copy of the model as loaded), or pass teacher=")
+    if pruned_shape(teacher) == pruned_shape(model):
+        raise ValueError("recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first")
+    from workbench.compress.data import calibration_texts, evaluation_texts
+
+    with _threads(opts.threads):
+        report, peft_model = train(model, teacher, session.tokenizer, opts,
+                                   calibration=calibration_texts(), evaluation=evaluation_texts())
+        if peft_model is not None:
+            if opts.save_adapter is not None:
+                record = {"options": opts.model_dump(mode="json"), "prune": prune or {},
+                          "perplexity_before": report.perplexity_before, "perplexity_after": report.perplexity_after,
+                          "best_step": report.best_step, "seconds": report.seconds, "history": report.history}
+                save_adapter(peft_model, model, resolve_path(opts.save_adapter), record)
+                report.adapter = opts.save_adapter
+            merged = peft_model.merge_and_unload()
+            assert merged is model
+    return report
+
+
+def teacher_copy(model):
+    """The model as loaded, frozen: what `recover` distils from."""
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
