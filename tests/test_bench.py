@@ -163,3 +163,21 @@ def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_remo
 def test_pruning_bench_names_a_bad_recover_option_before_loading():
     with pytest.raises(Exception, match="stepz"):
         main(["pruning", "--config", "tiny:llama", "--ratios", "0.5", "--recovery", "recover", "--recover-options", '{"stepz": 3}'])
+
+
+def test_decode_ratio_to_llamacpp_pairs_a_pruned_config_with_the_pruned_gguf():
+    from workbench.bench.decode import Run, summarise
+
+    def info(bits, heads):
+        return {"weight_bytes": 2**20, "bits_per_weight": bits, "warmup_s": 0.1, "attention_heads": heads}
+
+    targets = {"engine:int8.yaml": info(12.2, 270), "engine:pruned-int8.yaml": info(12.0, 204),
+               "llamacpp:Q8_0": info(8.6, 270), "llamacpp:pruned-q8_0.gguf": info(8.6, 204), "llamacpp:F16": info(16.1, 270)}
+    speed = {"engine:int8.yaml": 40.0, "engine:pruned-int8.yaml": 45.0, "llamacpp:Q8_0": 100.0,
+             "llamacpp:pruned-q8_0.gguf": 90.0, "llamacpp:F16": 80.0}
+    runs = [Run(t, 1, 0, 10, 8, 0.1, tps, 2**26) for t, tps in speed.items()]
+    rows = {r["target"]: r for r in summarise(runs, targets)}
+    # Equal bits would tie Q8_0 and the pruned file; the model's shape decides.
+    assert rows["engine:int8.yaml"]["llamacpp_peer"] == "Q8_0" and rows["engine:int8.yaml"]["ratio_to_llamacpp"] == 0.4
+    assert rows["engine:pruned-int8.yaml"]["llamacpp_peer"] == "pruned-q8_0.gguf"
+    assert rows["engine:pruned-int8.yaml"]["ratio_to_llamacpp"] == 0.5

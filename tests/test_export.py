@@ -115,6 +115,10 @@ def test_non_uniform_llama_prune_is_written_as_deci_with_per_layer_head_arrays(t
     assert list(tensors["blk.0.attn_q.weight"].shape) == [64, 2 * 16]
     assert list(tensors["blk.1.attn_q.weight"].shape) == [64, 4 * 16]
     assert list(tensors["blk.0.attn_output.weight"].shape) == [2 * 16, 64]
+    # The decode bench pairs an engine row with the llama.cpp row of this shape.
+    from workbench.bench.decode_targets import _engine_heads, _gguf_heads
+
+    assert _gguf_heads(tmp_path / "m.gguf") == _engine_heads(session.model.config) == 6
 
 
 def test_non_uniform_prune_padded_is_plain_llama_with_the_same_logits(tmp_path):

@@ -5,8 +5,9 @@ of new tokens (greedy, end of turn ignored). Targets run in worker processes of 
 (decode_targets.py) and the parent interleaves them run by run, so that a noisy neighbour
 slows every target alike; the table reports medians with min–max spreads, each target's
 peak memory, and two ratios: to plain `generate` on fp32 weights, and to the llama.cpp row
-whose bits per weight are nearest ("equal bits"). Numbers from one run are comparable with
-each other, not with another machine's or another day's.
+of the same model shape (attention heads) whose bits per weight are nearest ("equal bits").
+Numbers from one run are comparable with each other, not with another machine's or another
+day's.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
                 "weight_mb": info[name]["weight_bytes"] / 2**20,
                 "bits_per_weight": info[name]["bits_per_weight"],
                 "warmup_s": info[name]["warmup_s"],
+                "attention_heads": info[name].get("attention_heads"),
             })
     generate = next((r for r in rows if r["target"].startswith("generate:") and r["batch"] == 1), None)
     llama = [r for r in rows if r["target"].startswith("llamacpp:")]
@@ -128,7 +130,9 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
         if generate is not None:
             row["ratio_to_generate"] = row["decode_tok_s_median"] / generate["decode_tok_s_median"]
         if llama and not row["target"].startswith("llamacpp:") and row["bits_per_weight"]:
-            peer = min(llama, key=lambda r: abs(r["bits_per_weight"] - row["bits_per_weight"]))
+            # Same model shape first (a pruned config against a pruned GGUF), then nearest bits.
+            peer = min(llama, key=lambda r: (r.get("attention_heads") != row.get("attention_heads"),
+                                             abs(r["bits_per_weight"] - row["bits_per_weight"])))
             row["llamacpp_peer"] = peer["target"].removeprefix("llamacpp:")
             row["ratio_to_llamacpp"] = row["decode_tok_s_median"] / peer["decode_tok_s_median"]
     return rows

@@ -136,6 +136,7 @@ class _EngineRunner(_Runner):
             "threads": torch.get_num_threads(),
             "weight_bytes": weights,
             "bits_per_weight": 8 * weights / params,
+            "attention_heads": _engine_heads(self.session.model.config),
         }
 
     def run(self, prompt: int, tokens: int, batch: int) -> dict:
@@ -220,6 +221,7 @@ class _LlamaCppRunner(_Runner):
             "threads": threads,
             "weight_bytes": path.stat().st_size,
             "bits_per_weight": 8 * path.stat().st_size / llama_cpp.llama_model_n_params(self.llm.model),
+            "attention_heads": _gguf_heads(path),
             "llama_cpp": llama_cpp.__version__,
         }
 
@@ -240,6 +242,29 @@ class _LlamaCppRunner(_Runner):
             "ttft_s": stamps[0] - start,
             "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0,
         }
+
+
+def _engine_heads(config) -> int:
+    """Query heads over all layers: the model's shape, so that a pruned config is compared with
+    a pruned GGUF and not with the unpruned one that happens to have the same bits per weight."""
+    per_layer = getattr(config, "attention_heads_per_layer", None)
+    return int(sum(per_layer)) if per_layer else int(config.num_attention_heads * config.num_hidden_layers)
+
+
+def _gguf_heads(path: Path) -> int | None:
+    """The same count read from a GGUF file (a scalar for uniform models, a per-layer array for deci)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return None
+    arch = arch.contents()
+    heads, blocks = fields.get(f"{arch}.attention.head_count"), fields.get(f"{arch}.block_count")
+    if heads is None or blocks is None:
+        return None
+    heads = heads.contents()
+    return int(sum(heads)) if isinstance(heads, list) else int(heads) * int(blocks.contents())
 
 
 def _file_type(path: Path) -> str:
