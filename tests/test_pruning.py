@@ -16,13 +16,8 @@ from workbench.compress.pruning import (
 )
 from workbench.config import ConfigError, parse_config
 
-ARCHS = ["llama", "qwen3", "glm4"]
-IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 31, 64, 12]])
+from tiny_models import ARCHS, IDS, logits
 
-
-def logits(model, ids=IDS):
-    with torch.inference_mode():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

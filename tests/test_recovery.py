@@ -11,13 +11,8 @@ from workbench.compress.pruning import _calibration_batches, attention_layers, p
 from workbench.compress.recovery import held_out_kl
 from workbench.config import ConfigError, parse_config
 
-ARCHS = ["llama", "qwen3", "glm4"]
-IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 31, 64, 12]])
+from tiny_models import ARCHS, logits
 
-
-def logits(model, ids=IDS):
-    with torch.inference_mode():
-        return model(input_ids=ids).logits
 
 
 # --- compensation --------------------------------------------------------------------------
