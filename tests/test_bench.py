@@ -158,6 +158,8 @@ def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_remo
     assert pruned["compensate"]["perplexity"] != pruned["none"]["perplexity"]
     assert all(0 <= r["facts"] <= 32 for r in data["rows"])
     assert "taylor (compensate)" in capsys.readouterr().out
+    html = (tmp_path / "pruning.html").read_text()
+    assert "facts correct of 32" in html and "taylor (recover)" in html  # the second panel, one line per stage
 
 
 def test_pruning_bench_names_a_bad_recover_option_before_loading():

@@ -136,14 +136,34 @@ def write_results(out: Path, rows: list[dict], summary: list[dict], meta: dict) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pruning.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
     (out / "pruning.md").write_text(to_markdown(summary, meta))
+    figure(summary, meta).write_html(out / "pruning.html", include_plotlyjs="cdn")
+
+
+def figure(summary: list[dict], meta: dict):
+    """Perplexity (log scale) against the share pruned, one line per criterion and stage; with
+    `facts`, a second panel of correct answers, since perplexity alone hides a model that has
+    stopped answering."""
+    from plotly.subplots import make_subplots
+
     stages = [s for s in STAGES if any(x.get("recovery", "none") == s for x in summary)]
-    fig = go.Figure()
+    facts = any("facts_median" in s for s in summary)
+    fig = make_subplots(rows=1, cols=2 if facts else 1, subplot_titles=("held-out perplexity", "facts correct of 32") if facts else None)
     dash = {"none": "solid", "compensate": "dash", "recover": "dot"}
+    colours = {}
     for criterion in sorted({s["criterion"] for s in summary}):
+        colour = colours.setdefault(criterion, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][len(colours) % 4])
         for stage in stages:
             points = [s for s in summary if s["criterion"] == criterion and s.get("recovery", "none") == stage]
-            fig.add_scatter(x=[p["ratio"] * 100 for p in points], y=[p["perplexity_median"] for p in points],
-                            mode="lines+markers", name=_label(criterion, stage, stages), line={"dash": dash[stage]})
-    fig.update_layout(title=f"Perplexity vs KV groups pruned: {meta['source']}", xaxis_title="% of KV groups removed",
-                      yaxis_title="held-out perplexity", yaxis_type="log", width=900, height=500)
-    fig.write_html(out / "pruning.html", include_plotlyjs="cdn")
+            x = [p["ratio"] * 100 for p in points]
+            name = _label(criterion, stage, stages)
+            line = {"dash": dash[stage], "color": colour}
+            fig.add_scatter(x=x, y=[p["perplexity_median"] for p in points], mode="lines+markers", name=name,
+                            line=line, legendgroup=name, row=1, col=1)
+            if facts:
+                fig.add_scatter(x=x, y=[p.get("facts_median") for p in points], mode="lines+markers", name=name,
+                                line=line, legendgroup=name, showlegend=False, row=1, col=2)
+    fig.update_xaxes(title_text="% of KV groups removed")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(title=f"Pruning {meta['source']}: criterion x recovery stage (random: median of seeds {meta['seeds']})",
+                      width=1100 if facts else 900, height=500)
+    return fig
