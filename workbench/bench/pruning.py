@@ -131,8 +131,6 @@ def to_markdown(summary: list[dict], meta: dict) -> str:
 
 
 def write_results(out: Path, rows: list[dict], summary: list[dict], meta: dict) -> None:
-    import plotly.graph_objects as go
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "pruning.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
     (out / "pruning.md").write_text(to_markdown(summary, meta))
@@ -149,9 +147,9 @@ def figure(summary: list[dict], meta: dict):
     facts = any("facts_median" in s for s in summary)
     fig = make_subplots(rows=1, cols=2 if facts else 1, subplot_titles=("held-out perplexity", "facts correct of 32") if facts else None)
     dash = {"none": "solid", "compensate": "dash", "recover": "dot"}
-    colours = {}
-    for criterion in sorted({s["criterion"] for s in summary}):
-        colour = colours.setdefault(criterion, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][len(colours) % 4])
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, criterion in enumerate(sorted({s["criterion"] for s in summary})):
+        colour = palette[i % len(palette)]
         for stage in stages:
             points = [s for s in summary if s["criterion"] == criterion and s.get("recovery", "none") == stage]
             x = [p["ratio"] * 100 for p in points]
