@@ -43,9 +43,24 @@ class ModelConfig(_Strict):
     """Per-device memory caps for accelerate's `device_map="auto"`, e.g. {0: "20GiB", cpu: "64GiB"}."""
     context_limit: int = Field(8192, ge=16, le=1_048_576)
     """Prompt plus reply tokens; 8K as on the reference phone model."""
+    adapter: str | None = None
+    """A LoRA folder merged into the weights right after loading (a `python -m workbench.reasoning`
+    or recovery `save_adapter` folder); its chat_template.jinja, when there, replaces the
+    tokenizer's. `data/thinking` is the embedded model's thinking adapter (configs/thinking.yaml)."""
     compile: bool = False
     """Decode lone requests through torch.compile over a static KV cache: faster per token
     after a one-time compilation (seconds on a GPU, a minute or more on a small CPU)."""
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_folder(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from workbench.compress.recovery import ADAPTER_RECORD, resolve_path
+
+        if not (resolve_path(value) / ADAPTER_RECORD).is_file():
+            raise ValueError(f"{value!r} is not an adapter folder (no {ADAPTER_RECORD} there)")
+        return value
 
     @field_validator("device")
     @classmethod

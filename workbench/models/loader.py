@@ -257,6 +257,22 @@ def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):
         ) from exc
 
 
+def merge_adapter(model, tokenizer, adapter: str) -> None:
+    """Merge a LoRA folder into `model` (it stays a plain transformers model) and take its
+    chat template, which is what carries a thinking adapter's `enable_thinking` switch."""
+    from workbench.compress.recovery import load_adapter, resolve_path
+    from workbench.reasoning.template import TEMPLATE_FILE
+
+    folder = resolve_path(adapter)
+    try:
+        load_adapter(model, folder)
+    except ValueError as exc:
+        raise ModelSourceError(f"model.adapter: {exc}") from None
+    template = folder / TEMPLATE_FILE
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+
+
 def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
     start = time.perf_counter()
     kind = classify(cfg.source)
@@ -277,6 +293,8 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
     processor = None
     if isinstance(tokenizer, ProcessorMixin):
         processor, tokenizer = tokenizer, tokenizer.tokenizer
+    if cfg.adapter is not None:
+        merge_adapter(model, tokenizer, cfg.adapter)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -64,11 +64,11 @@ def free_memory() -> None:
 
 
 def _identity(config: WorkbenchConfig) -> tuple:
-    """What makes two configs load the same original weights."""
+    """What makes two configs load the same original weights (a merged adapter changes them)."""
     from workbench.models.loader import resolve_device, resolve_dtype
 
     device = resolve_device(config.model.device)
-    return config.model.source, device, resolve_dtype(config.model.dtype, device)
+    return config.model.source, config.model.adapter, device, resolve_dtype(config.model.dtype, device)
 
 
 @dataclass
