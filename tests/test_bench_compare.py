@@ -143,6 +143,18 @@ def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, mess
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--thinking", "maybe"], "--thinking takes on, off or both"),
+    (["--thinking", "on,on"], "--thinking takes on, off or both"),
+    (["--thinking", "on", "--thinking-tokens", "0"], "--thinking-tokens must be at least 1"),
+])
+def test_bad_thinking_options_fail_before_anything_runs(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["quality", "--configs", "tiny:llama", *argv, "--out", str(tmp_path / "out")])
+    assert message in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unreadable_config_is_named_in_the_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
@@ -185,6 +197,20 @@ def _oracle_app() -> FastAPI:
         if not body.get("stream"):
             return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
                     "usage": usage}
+        if "enable_thinking" in body:  # a reasoning model: right about capitals only after thinking
+            thinks = body["enable_thinking"]
+            reply = reply if thinks else "I am not sure."
+
+            async def reasoned():
+                for word in (["Let", " me", " recall."] if thinks else []):
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'reasoning_content': word}}]})}\n\n"
+                for part in (reply[:2], reply[2:]):
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': part}}]})}\n\n"
+                details = {"reasoning_tokens": 3 if thinks else 0}
+                yield f"data: {json.dumps({'choices': [], 'usage': {**usage, 'completion_tokens_details': details}})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(reasoned(), media_type="text/event-stream")
 
         async def events():
             for word in ["Hello", " there", " friend"]:
@@ -246,6 +272,23 @@ def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tm
     assert (result["tasks"]["facts"]["correct"], result["tasks"]["facts"]["asked"]) == (capitals, 32)
     assert result["tasks"]["arithmetic"]["correct"] == 0
     assert "no log-probabilities" in (tmp_path / "quality.md").read_text()
+
+
+def test_quality_asks_each_task_with_thinking_on_and_off_streamed(oracle, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORACLE_KEY", ORACLE_KEY)
+    main(["quality", "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY", "--tasks", "facts",
+          "--limit", "4", "--thinking", "on,off", "--out", str(tmp_path)])
+    (result,) = json.loads((tmp_path / "quality.json").read_text())["results"]
+    on, off = result["tasks"]["facts@thinking-on"], result["tasks"]["facts@thinking-off"]
+    assert (on["correct"], on["asked"], on["thinking"]) == (4, 4, True)  # the first four are capitals
+    assert (off["correct"], off["asked"], off["thinking"]) == (0, 4, False)
+    assert (on["reasoning_tokens"], off["reasoning_tokens"]) == (12, 0)
+    assert on["answers"][0]["reasoning"] == "Let me recall." and on["answers"][0]["reply"] == "Paris"
+    assert off["answers"][0]["reasoning"] == ""
+    assert all(a["first_answer_s"] > 0 for a in on["answers"] + off["answers"])
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "facts (capitals, units, science), thinking on | facts (capitals, units, science), thinking off |" in markdown
+    assert "| oracle | facts | on | 100% (4/4) | 3.0 |" in markdown
 
 
 @pytest.fixture(scope="module")

@@ -142,9 +142,16 @@ def _quality(args) -> None:
     from workbench.bench import quality as quality_bench
 
     targets, tasks = _targets_and_tasks(args)
-    results = quality_bench.run_quality(targets, tasks, windows=args.windows, limit=args.limit, max_tokens=args.max_tokens)
+    modes = [m.strip() for m in args.thinking.split(",") if m.strip()] if args.thinking else []
+    if any(m not in ("on", "off") for m in modes) or len(set(modes)) != len(modes):
+        raise SystemExit(f"error: --thinking takes on, off or both (on,off), not {args.thinking!r}")
+    if args.thinking_tokens < 1:
+        raise SystemExit("error: --thinking-tokens must be at least 1")
+    thinking = [m == "on" for m in modes] or None
+    results = quality_bench.run_quality(targets, tasks, windows=args.windows, limit=args.limit, max_tokens=args.max_tokens,
+                                        thinking=thinking, thinking_tokens=args.thinking_tokens)
     meta = {"targets": [t.name for t in targets], "tasks": [t.name for t in tasks], "windows": args.windows,
-            "limit": args.limit, "max_tokens": args.max_tokens}
+            "limit": args.limit, "max_tokens": args.max_tokens, "thinking": modes, "thinking_tokens": args.thinking_tokens}
     out = _out(args.out, "quality")
     quality_bench.write_results(out, results, targets, tasks, meta)
     print(quality_bench.to_markdown(results, targets, tasks, meta))
@@ -249,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
 
     quality = sub.add_parser("quality", help="perplexity and answer accuracy per config or endpoint")
     _target_options(quality)
+    quality.add_argument("--thinking", default=None, metavar="on,off",
+                         help="ask every task with enable_thinking on and/or off (streamed, one question at a time: "
+                              "accuracy, reasoning tokens, time to the first answer token per mode)")
+    quality.add_argument("--thinking-tokens", type=int, default=256, help="reply budget with thinking on")
     quality.add_argument("--out", type=Path, default=None, help="results folder (default runs/quality-TIMESTAMP)")
     quality.set_defaults(run=_quality)
 

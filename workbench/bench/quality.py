@@ -23,6 +23,17 @@ from workbench.compress.quality import perplexity
 NO_PERPLEXITY = "n/a (endpoint: no log-probabilities over the chat API)"
 
 
+def mode_name(thinking: bool) -> str:
+    return "on" if thinking else "off"
+
+
+def columns(tasks: list[Task], thinking: list[bool] | None) -> list[tuple[str, str, Task]]:
+    """(result key, column title, task): one per task, or one per task and thinking mode."""
+    if not thinking:
+        return [(t.name, t.title, t) for t in tasks]
+    return [(f"{t.name}@thinking-{mode_name(m)}", f"{t.title}, thinking {mode_name(m)}", t) for t in tasks for m in thinking]
+
+
 @dataclass
 class Quality:
     target: str
@@ -47,46 +58,77 @@ def failed_tasks(tasks: list[Task], error: str) -> dict[str, TaskResult]:
 
 
 def measure(target: Target, endpoint: Endpoint, session, tasks: list[Task], *, windows: int, limit: int | None,
-            max_tokens: int = 16, reachable_error: str = "") -> Quality:
-    """Quality of one opened target; `reachable_error` (from `probe`) skips the questions."""
+            max_tokens: int = 16, reachable_error: str = "", thinking: list[bool] | None = None,
+            thinking_tokens: int = 256) -> Quality:
+    """Quality of one opened target; `reachable_error` (from `probe`) skips the questions.
+    With `thinking` modes, every task is asked once per mode, one question at a time (so the
+    time to the first answer token is the request's own), `thinking_tokens` the budget with
+    thinking on."""
     result = Quality(target.name)
     if session is not None and windows > 0:
         result.perplexity = perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=windows)
     if reachable_error:
-        result.tasks = failed_tasks(tasks, reachable_error)
-    else:
+        failed = failed_tasks(tasks, reachable_error)
+        result.tasks = {key: failed[t.name] for key, _, t in columns(tasks, thinking)}
+    elif not thinking:
         result.tasks = {t.name: run_task(endpoint, t, limit=limit, max_tokens=max_tokens) for t in tasks}
+    else:
+        for t in tasks:
+            for mode in thinking:
+                result.tasks[f"{t.name}@thinking-{mode_name(mode)}"] = run_task(
+                    endpoint, t, limit=limit, max_tokens=thinking_tokens if mode else max_tokens, concurrency=1, thinking=mode)
     return result
 
 
-def run_quality(targets: list[Target], tasks: list[Task], *, windows: int, limit: int | None, max_tokens: int = 16) -> list[Quality]:
+def run_quality(targets: list[Target], tasks: list[Task], *, windows: int, limit: int | None, max_tokens: int = 16,
+                thinking: list[bool] | None = None, thinking_tokens: int = 256) -> list[Quality]:
     results = []
     for target in tqdm(targets, desc="quality"):
         try:
             with open_target(target) as (endpoint, session):
                 _, error = probe(endpoint)
                 results.append(measure(target, endpoint, session, tasks, windows=windows, limit=limit,
-                                       max_tokens=max_tokens, reachable_error=error))
+                                       max_tokens=max_tokens, reachable_error=error, thinking=thinking,
+                                       thinking_tokens=thinking_tokens))
         except Exception as exc:  # a target that fails to load is one bad row, not a lost run
             print(f"quality: {target.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            results.append(Quality(target.name, tasks=failed_tasks(tasks, f"{type(exc).__name__}: {exc}"),
+            failed = failed_tasks(tasks, f"{type(exc).__name__}: {exc}")
+            results.append(Quality(target.name, tasks={key: failed[t.name] for key, _, t in columns(tasks, thinking)},
                                    error=f"{type(exc).__name__}: {exc}"))
     return results
 
 
+def _thinking(meta: dict) -> list[bool] | None:
+    return [m == "on" for m in meta["thinking"]] if meta.get("thinking") else None
+
+
 def to_markdown(results: list[Quality], targets: list[Target], tasks: list[Task], meta: dict) -> str:
     local = {t.name: t.local for t in targets}
+    cols = columns(tasks, _thinking(meta))
+    budget = f"{meta['max_tokens']} max tokens" + (f" ({meta['thinking_tokens']} with thinking on)" if meta.get("thinking") else "")
     lines = [
         f"Quality: perplexity on {meta['windows']} x 512 tokens of data/evaluation.txt (local configs); "
-        f"answer accuracy over the OpenAI HTTP path, greedy, {meta['max_tokens']} max tokens"
+        f"answer accuracy over the OpenAI HTTP path, greedy, {budget}"
         + (f", first {meta['limit']} questions per task" if meta.get("limit") else ""),
         "",
-        "| target | perplexity | " + " | ".join(t.title for t in tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
+        "| target | perplexity | " + " | ".join(title for _, title, _ in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
     ]
     for r in results:
-        cells = [r.perplexity_cell(local[r.target])] + [r.tasks[t.name].cell() for t in tasks]
+        cells = [r.perplexity_cell(local[r.target])] + [r.tasks[key].cell() for key, _, _ in cols]
         lines.append(f"| {r.target} | " + " | ".join(cells) + " |")
+    if meta.get("thinking"):
+        lines += ["", "Thinking on and off, per task (streamed, one question at a time): reasoning tokens per "
+                  "answered question, and the median seconds from the request to the first answer token.", "",
+                  "| target | task | thinking | accuracy | reasoning tokens / question | first answer token (s, median) |",
+                  "|---|---|---|---|---|---|"]
+        for r in results:
+            for key, _, task in cols:
+                result = r.tasks[key]
+                answered = result.asked - result.failed
+                tokens = f"{result.reasoning_tokens / answered:.1f}" if answered else "-"
+                first = f"{result.first_answer_s:.2f}" if result.first_answer_s is not None else "-"
+                lines.append(f"| {r.target} | {task.name} | {mode_name(bool(result.thinking))} | {result.cell()} | {tokens} | {first} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,9 +139,9 @@ def write_results(out: Path, results: list[Quality], targets: list[Target], task
     (out / "quality.json").write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=2))
     (out / "quality.md").write_text(to_markdown(results, targets, tasks, meta))
     fig = go.Figure()
-    for task in (t for t in tasks if t.items is not None):
-        fig.add_bar(name=task.title, x=[r.target for r in results],
-                    y=[(r.tasks[task.name].accuracy or 0) * 100 for r in results])
+    for key, title, task in columns(tasks, _thinking(meta)):
+        if task.items is not None:
+            fig.add_bar(name=title, x=[r.target for r in results], y=[(r.tasks[key].accuracy or 0) * 100 for r in results])
     fig.update_layout(title="Answer accuracy per target", yaxis_title="% correct", yaxis_range=[0, 100], barmode="group",
                       width=900, height=500)
     fig.write_html(out / "quality.html", include_plotlyjs="cdn")

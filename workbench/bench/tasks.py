@@ -23,6 +23,7 @@ import asyncio
 import json
 import random
 import re
+import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,10 @@ class Answer:
     reply: str = ""
     correct: bool = False
     error: str = ""
+    reasoning: str = ""
+    """The reasoning_content streamed before the answer (thinking runs only)."""
+    first_answer_s: float | None = None
+    """Seconds from sending the request to the first answer (content) text; thinking runs only."""
 
 
 @dataclass
@@ -84,8 +89,17 @@ class TaskResult:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    thinking: bool | None = None
+    """None: the request left enable_thinking to the target's default; else what it asked."""
     unavailable: str = ""
     answers: list[Answer] = field(default_factory=list)
+
+    @property
+    def first_answer_s(self) -> float | None:
+        """Median seconds to the first answer text over the answered questions (thinking runs)."""
+        times = sorted(a.first_answer_s for a in self.answers if a.first_answer_s is not None)
+        return times[len(times) // 2] if times else None
 
     @property
     def accuracy(self) -> float | None:
@@ -102,7 +116,7 @@ class TaskResult:
         return text + (f", {self.failed} failed" if self.failed else "")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "accuracy": self.accuracy}
+        return {**asdict(self), "accuracy": self.accuracy, "first_answer_s": self.first_answer_s}
 
 
 # --- the checker ------------------------------------------------------------------------
@@ -270,7 +284,36 @@ def resolve_tasks(names: str) -> list[Task]:
 # --- asking an endpoint -----------------------------------------------------------------
 
 
-async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None) -> tuple[Answer, dict]:
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict, answer: Answer) -> dict:
+    """Read a streamed reply into `answer` (content, reasoning, time to the first content
+    text); return the usage of its final chunk."""
+    start = time.perf_counter()
+    usage: dict = {}
+    async with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                             headers=headers) as response:
+        if response.status_code != 200:
+            answer.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
+            return {}
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                answer.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+                return {}
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                answer.reasoning += delta.get("reasoning_content") or ""
+                if delta.get("content"):
+                    if answer.first_answer_s is None:
+                        answer.first_answer_s = time.perf_counter() - start
+                    answer.reply += delta["content"]
+    return usage
+
+
+async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None,
+               thinking: bool | None = None) -> tuple[Answer, dict]:
     question = item.question
     if item.parts:
         question = [*item.parts, *([] if item.spoken else [{"type": "text", "text": item.question}])]
@@ -281,6 +324,15 @@ async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int,
         "temperature": 0,
     }
     answer = Answer(item.question, item.answer)
+    if thinking is not None:  # streamed, to time the first answer token after the reasoning
+        try:
+            usage = await _stream(client, endpoint.base_url + "/chat/completions",
+                                  {**body, "enable_thinking": thinking, "return_reasoning": True}, endpoint.headers(), answer)
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            answer.error = f"{type(exc).__name__}: {exc}"
+            return answer, {}
+        answer.correct = not answer.error and is_correct(item, answer.reply)
+        return answer, usage
     try:
         response = await client.post(endpoint.base_url + "/chat/completions", json=body, headers=endpoint.headers())
     except httpx.HTTPError as exc:
@@ -295,34 +347,40 @@ async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int,
     return answer, data.get("usage") or {}
 
 
-async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: int, progress, system: str | None) -> list[tuple[Answer, dict]]:
+async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: int, progress, system: str | None,
+                   thinking: bool | None = None) -> list[tuple[Answer, dict]]:
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
 
         async def one(item: Item):
             async with gate:
-                result = await _ask(client, endpoint, item, max_tokens, system)
+                result = await _ask(client, endpoint, item, max_tokens, system, thinking)
             progress.update()
             return result
 
         return await asyncio.gather(*(one(item) for item in items))
 
 
-def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 16, concurrency: int = 4) -> TaskResult:
-    """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time."""
+def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 16, concurrency: int = 4,
+             thinking: bool | None = None) -> TaskResult:
+    """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time.
+    `thinking` sends `enable_thinking` and streams each reply, to count the reasoning and time
+    the first answer token; None sends neither (the target's default, one plain response)."""
     if task.items is None:
-        return TaskResult(task.name, unavailable=task.unavailable)
+        return TaskResult(task.name, unavailable=task.unavailable, thinking=thinking)
     try:
         items = task.items()[:limit]
     except TaskUnavailable as exc:
-        return TaskResult(task.name, unavailable=str(exc))
-    result = TaskResult(task.name, asked=len(items))
-    with tqdm(total=len(items), desc=f"{task.name} @ {endpoint.model}", leave=False) as progress:
-        pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress, task.system))
+        return TaskResult(task.name, unavailable=str(exc), thinking=thinking)
+    result = TaskResult(task.name, asked=len(items), thinking=thinking)
+    mode = "" if thinking is None else f", thinking {'on' if thinking else 'off'}"
+    with tqdm(total=len(items), desc=f"{task.name} @ {endpoint.model}{mode}", leave=False) as progress:
+        pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress, task.system, thinking))
     for answer, usage in pairs:
         result.answers.append(answer)
         result.correct += answer.correct
         result.failed += bool(answer.error)
         result.prompt_tokens += usage.get("prompt_tokens", 0)
         result.completion_tokens += usage.get("completion_tokens", 0)
+        result.reasoning_tokens += (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return result
