@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, result in report.held_out.items():
         print(f"held-out arithmetic, thinking {mode}: {result['correct']}/{result['asked']} "
               f"(closed think blocks: {result['closed_think_blocks']})")
+    print(f"held-out prose perplexity (4 x 512 tokens): {report.perplexity_before:.3f} stock -> {report.perplexity_after:.3f}")
     print(f"trained {report.steps} steps in {report.seconds:.0f} s (own replies {report.replies_seconds:.0f} s); adapter in {args.out}")
     return 0
 

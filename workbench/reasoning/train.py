@@ -14,16 +14,21 @@ example, each a chat turn whose loss covers the reply only:
   nothing to work out, then the model's own reply.
 
 The loop is the recovery step's (same peft LoRA, schedule and adapter files); the loss is
-plain next-token cross-entropy on the reply tokens, since the traces are the targets.
+plain next-token cross-entropy on the reply tokens, since the traces are the targets, plus a
+guard on plain prose: each step also reads `text_rows` windows of data/calibration.txt and adds
+the KL divergence of the trained model's token distribution from the stock model's there (the
+stock model is the same weights with the LoRA switched off, so no copy is kept). Without it the
+chat-only training left `facts` alone but raised held-out perplexity on prose from 15.7 to 24.4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +46,7 @@ the second is the bench's short-answer prompt, which the arithmetic task sends."
 
 class ThinkingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(200, ge=1, le=100_000)
+    steps: int = Field(150, ge=1, le=100_000)
     batch: int = Field(8, ge=1, le=1024)
     lr: float = Field(1e-3, gt=0.0, lt=1.0)
     warmup: int = Field(10, ge=0)
@@ -52,6 +57,10 @@ class ThinkingOptions(BaseModel):
     shares: dict[str, float] = Field(default_factory=lambda: {"think": 0.55, "plain": 0.15, "general": 0.2, "general-think": 0.1})
     reply_tokens: int = Field(96, ge=8, le=1024)
     """Length of the model's own replies to the general prompts."""
+    text_rows: int = Field(1, ge=0, le=1024)
+    """Windows of calibration prose per step held to the stock model's distribution (0: none)."""
+    text_len: int = Field(128, ge=16, le=4096)
+    text_weight: float = Field(2.0, ge=0.0)
     seed: int = 0
     threads: int | None = Field(None, ge=1, le=1024)
     cache_dir: str | None = None
@@ -82,6 +91,9 @@ class TrainReport:
     examples: dict[str, int] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     held_out: dict = field(default_factory=dict)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    """held-out prose (4 x 512 tokens of data/evaluation.txt), stock and trained"""
     trainable_params: int = 0
 
 
@@ -177,7 +189,17 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
     from tqdm.auto import tqdm
 
     from workbench.compress import recovery_data as rd
-    from workbench.compress.recovery import LORA_TARGETS, _default_cache, _schedule, _threads, save_adapter
+    from workbench.compress.data import calibration_texts, evaluation_texts
+    from workbench.compress.quality import perplexity
+    from workbench.compress.recovery import (
+        ADAPTER_RECORD,
+        LORA_TARGETS,
+        _default_cache,
+        _schedule,
+        _threads,
+        kl_loss,
+        save_adapter,
+    )
 
     model, tokenizer = session.model, session.tokenizer
     report = TrainReport()
@@ -197,6 +219,9 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         if "enable_thinking" not in tokenizer.chat_template:
             tokenizer.chat_template = with_thinking_switch(tokenizer.chat_template)
         report.replies_seconds = round(time.perf_counter() - began, 1)
+        report.perplexity_before = perplexity(model, tokenizer, evaluation_texts(), max_windows=4)
+        prose = rd.Mixture(torch.zeros(0, dtype=torch.long), rd.text_stream(tokenizer, calibration_texts()),
+                           opts.text_len, 1.0, opts.seed) if opts.text_rows else None
         pools = {**arithmetic_examples(pb.generate(opts.problems, opts.seed), rng), **general_examples(chats, replies)}
         report.examples = {k: len(v) for k, v in pools.items()}
         lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, target_modules=list(LORA_TARGETS), bias="none")
@@ -206,8 +231,7 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         params = [p for p in peft_model.parameters() if p.requires_grad]
         report.trainable_params = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-        schedule = type("S", (), {"warmup": opts.warmup, "steps": opts.steps})
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, schedule))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))  # reads warmup, steps
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         running: list[float] = []
         peft_model.train()
@@ -217,10 +241,17 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
             loss = 0.0
             for part, weight in micro_batches(rows):
                 batch = {k: v.to(device) for k, v in collate(part, pad).items()}
-                with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False):
+                with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
                     part_loss = peft_model(**batch, use_cache=False).loss * weight
                 part_loss.backward()
                 loss += part_loss.detach()
+            if prose is not None:
+                ids = prose.batch(opts.text_rows).to(device)
+                with torch.no_grad(), peft_model.disable_adapter():
+                    stock = peft_model(input_ids=ids, use_cache=False).logits
+                drift = kl_loss(peft_model(input_ids=ids, use_cache=False).logits, stock, 1.0) * opts.text_weight
+                drift.backward()
+                loss += drift.detach()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -244,14 +275,13 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         merged = peft_model.merge_and_unload()
         assert merged is model
         model.eval()
+        report.perplexity_after = perplexity(model, tokenizer, evaluation_texts(), max_windows=4)
         report.held_out = {"on": held_out_accuracy(model, tokenizer, thinking=True),
                            "off": held_out_accuracy(model, tokenizer, thinking=False, max_tokens=32)}
-    record.update({"held_out": {k: {"correct": v["correct"], "asked": v["asked"], "closed_think_blocks": v["closed_think_blocks"]}
+    record.update({"perplexity_before": report.perplexity_before, "perplexity_after": report.perplexity_after,
+                   "held_out": {k: {"correct": v["correct"], "asked": v["asked"], "closed_think_blocks": v["closed_think_blocks"]}
                                 for k, v in report.held_out.items()}})
-    (out / "recovery.json").write_text(json.dumps({**json.loads((out / "recovery.json").read_text()), **record}, indent=2))
+    (out / ADAPTER_RECORD).write_text(json.dumps({**json.loads((out / ADAPTER_RECORD).read_text()), **record}, indent=2))
     (out / "held_out.json").write_text(json.dumps(report.held_out, indent=1, ensure_ascii=False))
     return report
 
-
-def report_dict(report: TrainReport) -> dict:
-    return asdict(report)
