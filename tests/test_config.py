@@ -88,3 +88,10 @@ def test_load_overrides_are_validated_too():
 def test_load_override_applies():
     session = workbench.load("tiny:llama", context_limit=64, quiet=True)
     assert session.engine.context_limit == 64
+
+
+def test_shipped_configs_load_by_their_repository_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a notebook runs in notebooks/, a user anywhere
+    assert load_config("configs/thinking.yaml").model.adapter == "data/thinking"
+    with pytest.raises(ConfigError, match="configs/nope.yaml does not exist"):
+        load_config("configs/nope.yaml")
