@@ -55,6 +55,30 @@ def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):
     assert "| 3 | 3 (0) |" in capsys.readouterr().out
 
 
+def test_serve_bench_puts_the_compiled_server_beside_the_eager_one(tmp_path, capsys):
+    main(["serve", "--config", "tiny:llama", "--paths", "eager,compiled", "--concurrency", "1,2", "--requests", "1",
+          "--tokens", "4", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert [(level["path"], level["concurrency"]) for level in data["levels"]] == [
+        ("eager", 1), ("compiled", 1), ("eager", 2), ("compiled", 2)]  # interleaved level by level
+    assert all(level["failed"] == 0 for level in data["levels"])
+    assert all(r["completion_tokens"] == 4 for r in data["runs"])
+    assert data["meta"]["paths"] == ["eager", "compiled"] and data["meta"]["compiled_first_request_s"] > 0
+    out = capsys.readouterr().out
+    assert "| compiled | 1 | 1 (0) |" in out and "first request (compiling) took" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--paths", "jit"], "--paths takes eager, compiled or both"),
+    (["--paths", "eager,eager"], "--paths takes eager, compiled or both"),
+    (["--paths", "compiled", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"], "--paths is for the in-process server"),
+])
+def test_serve_bench_refuses_bad_paths(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", "--config", "tiny:llama", *argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_serve_bench_reports_failures_of_a_foreign_endpoint(tmp_path):
     from workbench.serve.live import free_port
 

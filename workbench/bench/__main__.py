@@ -81,21 +81,32 @@ def _merge(args) -> None:
 def _serve(args) -> None:
     levels = tuple(int(c) for c in args.concurrency.split(","))
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not paths or any(p not in ("eager", "compiled") for p in paths) or len(set(paths)) != len(paths):
+        raise SystemExit(f"error: --paths takes eager, compiled or both (eager,compiled), not {args.paths!r}")
+    if args.base_url and paths != ["eager"]:
+        raise SystemExit("error: --paths is for the in-process server; an endpoint at --base-url runs whatever it runs")
     with contextlib.ExitStack() as stack:
         if args.base_url:
-            base_url, model, target = args.base_url, args.model, args.base_url
-            if not model:
+            if not args.model:
                 raise SystemExit("--model is required with --base-url (the model id that endpoint serves)")
+            servers = {"endpoint": (args.base_url, args.model)}
+            target, warmup = args.base_url, {}
         else:
             from workbench.serve.live import LiveServer
 
-            session = workbench.load(args.config)
-            live = stack.enter_context(LiveServer(session, model_name="workbench"))
-            base_url, model, target = live.base_url + "/v1", "workbench", f"workbench server ({session.loaded.source}, {session.loaded.device})"
-        rows, runs = serve_bench.run_serve(
-            base_url, model, api_key=api_key, levels=levels, requests_per_client=args.requests, tokens=args.tokens
-        )
-    meta = {"target": target, "model": model, "tokens": args.tokens, "requests_per_client": args.requests, "levels": list(levels)}
+            servers, warmup = {}, {}
+            for path in paths:
+                session = workbench.load(args.config, **({"compile": True} if path == "compiled" else {}))
+                live = stack.enter_context(LiveServer(session, model_name="workbench"))
+                servers[path] = (live.base_url + "/v1", "workbench")
+            target = f"workbench server ({session.loaded.source}, {session.loaded.device})"
+            if "compiled" in servers:  # the first lone request compiles; time it apart, as a user meets it
+                warmup["compiled_first_request_s"] = serve_bench.warm_up(*servers["compiled"], tokens=args.tokens)
+        rows, runs = serve_bench.run_paths(servers, api_key=api_key, levels=levels, requests_per_client=args.requests,
+                                           tokens=args.tokens)
+    meta = {"target": target, "model": next(iter(servers.values()))[1], "tokens": args.tokens,
+            "requests_per_client": args.requests, "levels": list(levels), "paths": list(servers), **warmup}
     out = _out(args.out, "serve")
     serve_bench.write_results(out, rows, runs, meta)
     print(serve_bench.to_markdown(rows, meta))
@@ -234,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--api-key-env", default=None, help="name of the environment variable holding the endpoint's API key")
     serve.add_argument("--config", default=None, help="config or source for the in-process server (default: the embedded model)")
     serve.add_argument("--concurrency", default="1,4,8", help="comma-separated concurrent client counts")
+    serve.add_argument("--paths", default="eager",
+                       help="in-process server paths: eager, compiled (model.compile: lone requests decode through the "
+                            "compiled step) or both, interleaved level by level in one run")
     serve.add_argument("--requests", type=int, default=2, help="requests each client sends back to back")
     serve.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
     serve.add_argument("--out", type=Path, default=None, help="results folder (default runs/serve-TIMESTAMP)")

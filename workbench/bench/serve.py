@@ -28,6 +28,8 @@ PROMPTS = [
 
 @dataclass(frozen=True)
 class ServeRun:
+    path: str
+    """which server: eager, compiled, or endpoint (a --base-url)"""
     concurrency: int
     ok: bool
     ttft_s: float
@@ -36,20 +38,20 @@ class ServeRun:
     error: str = ""
 
 
-async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, concurrency: int) -> ServeRun:
+async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, concurrency: int, path: str) -> ServeRun:
     start = time.perf_counter()
     first = None
     tokens = chunks = 0
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
-                return ServeRun(concurrency, False, 0.0, time.perf_counter() - start, 0, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                return ServeRun(path, concurrency, False, 0.0, time.perf_counter() - start, 0, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])
                 if "error" in data:
-                    return ServeRun(concurrency, False, 0.0, time.perf_counter() - start, 0, str(data["error"]))
+                    return ServeRun(path, concurrency, False, 0.0, time.perf_counter() - start, 0, str(data["error"]))
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
                 for choice in data.get("choices", []):
@@ -59,14 +61,15 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, c
                         if first is None:
                             first = time.perf_counter()
     except httpx.HTTPError as exc:
-        return ServeRun(concurrency, False, 0.0, time.perf_counter() - start, 0, f"{type(exc).__name__}: {exc}")
+        return ServeRun(path, concurrency, False, 0.0, time.perf_counter() - start, 0, f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     # An endpoint that sends no usage in the stream (llama-cpp-python's server) is counted by
     # its content chunks: one token each there.
-    return ServeRun(concurrency, True, (first or end) - start, end - start, tokens or chunks)
+    return ServeRun(path, concurrency, True, (first or end) - start, end - start, tokens or chunks)
 
 
-async def _level(base_url: str, model: str, api_key: str | None, concurrency: int, requests_per_client: int, tokens: int):
+async def _level(base_url: str, model: str, api_key: str | None, concurrency: int, requests_per_client: int, tokens: int,
+                 path: str = "endpoint"):
     url = base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
@@ -82,7 +85,7 @@ async def _level(base_url: str, model: str, api_key: str | None, concurrency: in
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 }
-                runs.append(await _one(client, url, headers, body, concurrency))
+                runs.append(await _one(client, url, headers, body, concurrency, path))
             return runs
 
         start = time.perf_counter()
@@ -97,36 +100,60 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def run_serve(base_url: str, model: str, *, api_key: str | None = None, levels=(1, 4, 8), requests_per_client: int = 2, tokens: int = 32):
+def _row(path: str, concurrency: int, level_runs: list[ServeRun], wall: float) -> dict:
+    ok = [r for r in level_runs if r.ok]
+    ttft = [r.ttft_s * 1000 for r in ok] or [float("nan")]
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "requests": len(level_runs),
+        "failed": len(level_runs) - len(ok),
+        "ttft_ms_p50": statistics.median(ttft),
+        "ttft_ms_p95": _percentile(ttft, 95),
+        "aggregate_tok_s": sum(r.completion_tokens for r in ok) / wall,
+        "wall_s": wall,
+    }
+
+
+def run_paths(servers: dict[str, tuple[str, str]], *, api_key: str | None = None, levels=(1, 4, 8),
+              requests_per_client: int = 2, tokens: int = 32):
+    """Every level against every server ({path: (base_url, model)}), interleaved level by
+    level, so two paths measured in one run share the machine's state."""
     rows, runs = [], []
     for concurrency in levels:
-        level_runs, wall = asyncio.run(_level(base_url, model, api_key, concurrency, requests_per_client, tokens))
-        runs += level_runs
-        ok = [r for r in level_runs if r.ok]
-        ttft = [r.ttft_s * 1000 for r in ok] or [float("nan")]
-        rows.append({
-            "concurrency": concurrency,
-            "requests": len(level_runs),
-            "failed": len(level_runs) - len(ok),
-            "ttft_ms_p50": statistics.median(ttft),
-            "ttft_ms_p95": _percentile(ttft, 95),
-            "aggregate_tok_s": sum(r.completion_tokens for r in ok) / wall,
-            "wall_s": wall,
-        })
+        for path, (base_url, model) in servers.items():
+            level_runs, wall = asyncio.run(_level(base_url, model, api_key, concurrency, requests_per_client, tokens, path))
+            runs += level_runs
+            rows.append(_row(path, concurrency, level_runs, wall))
     return rows, runs
+
+
+def run_serve(base_url: str, model: str, *, api_key: str | None = None, levels=(1, 4, 8), requests_per_client: int = 2, tokens: int = 32):
+    return run_paths({"endpoint": (base_url, model)}, api_key=api_key, levels=levels,
+                     requests_per_client=requests_per_client, tokens=tokens)
+
+
+def warm_up(base_url: str, model: str, *, tokens: int) -> float:
+    """Seconds of one lone request: on a compiled server, the compilation of its cache bucket."""
+    (run,), _ = asyncio.run(_level(base_url, model, None, 1, 1, tokens, "warm-up"))
+    if not run.ok:
+        raise RuntimeError(f"the warm-up request failed: {run.error}")
+    return round(run.total_s, 1)
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Serve bench: {meta['target']} model {meta['model']!r}, {meta['tokens']} max tokens, greedy, "
-        f"{meta['requests_per_client']} requests per client, streaming",
+        f"{meta['requests_per_client']} requests per client, streaming"
+        + (f"; the compiled server's first request (compiling) took {meta['compiled_first_request_s']} s, not counted"
+           if meta.get("compiled_first_request_s") is not None else ""),
         "",
-        "| concurrent clients | requests (failed) | time to first token p50, ms | p95, ms | aggregate tok/s |",
-        "|---|---|---|---|---|",
+        "| server | concurrent clients | requests (failed) | time to first token p50, ms | p95, ms | aggregate tok/s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['concurrency']} | {r['requests']} ({r['failed']}) | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p95']:.0f} | {r['aggregate_tok_s']:.1f} |"
+            f"| {r['path']} | {r['concurrency']} | {r['requests']} ({r['failed']}) | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p95']:.0f} | {r['aggregate_tok_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
