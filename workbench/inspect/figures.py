@@ -132,7 +132,6 @@ ATTENTION_TEXT = (
     "The KV cache stores the keys and values of every token a model has read, so that each new token "
     "attends to them without computing them again. Its size grows with the context."
 )
-THINKING_PROMPT = "A farmer has 17 sheep and buys 5 more. How many sheep does he have now?"
 
 
 def export(out: Path, only: list[str] | None = None) -> list[Path]:
@@ -173,9 +172,14 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
 
     if wanted("03"):
         started = time.perf_counter()
-        timeline = run_timeline(session, THINKING_PROMPT, think_budget=32, max_tokens=24)
+        from workbench.bench.tasks import SYSTEM_PROMPT, arithmetic_items
+
+        item = arithmetic_items(1)[0]  # held out: the thinking adapter never saw it
+        thinker = workbench.load("configs/thinking.yaml", quiet=True)
+        asked = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}]
+        timeline = run_timeline(thinker, asked, max_tokens=160)
         summary = timeline.summary()
-        save(thinking_timeline(timeline, title=f"{name}, thinking forced for 32 tokens, then the answer (per-token latency, CPU)"),
+        save(thinking_timeline(timeline, title=f"{name} + thinking adapter: {item.question} (held out; per-token latency, CPU)"),
              "03_thinking_traces.png", started,
              f"{summary}\nmedian latency per phase (ms): "
              f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}")
