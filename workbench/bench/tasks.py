@@ -185,18 +185,26 @@ def _facts() -> tuple[Item, ...]:
     return tuple(Item(r["question"], r["answer"], tuple(r.get("aliases", ()))) for r in rows)
 
 
+def draw_operands(rng: random.Random) -> tuple[str, int, int]:
+    """One arithmetic question's operator ("+", "-" or "x") and operands: two two-digit numbers,
+    or a two-digit number times 3..12; a difference is never negative. The thinking adapter's
+    training problems (workbench/reasoning/problems.py) are drawn the same way."""
+    op = rng.choice("+-x")
+    a, b = rng.randint(11, 99), rng.randint(11, 99)
+    if op == "x":
+        b = rng.randint(3, 12)
+    if op == "-" and a < b:
+        a, b = b, a
+    return op, a, b
+
+
 def arithmetic_items(count: int = 20, seed: int = 9) -> list[Item]:
     """Two-digit sums, differences and small products; a fixed seed makes the set the same
     everywhere. No answer equals an operand, so an echoed question is never right."""
     rng = random.Random(seed)
     items = []
     while len(items) < count:
-        op = rng.choice("+-x")
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
-        if op == "x":
-            b = rng.randint(3, 12)
-        if op == "-" and a < b:
-            a, b = b, a
+        op, a, b = draw_operands(rng)
         answer = {"+": a + b, "-": a - b, "x": a * b}[op]
         if answer in (a, b):
             continue

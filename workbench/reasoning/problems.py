@@ -137,17 +137,14 @@ def held_out_keys() -> set[tuple]:
 
 def generate(count: int, seed: int = 0, *, exclude: set[tuple] | None = None, three_terms: float = 0.15) -> list[Problem]:
     """`count` distinct problems; none whose (operator, operands) is in `exclude`."""
+    from workbench.bench.tasks import draw_operands
+
     rng = random.Random(seed)
     exclude = held_out_keys() if exclude is None else exclude
     seen: set[tuple] = set()
     out = []
     while len(out) < count:
-        op = rng.choice("+-x")
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
-        if op == "x":
-            b = rng.randint(3, 12)
-        if op == "-" and a < b:
-            a, b = b, a
+        op, a, b = draw_operands(rng)
         if (op, a, b) in exclude or a - b == 0:
             continue
         c = rng.randint(2, 49) if op != "x" and rng.random() < three_terms else None
