@@ -196,10 +196,9 @@ def parse_config(data: Any, origin: str = "<config>") -> WorkbenchConfig:
 def load_config(path: str | Path) -> WorkbenchConfig:
     """A relative path that is not there is tried against the repository too, so the shipped
     `configs/NAME.yaml` load by that name from anywhere (a notebook runs in notebooks/)."""
-    path = Path(path)
-    shipped = Path(__file__).resolve().parents[1] / path
-    if not path.is_file() and not path.is_absolute() and shipped.is_file():
-        path = shipped
+    from workbench.compress.recovery import resolve_path
+
+    path = resolve_path(str(path))
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
