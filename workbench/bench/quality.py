@@ -16,22 +16,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from workbench.bench.targets import Endpoint, Target, open_target, probe
-from workbench.bench.tasks import Answer, Task, TaskResult, run_task
+from workbench.bench.tasks import Answer, Task, TaskResult, mode_name, run_task
 from workbench.compress.data import evaluation_texts
 from workbench.compress.quality import perplexity
 
 NO_PERPLEXITY = "n/a (endpoint: no log-probabilities over the chat API)"
 
 
-def mode_name(thinking: bool) -> str:
-    return "on" if thinking else "off"
-
-
-def columns(tasks: list[Task], thinking: list[bool] | None) -> list[tuple[str, str, Task]]:
-    """(result key, column title, task): one per task, or one per task and thinking mode."""
+def columns(tasks: list[Task], thinking: list[bool] | None) -> list[tuple[str, str, Task, bool | None]]:
+    """(result key, column title, task, thinking mode): one per task (mode None: the target's
+    default), or one per task and thinking mode."""
     if not thinking:
-        return [(t.name, t.title, t) for t in tasks]
-    return [(f"{t.name}@thinking-{mode_name(m)}", f"{t.title}, thinking {mode_name(m)}", t) for t in tasks for m in thinking]
+        return [(t.name, t.title, t, None) for t in tasks]
+    return [(f"{t.name}@thinking-{mode_name(m)}", f"{t.title}, thinking {mode_name(m)}", t, m) for t in tasks for m in thinking]
 
 
 @dataclass
@@ -51,10 +48,11 @@ class Quality:
                 "tasks": {name: result.to_dict() for name, result in self.tasks.items()}}
 
 
-def failed_tasks(tasks: list[Task], error: str) -> dict[str, TaskResult]:
-    """Each task's result when the target could not be reached: the error, in every cell."""
-    return {t.name: TaskResult(t.name, unavailable=t.unavailable) if t.items is None
-            else TaskResult(t.name, asked=1, failed=1, answers=[Answer("", "", error=error)]) for t in tasks}
+def failed_tasks(tasks: list[Task], error: str, thinking: list[bool] | None = None) -> dict[str, TaskResult]:
+    """Each column's result when the target could not be reached: the error, in every cell."""
+    return {key: TaskResult(t.name, unavailable=t.unavailable, thinking=mode) if t.items is None
+            else TaskResult(t.name, asked=1, failed=1, thinking=mode, answers=[Answer("", "", error=error)])
+            for key, _, t, mode in columns(tasks, thinking)}
 
 
 def measure(target: Target, endpoint: Endpoint, session, tasks: list[Task], *, windows: int, limit: int | None,
@@ -68,15 +66,14 @@ def measure(target: Target, endpoint: Endpoint, session, tasks: list[Task], *, w
     if session is not None and windows > 0:
         result.perplexity = perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=windows)
     if reachable_error:
-        failed = failed_tasks(tasks, reachable_error)
-        result.tasks = {key: failed[t.name] for key, _, t in columns(tasks, thinking)}
-    elif not thinking:
-        result.tasks = {t.name: run_task(endpoint, t, limit=limit, max_tokens=max_tokens) for t in tasks}
-    else:
-        for t in tasks:
-            for mode in thinking:
-                result.tasks[f"{t.name}@thinking-{mode_name(mode)}"] = run_task(
-                    endpoint, t, limit=limit, max_tokens=thinking_tokens if mode else max_tokens, concurrency=1, thinking=mode)
+        result.tasks = failed_tasks(tasks, reachable_error, thinking)
+        return result
+    for key, _, task, mode in columns(tasks, thinking):
+        if mode is None:
+            result.tasks[key] = run_task(endpoint, task, limit=limit, max_tokens=max_tokens)
+        else:
+            result.tasks[key] = run_task(endpoint, task, limit=limit, max_tokens=thinking_tokens if mode else max_tokens,
+                                         concurrency=1, thinking=mode)
     return result
 
 
@@ -92,8 +89,7 @@ def run_quality(targets: list[Target], tasks: list[Task], *, windows: int, limit
                                        thinking_tokens=thinking_tokens))
         except Exception as exc:  # a target that fails to load is one bad row, not a lost run
             print(f"quality: {target.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            failed = failed_tasks(tasks, f"{type(exc).__name__}: {exc}")
-            results.append(Quality(target.name, tasks={key: failed[t.name] for key, _, t in columns(tasks, thinking)},
+            results.append(Quality(target.name, tasks=failed_tasks(tasks, f"{type(exc).__name__}: {exc}", thinking),
                                    error=f"{type(exc).__name__}: {exc}"))
     return results
 
@@ -111,11 +107,11 @@ def to_markdown(results: list[Quality], targets: list[Target], tasks: list[Task]
         f"answer accuracy over the OpenAI HTTP path, greedy, {budget}"
         + (f", first {meta['limit']} questions per task" if meta.get("limit") else ""),
         "",
-        "| target | perplexity | " + " | ".join(title for _, title, _ in cols) + " |",
+        "| target | perplexity | " + " | ".join(title for _, title, _, _ in cols) + " |",
         "|---|---|" + "---|" * len(cols),
     ]
     for r in results:
-        cells = [r.perplexity_cell(local[r.target])] + [r.tasks[key].cell() for key, _, _ in cols]
+        cells = [r.perplexity_cell(local[r.target])] + [r.tasks[key].cell() for key, _, _, _ in cols]
         lines.append(f"| {r.target} | " + " | ".join(cells) + " |")
     if meta.get("thinking"):
         lines += ["", "Thinking on and off, per task (streamed, one question at a time): reasoning tokens per "
@@ -123,12 +119,12 @@ def to_markdown(results: list[Quality], targets: list[Target], tasks: list[Task]
                   "| target | task | thinking | accuracy | reasoning tokens / question | first answer token (s, median) |",
                   "|---|---|---|---|---|---|"]
         for r in results:
-            for key, _, task in cols:
+            for key, _, task, mode in cols:
                 result = r.tasks[key]
                 answered = result.asked - result.failed
                 tokens = f"{result.reasoning_tokens / answered:.1f}" if answered else "-"
                 first = f"{result.first_answer_s:.2f}" if result.first_answer_s is not None else "-"
-                lines.append(f"| {r.target} | {task.name} | {mode_name(bool(result.thinking))} | {result.cell()} | {tokens} | {first} |")
+                lines.append(f"| {r.target} | {task.name} | {mode_name(mode)} | {result.cell()} | {tokens} | {first} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +135,7 @@ def write_results(out: Path, results: list[Quality], targets: list[Target], task
     (out / "quality.json").write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=2))
     (out / "quality.md").write_text(to_markdown(results, targets, tasks, meta))
     fig = go.Figure()
-    for key, title, task in columns(tasks, _thinking(meta)):
+    for key, title, task, _ in columns(tasks, _thinking(meta)):
         if task.items is not None:
             fig.add_bar(name=title, x=[r.target for r in results], y=[(r.tasks[key].accuracy or 0) * 100 for r in results])
     fig.update_layout(title="Answer accuracy per target", yaxis_title="% correct", yaxis_range=[0, 100], barmode="group",

@@ -369,6 +369,10 @@ async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: in
         return await asyncio.gather(*(one(item) for item in items))
 
 
+def mode_name(thinking: bool) -> str:
+    return "on" if thinking else "off"
+
+
 def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 16, concurrency: int = 4,
              thinking: bool | None = None) -> TaskResult:
     """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time.
@@ -381,7 +385,7 @@ def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int 
     except TaskUnavailable as exc:
         return TaskResult(task.name, unavailable=str(exc), thinking=thinking)
     result = TaskResult(task.name, asked=len(items), thinking=thinking)
-    mode = "" if thinking is None else f", thinking {'on' if thinking else 'off'}"
+    mode = "" if thinking is None else f", thinking {mode_name(thinking)}"
     with tqdm(total=len(items), desc=f"{task.name} @ {endpoint.model}{mode}", leave=False) as progress:
         pairs = asyncio.run(_ask_all(endpoint, items, max_tokens, concurrency, progress, task.system, thinking))
     for answer, usage in pairs:
