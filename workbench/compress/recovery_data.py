@@ -57,6 +57,22 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def greedy_replies(model, tokenizer, texts: list[str], max_tokens: int) -> list[str]:
+    """The model's greedy continuation of each rendered prompt, one padded batch (special
+    tokens dropped, text otherwise as generated)."""
+    device = model.get_input_embeddings().weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from each row's right end
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+    finally:
+        tokenizer.padding_side = side
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def teacher_replies(teacher, tokenizer, chats: list[list[dict]], *, max_tokens: int, cache_dir: Path | None,
                     batch: int = 8, progress: bool = True) -> list[str]:
     """The teacher's greedy reply to every chat, read from `cache_dir` when it was made before."""
@@ -66,27 +82,16 @@ def teacher_replies(teacher, tokenizer, chats: list[list[dict]], *, max_tokens: 
         return json.loads(cached.read_text(encoding="utf-8"))
     from tqdm.auto import tqdm
 
-    device = teacher.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Replies so far are kept after every batch, so an interrupted run resumes where it stopped.
     partial = cached.with_suffix(".partial.json") if cached is not None else None
     replies: list[str] = json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    try:
-        for start in tqdm(range(len(replies), len(chats), batch), desc="teacher replies", disable=not progress):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats[start:start + batch]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.inference_mode():
-                out = teacher.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad,
-                                       temperature=None, top_p=None, top_k=None)
-            replies += [r.strip() for r in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-            if partial is not None:
-                partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
-    finally:
-        tokenizer.padding_side = side
+    for start in tqdm(range(len(replies), len(chats), batch), desc="teacher replies", disable=not progress):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats[start:start + batch]]
+        replies += [r.strip() for r in greedy_replies(teacher, tokenizer, texts, max_tokens)]
+        if partial is not None:
+            partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
     if cached is not None:
         cached.write_text(json.dumps(replies, indent=1, ensure_ascii=False), encoding="utf-8")
         partial.unlink(missing_ok=True)

@@ -151,29 +151,21 @@ def held_out_accuracy(model, tokenizer, *, thinking: bool, count: int = 20, max_
     """Greedy replies to the bench's held-out arithmetic questions (asked as the bench asks
     them: its short-answer system prompt), scored by the bench's checker on the answer part."""
     from workbench.bench.tasks import SYSTEM_PROMPT, arithmetic_items, is_correct
+    from workbench.compress.recovery_data import greedy_replies
     from workbench.engine.thinking import split_thinking
 
     items = arithmetic_items(count)
-    device = model.get_input_embeddings().weight.device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     correct, closed, replies = 0, 0, []
-    try:
-        for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            texts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": i.question}],
-                                                   tokenize=False, add_generation_prompt=True, enable_thinking=thinking) for i in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.inference_mode():
-                out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tokenizer.eos_token_id,
-                                     temperature=None, top_p=None, top_k=None)
-            for item, text in zip(chunk, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
-                reasoning, answer = split_thinking(text, start_in_reasoning=thinking)
-                ok = is_correct(item, answer)
-                correct += ok
-                closed += thinking and "</think>" in text
-                replies.append({"question": item.question, "expected": item.answer, "reasoning": reasoning, "answer": answer, "correct": ok})
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        texts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": i.question}],
+                                               tokenize=False, add_generation_prompt=True, enable_thinking=thinking) for i in chunk]
+        for item, text in zip(chunk, greedy_replies(model, tokenizer, texts, max_tokens)):
+            reasoning, answer = split_thinking(text, start_in_reasoning=thinking)
+            ok = is_correct(item, answer)
+            correct += ok
+            closed += thinking and "</think>" in text
+            replies.append({"question": item.question, "expected": item.answer, "reasoning": reasoning, "answer": answer, "correct": ok})
     return {"thinking": thinking, "asked": len(items), "correct": correct, "closed_think_blocks": closed, "replies": replies}
 
 
