@@ -186,6 +186,30 @@ def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_remo
     assert "facts correct of 32" in html and "taylor (recover)" in html  # the second panel, one line per stage
 
 
+def test_pruning_grid_is_saved_per_point_and_resumes_without_measuring_again(tmp_path, monkeypatch, capsys):
+    import workbench
+    from workbench.bench import pruning as pruning_bench
+
+    saved = []
+    real = pruning_bench.write_results
+    monkeypatch.setattr(pruning_bench, "write_results", lambda out, rows, *a: (saved.append(len(rows)), real(out, rows, *a)))
+    args = ["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor", "--windows", "1",
+            "--calibration-texts", "2", "--out", str(tmp_path)]
+    main(args)
+    first = json.loads((tmp_path / "pruning.json").read_text())
+    assert saved[:2] == [1, 2]  # after each point, before the run ends
+
+    def no_load(*a, **k):
+        raise AssertionError("a resumed point was measured again")
+
+    monkeypatch.setattr(workbench, "load", no_load)
+    main(args + ["--resume"])
+    assert json.loads((tmp_path / "pruning.json").read_text())["rows"] == first["rows"]
+    with pytest.raises(SystemExit, match="windows: 1 there, 2 now"):
+        main([a if a != "1" else "2" for a in args] + ["--resume"])
+    assert json.loads((tmp_path / "pruning.json").read_text())["rows"] == first["rows"]  # the refused run lost nothing
+
+
 def test_pruning_bench_names_a_bad_recover_option_before_loading():
     with pytest.raises(Exception, match="stepz"):
         main(["pruning", "--config", "tiny:llama", "--ratios", "0.5", "--recovery", "recover", "--recover-options", '{"stepz": 3}'])

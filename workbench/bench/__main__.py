@@ -123,13 +123,22 @@ def _pruning(args) -> None:
         from workbench.compress.recovery import RecoverOptions
 
         RecoverOptions.model_validate(recover_options)  # a bad option fails before the first model loads
-    rows = pruning_bench.run_curve(args.config, ratios, criteria, seeds, args.windows, args.calibration_texts,
-                                   stages=stages, recover_options=recover_options, facts=args.facts)
-    summary = pruning_bench.summarise(rows)
     meta = {"source": args.config or "embedded:smollm2-135m-instruct", "windows": args.windows, "seeds": seeds,
-            "ratios": ratios, "criteria": criteria, "recovery": stages, "recover_options": recover_options}
+            "ratios": ratios, "criteria": criteria, "recovery": stages, "recover_options": recover_options,
+            "calibration_texts": args.calibration_texts, "facts": args.facts}
     out = _out(args.out, "pruning")
-    pruning_bench.write_results(out, rows, summary, meta)
+    try:
+        done = pruning_bench.resumable_rows(out / "pruning.json", meta) if args.resume else []
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+    def save(rows):
+        pruning_bench.write_results(out, rows, pruning_bench.summarise(rows), meta)
+
+    rows = pruning_bench.run_curve(args.config, ratios, criteria, seeds, args.windows, args.calibration_texts,
+                                   stages=stages, recover_options=recover_options, facts=args.facts,
+                                   done=done, on_point=save)
+    summary = pruning_bench.summarise(rows)
     print(pruning_bench.to_markdown(summary, meta))
     print(f"Results in {out}/pruning.json, pruning.md, pruning.html")
 
@@ -265,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     pruning.add_argument("--recover-options", default=None,
                          help='JSON options of the recover step for the recover stage, e.g. \'{"steps": 300}\'')
     pruning.add_argument("--facts", action="store_true", help="also ask the 32 facts questions (greedy) at every point")
-    pruning.add_argument("--out", type=Path, default=None, help="results folder (default runs/pruning-TIMESTAMP)")
+    pruning.add_argument("--out", type=Path, default=None, help="results folder (default runs/pruning-TIMESTAMP); "
+                         "pruning.json there is rewritten after every point")
+    pruning.add_argument("--resume", action="store_true",
+                         help="take the points already in --out/pruning.json (same options) instead of measuring them again")
     pruning.set_defaults(run=_pruning)
 
     quality = sub.add_parser("quality", help="perplexity and answer accuracy per config or endpoint")

@@ -46,7 +46,10 @@ def _measure(session, texts, windows: int, facts: bool) -> dict:
 
 def run_curve(source: str | None, ratios: list[float], criteria: list[str], seeds: list[int], windows: int,
               calibration_texts: int = 16, stages: list[str] | None = None, recover_options: dict | None = None,
-              facts: bool = False) -> list[dict]:
+              facts: bool = False, done: list[dict] | None = None, on_point=None) -> list[dict]:
+    """`done`: rows of an earlier run with the same options; a point whose stages are all there is
+    taken from them instead of being measured again. `on_point(rows)` is called after every point,
+    so a long grid (a recover point is a training run) can be saved as it goes."""
     from workbench.compress.recovery import recover, teacher_copy
 
     stages = stages or ["none"]
@@ -55,9 +58,18 @@ def run_curve(source: str | None, ratios: list[float], criteria: list[str], seed
         raise ValueError(f"unknown recovery stage(s) {unknown} (known: {', '.join(STAGES)})")
     texts = evaluation_texts()
     plan = [(r, c, s) for r in ratios for c in criteria for s in (seeds if c == "random" else seeds[:1])]
+    previous: dict[tuple, dict] = {}
+    for r in done or []:
+        previous.setdefault((r["ratio"], r["criterion"], r["seed"]), {})[r.get("recovery", "none")] = r
     rows = []
     base = None
     for ratio, criterion, seed in tqdm(plan, desc="pruning curve"):
+        old = previous.get((ratio, criterion, seed), {})
+        if all(stage in old for stage in stages):
+            rows += [old[stage] for stage in stages]
+            continue
+        if on_point is not None and rows:
+            on_point(rows)
         if ratio == 0 and base is not None:
             rows += [{**b, "criterion": criterion, "seed": seed} for b in base]
             continue
@@ -83,7 +95,26 @@ def run_curve(source: str | None, ratios: list[float], criteria: list[str], seed
             if "recover" in stages:
                 recover(session, teacher=teacher, **(recover_options or {}))
                 rows.append({**key, "recovery": "recover", "heads": heads, **_measure(session, texts, windows, facts)})
+    if on_point is not None:
+        on_point(rows)
     return rows
+
+
+RESUME_KEYS = ("source", "windows", "calibration_texts", "facts", "recover_options")
+
+
+def resumable_rows(path: Path, meta: dict) -> list[dict]:
+    """The rows of an earlier run in `path` that were measured exactly as `meta` asks; an earlier
+    run with other options is refused by name rather than mixed into this one."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    differ = [k for k in RESUME_KEYS if old.get("meta", {}).get(k) != meta.get(k)]
+    if differ:
+        raise ValueError(f"--resume: {path} was measured with other options ("
+                         + ", ".join(f"{k}: {old.get('meta', {}).get(k)!r} there, {meta.get(k)!r} now" for k in differ)
+                         + "); choose another --out or drop --resume")
+    return old["rows"]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
