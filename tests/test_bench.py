@@ -33,6 +33,21 @@ def test_decode_bench_times_every_target_on_equal_work_and_writes_results(tmp_pa
     assert "plotly" in (tmp_path / "decode.html").read_text()
 
 
+def test_decode_profile_says_where_a_reply_spends_its_time(tmp_path):
+    main(["decode", "--targets", "engine:tiny:llama,generate:tiny:llama", "--tokens", "6", "--repeats", "1",
+          "--profile", "--out", str(tmp_path)])
+    targets = json.loads((tmp_path / "decode.json").read_text())["targets"]
+    for name in ("engine:tiny:llama", "generate:tiny:llama"):
+        found = targets[name]["profile"]
+        assert 0 < found["ops_ms_per_token"] <= found["wall_ms_per_token"] * 1.05
+        ops = found["ops"]
+        assert 0 < len(ops) <= 12 and abs(sum(o["share"] for o in ops) - 1) < 0.5
+        assert [o["self_ms_per_token"] for o in ops] == sorted((o["self_ms_per_token"] for o in ops), reverse=True)
+        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm") for o in ops)
+    table = (tmp_path / "profile.md").read_text()
+    assert "### engine:tiny:llama" in table and "| op | ms per token | share of ops | calls per token |" in table
+
+
 def test_decode_bench_refuses_a_malformed_target(tmp_path):
     import pytest
 

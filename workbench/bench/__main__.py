@@ -42,7 +42,8 @@ def _decode(args) -> None:
     batches = tuple(int(b) for b in args.batch.split(","))
     load_before = os.getloadavg()[0]
     try:
-        runs, info, skipped = decode_bench.run_decode(targets, tokens=args.tokens, repeats=args.repeats, batches=batches)
+        runs, info, skipped = decode_bench.run_decode(targets, tokens=args.tokens, repeats=args.repeats, batches=batches,
+                                                     profile=args.profile)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     load_after = os.getloadavg()[0]
@@ -63,7 +64,7 @@ def _decode(args) -> None:
     out = _out(args.out, "decode")
     decode_bench.write_results(out, runs, rows, info, skipped, meta)
     print(decode_bench.to_markdown(rows, meta, skipped))
-    print(f"Results in {out}/decode.json, decode.md, decode.html")
+    print(f"Results in {out}/decode.json, decode.md, decode.html" + (", profile.md" if args.profile else ""))
 
 
 def _merge(args) -> None:
@@ -75,7 +76,7 @@ def _merge(args) -> None:
     out = _out(args.out, "decode-merged")
     decode_bench.write_results(out, [], rows, {}, {}, meta)
     print(decode_bench.to_markdown(rows, meta, {}))
-    print(f"Results in {out}/decode.json, decode.md, decode.html")
+    print(f"Results in {out}/decode.json, decode.md, decode.html" + (", profile.md" if args.profile else ""))
 
 
 def _serve(args) -> None:
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     decode.add_argument("--tokens", type=int, default=64, help="new tokens per reply (end of turn ignored)")
     decode.add_argument("--repeats", type=int, default=3, help="rounds over the fixed prompt set")
     decode.add_argument("--out", type=Path, default=None, help="results folder (default runs/decode-TIMESTAMP)")
+    decode.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, profile one more reply of every torch target (op table in profile.md)")
     decode.add_argument(
         "--merge", default=None, metavar="DIR,DIR",
         help="instead of timing, put these result folders' rows in one table (refused if they ran on different CPUs)",

@@ -45,8 +45,10 @@ class Run:
     peak_bytes: int
 
 
-def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batches=(1,), progress: bool = True):
-    """Returns (runs, info per target, skipped target -> reason)."""
+def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batches=(1,), progress: bool = True,
+               profile: bool = False):
+    """Returns (runs, info per target, skipped target -> reason). With `profile`, after the timed
+    rounds every torch target profiles one more reply; its op table is `info[target]['profile']`."""
     parsed = [Target.parse(t) for t in targets]
     context = multiprocessing.get_context("spawn")
     workers, info, skipped = {}, {}, {}
@@ -81,6 +83,13 @@ def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batche
                 skipped[name] = f"failed while timing: {message[1]}"
                 continue
             runs.append(Run(target=name, batch=batch, prompt=prompt, **message[1]))
+        if profile:
+            for name in tqdm([n for n in workers if n not in skipped and not n.startswith("llamacpp")],
+                             desc="profiling", disable=not progress):
+                process, conn = workers[name]
+                conn.send(("profile", tokens))
+                message = _receive(conn, process, name)
+                info[name]["profile"] = message[1] if message[0] == "ok" else f"failed: {message[1]}"
         for name in skipped:
             info.pop(name, None)
         return runs, info, skipped
@@ -203,7 +212,27 @@ def write_results(out_dir: Path, runs: list[Run], rows: list[dict], info: dict, 
     ))
     (out_dir / "decode.md").write_text(to_markdown(rows, meta, skipped))
     (out_dir / "decode.html").write_text(to_html(rows, meta))
+    profiles = {name: i["profile"] for name, i in info.items() if "profile" in i}
+    if profiles:
+        (out_dir / "profile.md").write_text(profile_markdown(profiles, meta))
     return out_dir
+
+
+def profile_markdown(profiles: dict, meta: dict) -> str:
+    """One table per target: the ops that take one reply's time (self time, per new token)."""
+    lines = [f"Where the time goes, one greedy reply of {meta['tokens']} new tokens per target, torch.profiler "
+             f"self CPU time ({meta['machine']})"]
+    for name, found in profiles.items():
+        lines += ["", f"### {name}", ""]
+        if isinstance(found, str):
+            lines.append(found)
+            continue
+        lines += [f"Wall {found['wall_ms_per_token']:.2f} ms per new token (under the profiler), of which ops "
+                  f"{found['ops_ms_per_token']:.2f} ms.", ""]
+        lines += ["| op | ms per token | share of ops | calls per token |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_ms_per_token']:.2f} | {o['share']:.0%} | {o['calls_per_token']:.0f} |"
+                  for o in found["ops"]]
+    return "\n".join(lines) + "\n"
 
 
 def merge_results(folders: list[Path]) -> tuple[list[dict], dict]:

@@ -307,6 +307,12 @@ def worker(target: Target, conn, warmup_tokens: int) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     while (command := conn.recv()) is not None:
+        if command[0] == "profile":
+            try:
+                conn.send(("ok", profile(runner, *command[1:])))
+            except Exception as exc:  # noqa: BLE001 -- a profile that fails leaves the timings intact
+                conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            continue
         try:
             if info["device"].startswith("cuda"):
                 import torch
@@ -317,3 +323,40 @@ def worker(target: Target, conn, warmup_tokens: int) -> None:
             conn.send(("ok", result))
         except Exception as exc:  # noqa: BLE001 -- reported to the parent, which drops this target
             conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+
+
+def _op_name(name: str) -> str:
+    """Profiler names of compiled graphs carry a hash per build; one name for all of them."""
+    if "CompiledFxGraph" in name:
+        return "compiled graph: inductor's own kernels"
+    if name.startswith("Torch-Compiled Region"):
+        return "compiled region (wrapper)"
+    return name
+
+
+def profile(runner: _Runner, tokens: int, top: int = 12) -> dict:
+    """Where one reply's time goes, by op: torch.profiler over a greedy reply of `tokens` new
+    tokens to the first prompt (prefill included), each op's self time per new token and its share
+    of all ops' time; the reply's wall time beside it (the difference is Python and waiting, which
+    no op owns; profiling itself adds some).
+    For torch targets only (llama.cpp's time is in native code the profiler cannot see)."""
+    if isinstance(runner, _LlamaCppRunner):
+        raise ValueError("llama.cpp runs native code the torch profiler cannot see")
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        result = runner.run(0, tokens, 1)
+        wall = time.perf_counter() - start
+    totals: dict[str, list] = {}
+    for event in prof.key_averages():
+        entry = totals.setdefault(_op_name(event.key), [0.0, 0])
+        entry[0] += event.self_cpu_time_total
+        entry[1] += event.count
+    whole = sum(t for t, _ in totals.values()) or 1.0
+    new = max(result["new_tokens"], 1)
+    ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_ms_per_token": wall * 1e3 / new, "ops_ms_per_token": whole / 1e3 / new,
+            "ops": [{"op": name, "self_ms_per_token": t / 1e3 / new, "share": t / whole, "calls_per_token": n / new}
+                    for name, (t, n) in ops]}
