@@ -76,7 +76,7 @@ def _merge(args) -> None:
     out = _out(args.out, "decode-merged")
     decode_bench.write_results(out, [], rows, {}, {}, meta)
     print(decode_bench.to_markdown(rows, meta, {}))
-    print(f"Results in {out}/decode.json, decode.md, decode.html" + (", profile.md" if args.profile else ""))
+    print(f"Results in {out}/decode.json, decode.md, decode.html")
 
 
 def _serve(args) -> None:
