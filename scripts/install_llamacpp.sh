@@ -9,7 +9,8 @@
 # AVX512-VNNI; some have AMX), and a build that enables an instruction the CPU lacks dies of
 # an illegal instruction at run time, while ggml's own native detection has picked paths
 # (AMX matmul) that crashed. So every ggml x86 feature is switched on or off explicitly from
-# /proc/cpuinfo's flags, with GGML_NATIVE off. Other architectures (arm64) build natively.
+# /proc/cpuinfo's flags, with GGML_NATIVE off, and AMX always off (it crashes even where listed).
+# Other architectures (arm64) build natively.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,11 +35,14 @@ if [[ "$machine" == x86_64 ]]; then
   args+=(-DGGML_NATIVE=OFF)
   # ggml option  <- /proc/cpuinfo flag
   for pair in AVX:avx AVX2:avx2 FMA:fma F16C:f16c BMI2:bmi2 AVX_VNNI:avx_vnni \
-              AVX512:avx512f AVX512_VBMI:avx512vbmi AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16 \
-              AMX_TILE:amx_tile AMX_INT8:amx_int8 AMX_BF16:amx_bf16; do
+              AVX512:avx512f AVX512_VBMI:avx512vbmi AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16; do
     option=${pair%%:*} flag=${pair#*:}
     if has "$flag"; then args+=("-DGGML_${option}=ON"); else args+=("-DGGML_${option}=OFF"); fi
   done
+  # AMX stays off even where the CPU lists it: on this project's Xeon machines (amx_tile/int8/bf16
+  # in /proc/cpuinfo, the kernel granting XTILEDATA) ggml's AMX matmul dies of an invalid opcode
+  # at its first `tileloadd` (seen with 0.3.36 on 2026-12-04, the whole worker killed by SIGILL).
+  args+=(-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
   echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 else
   args+=(-DGGML_NATIVE=ON)
