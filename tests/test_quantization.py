@@ -86,19 +86,26 @@ def test_a_scheme_without_a_kernel_here_fails_before_any_change():
 
 
 def test_int4_runs_on_the_cpu_through_the_packed_kernel_with_bf16_activations():
-    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from workbench.compress.int4_linear import Int4Linear
 
     session = workbench.load("tiny:qwen3", quiet=True)
     before = logits(session)
     report = quantize(session, scheme="int4_weight_only")  # group_size 32 by default
     layer = session.model.model.layers[0].mlp.up_proj
-    assert isinstance(layer.weight, Int4OpaqueTensor)
+    assert isinstance(layer, Int4Linear) and type(layer.weight) is torch.nn.Parameter  # plain tensors, no subclass
     seen = []
-    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype), prepend=False)
-    try:
+
+    class KernelInputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._weight_int4pack_mm_for_cpu.default and args[1] is layer.weight:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with KernelInputs():
         after = logits(session)
-    finally:
-        hook.remove()
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
     assert seen == [torch.bfloat16] and after.dtype == torch.float32
     # 4 bits per weight plus a bf16 scale and zero point per 32: 5 bits, 6.4x under float32
     assert report.changed_bytes_before / report.changed_bytes_after == pytest.approx(6.4, rel=0.01)
@@ -188,6 +195,32 @@ def test_int8_weight_only_uses_the_packed_kernel_with_torchaos_int8_values():
     assert layer(x).dtype == torch.float32
     torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=2e-2)
     assert torch.nn.functional.cosine_similarity(layer(x).flatten(), original(x).flatten(), dim=0) > 0.999
+
+
+def test_int4_layer_holds_torchaos_packed_values_and_dequantizes_to_what_it_multiplies():
+    import copy
+
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+    from workbench.compress.int4_linear import Int4Linear
+
+    session = workbench.load("tiny:llama", quiet=True)
+    original = copy.deepcopy(session.model.model.layers[0].mlp.down_proj)
+    quantize(session, scheme="int4_weight_only", group_size=32)
+    layer = session.model.model.layers[0].mlp.down_proj
+    reference = Int4OpaqueTensor.from_hp(original.weight.detach().bfloat16(), [1, 32])
+    assert torch.equal(layer.weight, reference.qdata) and torch.equal(layer.scales_and_zeros, reference.scale_and_zero)
+    w = layer.dequantized()
+    assert w.shape == original.weight.shape and w.dtype == torch.float32
+    x = torch.randn(2, 3, original.in_features)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x.bfloat16().float(), w), atol=3e-2, rtol=3e-2)
+    # 16 levels per group of 32: close to the float weights, not equal
+    assert 0 < (w - original.weight).abs().max() < 0.2 * original.weight.abs().max()
+    assert torch.nn.functional.cosine_similarity(w.flatten(), original.weight.detach().flatten(), dim=0) > 0.99
+    with pytest.raises(TypeError, match="only plain nn.Linear"):
+        from workbench.compress.quantization import _cast_io
+
+        _cast_io(layer, torch.float16)
 
 
 def _tied(arch="llama"):

@@ -15,12 +15,11 @@ Schemes:
 - `int8_weight_only`: torchao's symmetric per-channel int8, multiplied by PyTorch's packed
   int8 kernel where the device has one (`int8_linear.py`: fast in eager mode), else kept
   as torchao's tensor subclass;
-- `int4_weight_only` (grouped, `group_size`): on a CPU, torchao's `Int4OpaqueTensor`
-  (PrototypeInt4WeightOnlyConfig, tinygemm qparams), multiplied by PyTorch's own
-  `aten._weight_int4pack_mm_for_cpu`; the layer is stored in bf16 and casts its input in
-  and its output back, because that kernel is ~30x slower with float32 activations
-  (4.3 ms against 0.15 ms for a 576 -> 1536 product here). On CUDA, torchao's
-  Int4WeightOnlyConfig;
+- `int4_weight_only` (grouped, `group_size`): on a CPU, torchao's quantization
+  (`Int4OpaqueTensor.from_hp`, tinygemm qparams) kept as plain tensors in an `Int4Linear`
+  (`int4_linear.py`) that calls PyTorch's own `aten._weight_int4pack_mm_for_cpu` with bf16
+  activations, because that kernel is ~30x slower with float32 ones (4.3 ms against
+  0.15 ms for a 576 -> 1536 product here). On CUDA, torchao's Int4WeightOnlyConfig;
 - `int8_dynamic` (int8 activations too): torchao's tensor subclass.
 Where a scheme has no kernel on the model's device the step says so before any work.
 """
@@ -35,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear, kernel_available
 
 Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
@@ -80,8 +80,8 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def layer_bytes(module: nn.Linear) -> int:
     """A linear layer's weight storage, its int8 scales included."""
-    scales = getattr(module, "scales", None)
-    return tensor_bytes(module.weight) + (tensor_bytes(scales) if isinstance(scales, torch.Tensor) else 0)
+    extra = [getattr(module, n, None) for n in ("scales", "scales_and_zeros")]  # Int8Linear, Int4Linear
+    return tensor_bytes(module.weight) + sum(tensor_bytes(t) for t in extra if isinstance(t, torch.Tensor))
 
 
 def linear_bytes(model: nn.Module) -> int:
@@ -122,13 +122,19 @@ def _torchao_config(scheme: str, group_size: int, device_type: str = "cpu"):
     return Int4WeightOnlyConfig(group_size=group_size)
 
 
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
 def _quantize_modules(model: nn.Module, names: set[str], scheme: str, group_size: int, device_type: str) -> None:
-    """Apply one torchao scheme to these layers (int4 on a CPU: stored and fed in bf16)."""
+    """Apply one torchao scheme to these layers (int4 on a CPU: `Int4Linear`)."""
     from torchao.quantization import quantize_
 
     if scheme == "int4_weight_only" and device_type == "cpu":
         for name in names:
-            _cast_io(model.get_submodule(name), torch.bfloat16)
+            _replace(model, name, Int4Linear.from_linear(model.get_submodule(name), group_size))
+        return
     quantize_(model, _torchao_config(scheme, group_size, device_type), filter_fn=lambda m, fqn: fqn in names)
 
 
@@ -173,19 +179,29 @@ def untie_from_embedding(model: nn.Module, name: str) -> bool:
     return True
 
 
+class CastIOLinear(nn.Linear):
+    """A linear layer stored in another dtype than its neighbours: the input is cast to the
+    layer's dtype on the way in and the output back to the caller's on the way out.
+
+    A class rather than forward hooks: a compiled decode step guards every hook dict of every
+    module on every call; when the embedded model's 210 int4 layers were cast by hooks, those
+    guards took 18% of a compiled token (55.8 tok/s with hooks, 68.1 with this class, one run)."""
+
+    io_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.io_dtype)).to(x.dtype)
+
+
 def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
-    """Store the layer in `dtype`; its caller keeps seeing its own dtype in and out."""
+    """Store the layer in `dtype`; its caller keeps seeing its own dtype in and out. The
+    module keeps its name and state-dict keys (only its class changes), so saving and
+    exporting read it as the plain linear layer it was."""
+    if type(module) is not nn.Linear:
+        raise TypeError(f"cannot cast the input and output of a {type(module).__name__}; only plain nn.Linear layers")
     module.to(dtype)
-
-    def cast_in(m, args):
-        m._caller_dtype = args[0].dtype
-        return (args[0].to(dtype), *args[1:])
-
-    def cast_out(m, args, out):
-        return out.to(m._caller_dtype)
-
-    module.register_forward_pre_hook(cast_in)
-    module.register_forward_hook(cast_out)
+    module.__class__ = CastIOLinear
+    module.io_dtype = dtype
 
 
 def quantize(session, **options) -> QuantizeReport:
@@ -212,9 +228,7 @@ def quantize(session, **options) -> QuantizeReport:
                 _cast_io(model.get_submodule(name), _FLOAT[scheme])
         elif scheme == "int8_weight_only" and kernel_available(device.type):
             for name in names:
-                parent, _, child = name.rpartition(".")
-                owner = model.get_submodule(parent) if parent else model
-                setattr(owner, child, Int8Linear.from_linear(model.get_submodule(name)))
+                _replace(model, name, Int8Linear.from_linear(model.get_submodule(name)))
         else:
             _quantize_modules(model, names, scheme, opts.group_size, device.type)
     counts: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """The model's weights as plain float32 tensors, the per-layer head layout, and padding.
 
 Every exporter reads the same thing: a state dict of float32 tensors in transformers'
-naming (int8 layers de-quantized, fp16/bf16 layers widened) plus, per layer, how many
+naming (int8 / int4 layers de-quantized, fp16/bf16 layers widened) plus, per layer, how many
 query and KV heads it has. A head-pruned model stores fewer heads in some layers
 (`attention_heads_per_layer` / `key_value_heads_per_layer` in its config, see
 compress/pruning.py); a runtime that reads one head count for all layers can still take
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear
 from workbench.compress.pruning import attention_layers, kv_groups
 
@@ -62,15 +63,15 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> float32 tensor, in transformers' naming; quantized layers de-quantized.
     Tied weights appear under both names (the exporters decide whether to write both)."""
-    int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if owner in int8:
-            if leaf == "scales":
+        if owner in packed:
+            if leaf in ("scales", "scales_and_zeros"):
                 continue
             if leaf == "weight":
-                state[name] = int8[owner].dequantized().cpu().contiguous()
+                state[name] = packed[owner].dequantized().cpu().contiguous()
                 continue
         state[name] = _plain(tensor)
     return state
