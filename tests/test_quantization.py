@@ -90,9 +90,13 @@ def test_int4_runs_on_the_cpu_through_the_packed_kernel_with_bf16_activations():
 
     from workbench.compress.int4_linear import Int4Linear
 
+    from workbench.compress.report import parameter_count
+
     session = workbench.load("tiny:qwen3", quiet=True)
     before = logits(session)
+    count = parameter_count(session.model)
     report = quantize(session, scheme="int4_weight_only")  # group_size 32 by default
+    assert parameter_count(session.model) == count  # two weights a byte still count as two (bits/weight)
     layer = session.model.model.layers[0].mlp.up_proj
     assert isinstance(layer, Int4Linear) and type(layer.weight) is torch.nn.Parameter  # plain tensors, no subclass
     seen = []

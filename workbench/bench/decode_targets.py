@@ -123,11 +123,11 @@ class _EngineRunner(_Runner):
         import torch
 
         import workbench
-        from workbench.compress.report import weight_bytes_by_dtype
+        from workbench.compress.report import parameter_count, weight_bytes_by_dtype
 
         self.session = workbench.load(target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {}))
         loaded = self.session.loaded
-        params = sum(p.numel() for p in self.session.model.parameters())
+        params = parameter_count(self.session.model)
         weights = sum(weight_bytes_by_dtype(self.session.model).values())  # what the compress report counts
         self.info = {
             "source": loaded.source,

@@ -47,6 +47,15 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Weights as the model computes with them: an int4 layer stores two per byte, so its
+    packed tensor's numel is half the layer's in x out; counting it would double bits/weight."""
+    from workbench.compress.int4_linear import Int4Linear
+
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear)}
+    return sum(packed.get(id(p), p.numel()) for p in model.parameters())
+
+
 def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     """Bytes of parameters and buffers per storage type (torchao's quantized tensors by their
     own name, counted inside), each tied tensor once: what a compressed model really holds."""
@@ -60,7 +69,7 @@ def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
 
 def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
     model = session.model
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model)
     by_dtype = weight_bytes_by_dtype(model)
     attns = attention_layers(model)
     kv_heads = [kv_groups(attn) for attn in attns]
