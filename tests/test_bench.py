@@ -86,7 +86,7 @@ def test_serve_bench_puts_the_compiled_server_beside_the_eager_one(tmp_path, cap
 @pytest.mark.parametrize(("argv", "message"), [
     (["--paths", "jit"], "--paths takes eager, compiled or both"),
     (["--paths", "eager,eager"], "--paths takes eager, compiled or both"),
-    (["--paths", "compiled", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"], "--paths is for the in-process server"),
+    (["--paths", "compiled", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"], "--paths is for this workbench's own server"),
 ])
 def test_serve_bench_refuses_bad_paths(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):

@@ -374,6 +374,37 @@ def test_command_line_server_logs_what_a_person_needs():
         proc.wait(timeout=30)
 
 
+def test_generation_can_run_on_the_thread_that_loaded_the_model(monkeypatch):
+    """The command-line server generates on its main thread (GenerationQueue.run): OpenMP
+    kernels run ~2.5x slower on a thread other than the one whose team they first used."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from workbench.serve import ServerSettings, create_app
+
+    session = workbench.load("tiny:llama", quiet=True)
+    app = create_app(session, ServerSettings(model_name="tiny"), own_thread=False)
+    generating_on = []
+    generate = session.engine.generate
+    monkeypatch.setattr(session.engine, "generate", lambda *a, **k: generating_on.append(threading.current_thread()) or generate(*a, **k))
+    replies = []
+
+    def client():
+        try:
+            with TestClient(app) as http:
+                replies.append(http.post("/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 3}))
+        finally:
+            app.state.generation.shutdown()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    app.state.generation.run()  # returns once the client has shut it down
+    thread.join(timeout=60)
+    assert replies and replies[0].status_code == 200 and replies[0].json()["choices"][0]["message"]["content"] is not None
+    assert generating_on == [threading.main_thread()]
+
+
 # --- images and speech -------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
   decode  the engine under each config vs plain model.generate vs llama.cpp on the same weights:
           time to first token, decode tok/s, peak memory
   serve   streaming clients at 1, 4, 8 concurrency against an OpenAI-compatible endpoint
-          (this workbench's server by default, started in-process; or --base-url for any other)
+          (this workbench's server by default, `python -m workbench.serve` in its own process; or --base-url for any other)
   pruning perplexity against the share of heads pruned, for each importance criterion
   quality perplexity (local configs) and answer accuracy per task, over the OpenAI HTTP path
   compare the comparison table: columns = configs and endpoints, rows = latency, context,
@@ -86,7 +86,7 @@ def _serve(args) -> None:
     if not paths or any(p not in ("eager", "compiled") for p in paths) or len(set(paths)) != len(paths):
         raise SystemExit(f"error: --paths takes eager, compiled or both (eager,compiled), not {args.paths!r}")
     if args.base_url and paths != ["eager"]:
-        raise SystemExit("error: --paths is for the in-process server; an endpoint at --base-url runs whatever it runs")
+        raise SystemExit("error: --paths is for this workbench's own server; an endpoint at --base-url runs whatever it runs")
     with contextlib.ExitStack() as stack:
         if args.base_url:
             if not args.model:
@@ -94,14 +94,13 @@ def _serve(args) -> None:
             servers = {"endpoint": (args.base_url, args.model)}
             target, warmup = args.base_url, {}
         else:
-            from workbench.serve.live import LiveServer
+            from workbench.serve.live import ServerProcess
 
             servers, warmup = {}, {}
-            for path in paths:
-                session = workbench.load(args.config, **({"compile": True} if path == "compiled" else {}))
-                live = stack.enter_context(LiveServer(session, model_name="workbench"))
-                servers[path] = (live.base_url + "/v1", "workbench")
-            target = f"workbench server ({session.loaded.source}, {session.loaded.device})"
+            for path in paths:  # each its own `python -m workbench.serve`, as users run it
+                live = stack.enter_context(ServerProcess(args.config, compile=path == "compiled"))
+                servers[path] = (live.base_url + "/v1", live.model_name)
+            target = f"`python -m workbench.serve --config {args.config or '(the embedded model)'}`"
             if "compiled" in servers:  # the first lone request compiles; time it apart, as a user meets it
                 warmup["compiled_first_request_s"] = serve_bench.warm_up(*servers["compiled"], tokens=args.tokens)
         rows, runs = serve_bench.run_paths(servers, api_key=api_key, levels=levels, requests_per_client=args.requests,
@@ -255,11 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--base-url", default=None, help="an OpenAI-compatible base URL ending in /v1 (default: start this workbench's server)")
     serve.add_argument("--model", default=None, help="model id to send (required with --base-url)")
     serve.add_argument("--api-key-env", default=None, help="name of the environment variable holding the endpoint's API key")
-    serve.add_argument("--config", default=None, help="config or source for the in-process server (default: the embedded model)")
+    serve.add_argument("--config", default=None, help="config or source for this workbench's server (default: the embedded model)")
     serve.add_argument("--concurrency", default="1,4,8", help="comma-separated concurrent client counts")
     serve.add_argument("--paths", default="eager",
-                       help="in-process server paths: eager, compiled (model.compile: lone requests decode through the "
-                            "compiled step) or both, interleaved level by level in one run")
+                       help="this workbench's server, each path its own `python -m workbench.serve` process: eager, "
+                            "compiled (--compile: lone requests decode through the compiled step) or both, "
+                            "interleaved level by level in one run")
     serve.add_argument("--requests", type=int, default=2, help="requests each client sends back to back")
     serve.add_argument("--tokens", type=int, default=32, help="max tokens per reply")
     serve.add_argument("--out", type=Path, default=None, help="results folder (default runs/serve-TIMESTAMP)")

@@ -79,13 +79,25 @@ class GenerationQueue:
     and starts a batch; requests that arrive while it runs join it at the next step, and a
     request's stream ends as soon as its own reply does."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8, gather_s: float = 0.01):
+    def __init__(self, engine: Engine, *, max_batch: int = 8, gather_s: float = 0.01, own_thread: bool = True):
         self._engine = engine
         self._max_batch = max_batch
         self._gather_s = gather_s
         self._pending: queue.Queue[_Job | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="workbench-generate", daemon=True)
-        self._worker.start()
+        if own_thread:
+            self._worker = threading.Thread(target=self._work, name="workbench-generate", daemon=True)
+            self._worker.start()
+
+    def run(self) -> None:
+        """Generate on the calling thread until `shutdown()` (with `own_thread=False`).
+
+        Why a caller may want this: PyTorch's CPU kernels run on an OpenMP thread team that
+        belongs to the thread which first ran them, and a second thread's team on the same
+        cores is throttled. A model loaded (and compressed) on the main thread decodes ~2.5x
+        slower on a worker thread (int4 compiled, one 2-core Xeon: 50 tok/s on the main
+        thread, 20 on a worker; the packed int8 kernel alone 60 ms vs 150 ms), so
+        `python -m workbench.serve` generates on its main thread and serves HTTP from another."""
+        self._work()
 
     async def events(self, plan: Plan) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
@@ -190,8 +202,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(session: Session, settings: ServerSettings) -> FastAPI:
-    generation = GenerationQueue(session.engine, max_batch=settings.max_batch)
+def create_app(session: Session, settings: ServerSettings, *, own_thread: bool = True) -> FastAPI:
+    """`own_thread=False`: the caller runs `app.state.generation.run()` on the thread that
+    loaded the model (see GenerationQueue.run)."""
+    generation = GenerationQueue(session.engine, max_batch=settings.max_batch, own_thread=own_thread)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -204,6 +218,7 @@ def create_app(session: Session, settings: ServerSettings) -> FastAPI:
     served_names = {settings.model_name, session.loaded.source}
     process = psutil.Process()
     app.state.metrics = metrics
+    app.state.generation = generation
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):

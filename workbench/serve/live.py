@@ -1,9 +1,13 @@
-"""A real uvicorn server on a free loopback port, in a thread: for tests and for the serve
-bench when it measures this workbench's own server."""
+"""A real server on a free loopback port: `LiveServer` in a thread of this process (tests),
+`ServerProcess` as `python -m workbench.serve` in its own process (the serve bench: the
+server as users run it, generating on its main thread, see GenerationQueue.run)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -39,3 +43,44 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
+
+
+class ServerProcess:
+    """`python -m workbench.serve --config CONFIG [--compile]` on a free port, until exit.
+    Its log goes to a file (a pipe nobody drains would block the server once full)."""
+
+    def __init__(self, config: str | None, *, compile: bool = False, model_name: str = "workbench", timeout_s: float = 600):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model_name = model_name
+        self._argv = [sys.executable, "-m", "workbench.serve", "--port", str(self.port), "--model-name", model_name]
+        self._argv += ["--config", config] if config else []
+        self._argv += ["--compile"] if compile else []
+        self._timeout_s = timeout_s
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="workbench-serve-", suffix=".log")  # noqa: SIM115
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self._log.name) as f:
+            return f.read()
+
+    def __enter__(self) -> ServerProcess:
+        self._proc = subprocess.Popen(self._argv, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self._timeout_s
+        while "Uvicorn running" not in self.log():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                tail = self.log()[-2000:]
+                raise RuntimeError(f"`{' '.join(self._argv[1:])}` did not start (exit code {self._proc.returncode}):\n{tail}")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()  # SIGTERM: the server shuts down gracefully
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
