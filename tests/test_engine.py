@@ -370,16 +370,17 @@ def test_compiled_decode_of_a_quantized_model_answers_as_its_eager_path(tmp_path
     assert batched[0] == texts["false"]
 
 
-def test_compiled_int4_decode_of_the_embedded_model_keeps_the_eager_greedy_tokens(embedded, embedded_cache, monkeypatch):
-    """The fastest CPU path (int4 blocks, int8 lm_head, compiled step) on the real model. The
-    int8 lm_head's logits are bf16 (steps of 0.125 near 16), and the compiled graph fuses
+@pytest.mark.parametrize("config", ["configs/int4.yaml", "configs/int8.yaml"])
+def test_compiled_decode_of_the_embedded_model_keeps_the_eager_greedy_tokens(embedded, embedded_cache, monkeypatch, config):
+    """The fast CPU paths (int4 or int8 blocks, int8 lm_head, compiled step) on the real model.
+    The int8 lm_head's logits are bf16 (steps of 0.125 near 16), and the compiled graph fuses
     the casts differently, so two candidates that tie in one path may not tie in the other:
     the replies must be equal token for token, or part at a step where eager's two best
     tokens are that close (a tie at the kernel's resolution), and never anywhere else."""
     from workbench.engine import TokenLogprob
 
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
-    session = workbench.load("configs/int4.yaml", quiet=True)
+    session = workbench.load(config, quiet=True)
     requests = [
         ChatRequest.from_prompt(p, max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
         for p in ("Name three colours of the rainbow.", "Write one sentence about the sea.")
