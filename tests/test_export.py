@@ -139,14 +139,18 @@ def test_non_uniform_qwen3_needs_pad_and_says_so(tmp_path):
     assert session.export(tmp_path / "m.gguf", pad=True).arch == "qwen3"
 
 
-def test_int8_session_exports_dequantized_to_q8_0_but_not_q4_0(tmp_path):
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+def test_quantized_session_exports_the_weights_it_multiplies_with_to_q8_0_but_not_q4_0(tmp_path, scheme):
     from workbench.config import parse_config
 
-    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [{"step": "quantize", "scheme": "int8_weight_only"}]})
+    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [{"step": "quantize", "scheme": scheme}]})
     session = workbench.load(config, quiet=True)
     state = float_state(session.model)
-    assert state["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
-    assert not any(k.endswith("scales") for k in state)
+    layer = session.model.model.layers[0].mlp.up_proj  # Int8Linear / Int4Linear
+    weight = state["model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == torch.float32 and weight.shape == (layer.out_features, layer.in_features)
+    assert torch.equal(weight, layer.dequantized())
+    assert not any(k.endswith(("scales", "scales_and_zeros")) for k in state)
     session.export(tmp_path / "m.gguf", type="q8_0")
     _, tensors = _fields(tmp_path / "m.gguf")
     assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
@@ -155,23 +159,6 @@ def test_int8_session_exports_dequantized_to_q8_0_but_not_q4_0(tmp_path):
     with pytest.raises(ExportError, match="q8_0"):
         session.export(tmp_path / "hf", to="hf")
     assert _only(tmp_path / "m.gguf") == ["m.gguf"]
-
-
-def test_int4_session_exports_the_weights_it_multiplies_with(tmp_path):
-    from workbench.config import parse_config
-
-    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [{"step": "quantize", "scheme": "int4_weight_only"}]})
-    session = workbench.load(config, quiet=True)
-    state = float_state(session.model)
-    layer = session.model.model.layers[0].mlp.up_proj
-    assert state["model.layers.0.mlp.up_proj.weight"].shape == (layer.out_features, layer.in_features)
-    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], layer.dequantized())
-    assert not any(k.endswith("scales_and_zeros") for k in state)
-    session.export(tmp_path / "m.gguf", type="q8_0")
-    _, tensors = _fields(tmp_path / "m.gguf")
-    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
-    with pytest.raises(ExportError, match="second time"):
-        session.export(tmp_path / "q4.gguf", type="q4_0")
 
 
 def test_embedded_model_keeps_its_tokenizer_and_reads_back_in_transformers(tmp_path, embedded):
