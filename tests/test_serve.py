@@ -405,6 +405,14 @@ def test_generation_can_run_on_the_thread_that_loaded_the_model(monkeypatch):
     assert generating_on == [threading.main_thread()]
 
 
+def test_a_server_process_that_cannot_start_says_why(tmp_path):
+    from workbench.serve.live import ServerProcess
+
+    with pytest.raises(RuntimeError, match=r"did not start \(exit code [1-9].*\n(?s:.*)no-such-config\.yaml"):
+        with ServerProcess(str(tmp_path / "no-such-config.yaml")):
+            pass
+
+
 # --- images and speech -------------------------------------------------------------------
 
 

@@ -69,8 +69,8 @@ class ServerProcess:
         deadline = time.monotonic() + self._timeout_s
         while "Uvicorn running" not in self.log():
             if self._proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log()[-2000:]  # before __exit__, which deletes the log file
                 self.__exit__()
-                tail = self.log()[-2000:]
                 raise RuntimeError(f"`{' '.join(self._argv[1:])}` did not start (exit code {self._proc.returncode}):\n{tail}")
             time.sleep(0.1)
         return self
