@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-import workbench
 from workbench.bench import decode as decode_bench
 from workbench.bench import pruning as pruning_bench
 from workbench.bench import serve as serve_bench

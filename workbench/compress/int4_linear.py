@@ -37,6 +37,7 @@ class Int4Linear(nn.Linear):
         from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
         w = linear.weight.detach().to(_ACT)
+        # tinygemm qparams (asymmetric, min/max), from_hp's default: HQQ's took 505 s on the embedded model here
         q = Int4OpaqueTensor.from_hp(w, [1, group_size])
         return cls(q.qdata, q.scale_and_zero, group_size, tuple(w.shape), linear.bias)
 

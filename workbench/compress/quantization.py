@@ -103,7 +103,8 @@ def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
     return plan
 
 
-def _torchao_config(scheme: str, group_size: int, device_type: str = "cpu"):
+def _torchao_config(scheme: str, group_size: int):
+    """torchao's config for the schemes it applies itself (int4 on a CPU is `Int4Linear`)."""
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -114,11 +115,6 @@ def _torchao_config(scheme: str, group_size: int, device_type: str = "cpu"):
         return Int8WeightOnlyConfig()
     if scheme == "int8_dynamic":
         return Int8DynamicActivationInt8WeightConfig()
-    if device_type == "cpu":
-        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-
-        # tinygemm qparams (asymmetric, min/max): HQQ's took 505 s on the embedded model here
-        return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
     return Int4WeightOnlyConfig(group_size=group_size)
 
 
@@ -135,7 +131,7 @@ def _quantize_modules(model: nn.Module, names: set[str], scheme: str, group_size
         for name in names:
             _replace(model, name, Int4Linear.from_linear(model.get_submodule(name), group_size))
         return
-    quantize_(model, _torchao_config(scheme, group_size, device_type), filter_fn=lambda m, fqn: fqn in names)
+    quantize_(model, _torchao_config(scheme, group_size), filter_fn=lambda m, fqn: fqn in names)
 
 
 def check_supported(scheme: str, group_size: int, device: torch.device, dtype: torch.dtype) -> None:
