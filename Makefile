@@ -1,11 +1,11 @@
-# Two commands: `make ui` and `make test`. Both build .venv on first use (so does `make lab`).
+# Two commands: `make ui` and `make test` (`make lint` before a commit). Both build .venv on first use (so does `make lab`).
 # torch goes in first, pinned to the local CPU wheel: otherwise pip resolves a multi-GB CUDA build.
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: ui test lab venv clean-venv
+.PHONY: ui test lint lab venv clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,13 @@ ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# ruff (lint, then format check) and mypy; the rule set and the typed-module list are in pyproject.toml.
+LINTED := workbench tests scripts app.py
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy workbench
 
 # JupyterLab on notebooks/; the venv's own python3 kernel (ipykernel, from .[dev]) runs them.
 # Jupyter refuses to run as root unless told; containers and CI machines often are root.

@@ -14,7 +14,11 @@ import torch
 
 import workbench
 
-SETTINGS = {"no penalty": {}, "repetition_penalty=1.1": {"repetition_penalty": 1.1}, "frequency_penalty=0.5": {"frequency_penalty": 0.5}}
+SETTINGS = {
+    "no penalty": {},
+    "repetition_penalty=1.1": {"repetition_penalty": 1.1},
+    "frequency_penalty=0.5": {"frequency_penalty": 0.5},
+}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--prompt", default="你是谁?")
@@ -28,6 +32,9 @@ for name, fields in SETTINGS.items():
     for seed in range(args.seeds):
         reply = session.chat(args.prompt, temperature=0.7, seed=seed, max_tokens=args.max_tokens, **fields)
         lengths.append(reply.stats.completion_tokens)
-        print(f"  {name} seed {seed}: {reply.stats.completion_tokens} tokens, {reply.stats.finish_reason}: {reply.text[:60]!r}", flush=True)
+        print(
+            f"  {name} seed {seed}: {reply.stats.completion_tokens} tokens, {reply.stats.finish_reason}: {reply.text[:60]!r}",
+            flush=True,
+        )
     hit = sum(n >= args.max_tokens for n in lengths)
     print(f"{name}: {hit} of {args.seeds} replies hit {args.max_tokens} tokens (lengths {lengths})", flush=True)

@@ -42,6 +42,7 @@ def tiny_llama() -> workbench.Session:
 
 # --- the generated set ------------------------------------------------------------------
 
+
 def test_generator_is_deterministic_by_seed():
     a, b, c = shapes.generate(15, seed=7), shapes.generate(15, seed=7), shapes.generate(15, seed=8)
     assert [(i.question, i.answer, i.qtype) for i in a] == [(i.question, i.answer, i.qtype) for i in b]
@@ -69,8 +70,12 @@ def test_answers_agree_with_what_is_drawn():
         if item.qtype == "position":
             ys, xs = np.nonzero(_colour_mask(item.image, present.pop()))
             centre = shapes.CANVAS / 2
-            side = {"left": xs.max() < centre, "right": xs.min() >= centre,
-                    "top": ys.max() < centre, "bottom": ys.min() >= centre}
+            side = {
+                "left": xs.max() < centre,
+                "right": xs.min() >= centre,
+                "top": ys.max() < centre,
+                "bottom": ys.min() >= centre,
+            }
             assert side[item.answer], (item.question, item.answer)
         if item.qtype == "count":
             assert item.answer in {"1", "2", "3", "4"} and 1 <= len(present) <= int(item.answer)
@@ -96,6 +101,7 @@ def test_stage_one_draws_fresh_pictures_each_epoch_without_words():
 
 
 # --- the adapter's files and inputs ---------------------------------------------------
+
 
 def test_config_mistakes_are_named():
     with pytest.raises(ValueError, match="image_tokens must be at least 1"):
@@ -141,8 +147,14 @@ def test_odd_images_are_handled():
     rgba = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # fully transparent red: looks white
     palette = Image.new("P", (7, 9))
     palette.putpalette([0, 0, 255] * 256)
-    odd = [Image.new("RGB", (1, 1), (9, 9, 9)), palette, rgba, Image.new("L", (300, 50), 128),
-           Image.new("1", (5, 5)), Image.new("CMYK", (16, 16))]
+    odd = [
+        Image.new("RGB", (1, 1), (9, 9, 9)),
+        palette,
+        rgba,
+        Image.new("L", (300, 50), 128),
+        Image.new("1", (5, 5)),
+        Image.new("CMYK", (16, 16)),
+    ]
     pixels = adapter.preprocess(odd)
     assert pixels.shape == (len(odd), 3, 32, 32) and torch.isfinite(pixels).all()
     white = (1.0 - adapter.config.image_mean) / adapter.config.image_std
@@ -166,8 +178,8 @@ def test_build_inputs_splices_images_at_the_placeholders(tiny_llama):
     assert ids == pieces[0] + [fill] * 3 + pieces[1] + [fill] * 3 + pieces[2]
     assert embeds.shape == (1, len(ids), hidden)
     a, b = len(pieces[0]), len(pieces[0]) + 3 + len(pieces[1])
-    assert torch.equal(embeds[0, a:a + 3], images[0])
-    assert torch.equal(embeds[0, b:b + 3], images[1][0])
+    assert torch.equal(embeds[0, a : a + 3], images[0])
+    assert torch.equal(embeds[0, b : b + 3], images[1][0])
     text_positions = [i for i in range(len(ids)) if not (a <= i < a + 3 or b <= i < b + 3)]
     with torch.no_grad():
         assert torch.equal(embeds[0, text_positions], embed(torch.tensor(ids)[text_positions]))
@@ -204,6 +216,7 @@ def test_answers_are_normalised_before_scoring():
 
 
 # --- training and the shipped adapter ------------------------------------------------
+
 
 def test_quick_training_writes_a_loadable_adapter(tmp_path, tiny_llama):
     out = tmp_path / "adapter"

@@ -42,7 +42,9 @@ def encoded_av(samples, rate, container, codec):
         stream = out.add_stream(codec, rate=48_000)
         frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
         frame.sample_rate = rate
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=stream.codec_context.layout.name, rate=48_000)
+        resampler = av.AudioResampler(
+            format=stream.codec_context.format.name, layout=stream.codec_context.layout.name, rate=48_000
+        )
         for piece in resampler.resample(frame):
             for packet in stream.encode(piece):
                 out.mux(packet)
@@ -51,7 +53,9 @@ def encoded_av(samples, rate, container, codec):
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+@pytest.mark.parametrize(
+    ("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")]
+)
 def test_file_formats_decode_to_16k_mono_with_the_pitch_kept(fmt, subtype):
     samples = load_audio(encoded(sine(seconds=2.0), 44_100, fmt, subtype), format=fmt.lower(), max_seconds=10)
     assert samples.dtype == np.float32 and samples.ndim == 1
@@ -78,15 +82,21 @@ def test_arrays_are_resampled_keeping_length_and_frequency(rate):
 def test_stereo_is_averaged_whichever_way_round():
     left, right = sine(seconds=0.5, rate=SAMPLE_RATE), np.full(SAMPLE_RATE // 2, 0.25, np.float32)
     expected = (left + right) / 2
-    np.testing.assert_allclose(load_audio(np.stack([left, right], axis=1), sample_rate=SAMPLE_RATE, max_seconds=5), expected, atol=1e-7)
-    np.testing.assert_allclose(load_audio(np.stack([left, right]), sample_rate=SAMPLE_RATE, max_seconds=5), expected, atol=1e-7)
+    np.testing.assert_allclose(
+        load_audio(np.stack([left, right], axis=1), sample_rate=SAMPLE_RATE, max_seconds=5), expected, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        load_audio(np.stack([left, right]), sample_rate=SAMPLE_RATE, max_seconds=5), expected, atol=1e-7
+    )
     from_file = load_audio(encoded(np.stack([left, right], axis=1), SAMPLE_RATE, "WAV", "FLOAT"), max_seconds=5)
     np.testing.assert_allclose(from_file, expected, atol=1e-6)
 
 
 def test_int16_arrays_and_paths(tmp_path):
     pcm = (sine(rate=SAMPLE_RATE) * 32767).astype(np.int16)
-    np.testing.assert_allclose(load_audio(pcm, sample_rate=SAMPLE_RATE, max_seconds=5), sine(rate=SAMPLE_RATE), atol=1e-4)
+    np.testing.assert_allclose(
+        load_audio(pcm, sample_rate=SAMPLE_RATE, max_seconds=5), sine(rate=SAMPLE_RATE), atol=1e-4
+    )
     path = tmp_path / "clip.flac"
     soundfile.write(path, sine(rate=SAMPLE_RATE), SAMPLE_RATE)
     assert len(load_audio(path, max_seconds=5)) == SAMPLE_RATE
@@ -99,7 +109,10 @@ WAV = encoded(sine(seconds=1.0), 44_100, "WAV", "PCM_16")
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: load_audio(b"this is not audio at all " * 40, format="wav", max_seconds=5), "could not decode the audio labelled 'wav'"),
+        (
+            lambda: load_audio(b"this is not audio at all " * 40, format="wav", max_seconds=5),
+            "could not decode the audio labelled 'wav'",
+        ),
         (lambda: load_audio(WAV[:30], max_seconds=5), "could not decode the audio"),
         (lambda: load_audio(b"\x00" * 4000, max_seconds=5), "could not decode the audio"),
         (lambda: load_audio(WAV, format="tiff", max_seconds=5), "unsupported audio format 'tiff'"),
@@ -107,9 +120,20 @@ WAV = encoded(sine(seconds=1.0), 44_100, "WAV", "PCM_16")
         (lambda: load_audio(encoded(np.zeros(0, np.float32), 16_000, "WAV"), max_seconds=5), "empty"),
         (lambda: load_audio(np.zeros(0, np.float32), sample_rate=16_000, max_seconds=5), "empty"),
         (lambda: load_audio(WAV, max_seconds=0.5), r"the audio is 1\.0 s long; the limit is 0\.5 s"),
-        (lambda: load_audio(sine(seconds=3, rate=8000), sample_rate=8000, max_seconds=2), r"3\.0 s long; the limit is 2 s"),
-        (lambda: load_audio(np.array([0.1, np.nan, 0.2], np.float32), sample_rate=16_000, max_seconds=5), "NaN or infinite"),
-        (lambda: load_audio(encoded(np.array([0.1, np.inf] * 100, np.float32), 16_000, "WAV", "FLOAT"), max_seconds=5), "NaN or infinite"),
+        (
+            lambda: load_audio(sine(seconds=3, rate=8000), sample_rate=8000, max_seconds=2),
+            r"3\.0 s long; the limit is 2 s",
+        ),
+        (
+            lambda: load_audio(np.array([0.1, np.nan, 0.2], np.float32), sample_rate=16_000, max_seconds=5),
+            "NaN or infinite",
+        ),
+        (
+            lambda: load_audio(
+                encoded(np.array([0.1, np.inf] * 100, np.float32), 16_000, "WAV", "FLOAT"), max_seconds=5
+            ),
+            "NaN or infinite",
+        ),
         (lambda: load_audio(sine(), max_seconds=5), "needs its sample_rate"),
         (lambda: load_audio("no/such/clip.wav", max_seconds=5), "no audio file at 'no/such/clip.wav'"),
         (lambda: load_audio(base64.b64encode(WAV).decode(), max_seconds=5), r"a str is a path"),
@@ -117,9 +141,25 @@ WAV = encoded(sine(seconds=1.0), 44_100, "WAV", "PCM_16")
         (lambda: audio_from_part({"data": "", "format": "wav"}, 5), "needs 'data'"),
         (lambda: audio_from_part({"format": "wav"}, 5), "needs 'data'"),
     ],
-    ids=["corrupt", "truncated header", "zeros", "unsupported format", "0 bytes", "wav without samples",
-         "empty array", "too long", "too long array", "nan", "inf in a float wav", "array without rate", "missing path", "base64 as a path",
-         "bad base64", "empty base64", "no data"],
+    ids=[
+        "corrupt",
+        "truncated header",
+        "zeros",
+        "unsupported format",
+        "0 bytes",
+        "wav without samples",
+        "empty array",
+        "too long",
+        "too long array",
+        "nan",
+        "inf in a float wav",
+        "array without rate",
+        "missing path",
+        "base64 as a path",
+        "bad base64",
+        "empty base64",
+        "no data",
+    ],
 )
 def test_bad_audio_is_a_request_error_saying_why(call, message):
     with pytest.raises(AudioInputError, match=message) as caught:
@@ -137,7 +177,7 @@ def test_too_long_is_refused_before_decoding_everything():
 
 def test_input_audio_parts_in_each_shape():
     data = base64.b64encode(WAV).decode()
-    wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))  # MIME line breaks are tolerated
+    wrapped = "\n".join(data[i : i + 76] for i in range(0, len(data), 76))  # MIME line breaks are tolerated
     for part in (
         {"data": data, "format": "wav"},
         InputAudio(data=data, format="wav"),

@@ -18,11 +18,17 @@ def test_decode_bench_times_every_target_on_equal_work_and_writes_results(tmp_pa
 
     expected = [("engine:tiny:llama", 1), ("engine:tiny:llama", 2), ("generate:tiny:llama", 1)]
     assert sorted(by_target) == sorted(expected + ([("llamacpp:Q8_0", 1)] if llamacpp_available() else []))
-    assert by_target[("engine:tiny:llama", 1)] == by_target[("generate:tiny:llama", 1)] == by_target[("engine:tiny:llama", 2)]
+    assert (
+        by_target[("engine:tiny:llama", 1)]
+        == by_target[("generate:tiny:llama", 1)]
+        == by_target[("engine:tiny:llama", 2)]
+    )
     rows = {(r["target"], r["batch"]): r for r in data["summary"]}
     assert rows[("generate:tiny:llama", 1)]["ratio_to_generate"] == 1.0
     assert rows[("engine:tiny:llama", 1)]["ratio_to_generate"] > 0
-    assert all(r["peak_mb"] > 50 and abs(r["bits_per_weight"] - 32) < 0.5 for k, r in rows.items() if k[0] != "llamacpp:Q8_0")
+    assert all(
+        r["peak_mb"] > 50 and abs(r["bits_per_weight"] - 32) < 0.5 for k, r in rows.items() if k[0] != "llamacpp:Q8_0"
+    )
     if llamacpp_available():  # an optional extra: its row is timed when installed, skipped with the reason when not
         assert data["targets"]["llamacpp:Q8_0"]["dtype"] == "Q8_0"
         assert rows[("engine:tiny:llama", 1)]["llamacpp_peer"] == "Q8_0"  # the only llama.cpp row is everyone's peer
@@ -34,8 +40,20 @@ def test_decode_bench_times_every_target_on_equal_work_and_writes_results(tmp_pa
 
 
 def test_decode_profile_says_where_a_reply_spends_its_time(tmp_path):
-    main(["decode", "--targets", "engine:tiny:llama,generate:tiny:llama", "--tokens", "6", "--repeats", "1",
-          "--profile", "--out", str(tmp_path)])
+    main(
+        [
+            "decode",
+            "--targets",
+            "engine:tiny:llama,generate:tiny:llama",
+            "--tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--profile",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     targets = json.loads((tmp_path / "decode.json").read_text())["targets"]
     for name in ("engine:tiny:llama", "generate:tiny:llama"):
         found = targets[name]["profile"]
@@ -60,7 +78,21 @@ def test_decode_bench_refuses_a_malformed_target(tmp_path):
 
 
 def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):
-    main(["serve", "--config", "tiny:llama", "--concurrency", "1,3", "--requests", "1", "--tokens", "4", "--out", str(tmp_path)])
+    main(
+        [
+            "serve",
+            "--config",
+            "tiny:llama",
+            "--concurrency",
+            "1,3",
+            "--requests",
+            "1",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "serve.json").read_text())
     assert [level["concurrency"] for level in data["levels"]] == [1, 3]
     assert all(level["failed"] == 0 for level in data["levels"])
@@ -71,11 +103,30 @@ def test_serve_bench_measures_each_concurrency_level(tmp_path, capsys):
 
 
 def test_serve_bench_puts_the_compiled_server_beside_the_eager_one(tmp_path, capsys):
-    main(["serve", "--config", "tiny:llama", "--paths", "eager,compiled", "--concurrency", "1,2", "--requests", "1",
-          "--tokens", "4", "--out", str(tmp_path)])
+    main(
+        [
+            "serve",
+            "--config",
+            "tiny:llama",
+            "--paths",
+            "eager,compiled",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "1",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "serve.json").read_text())
     assert [(level["path"], level["concurrency"]) for level in data["levels"]] == [
-        ("eager", 1), ("compiled", 1), ("eager", 2), ("compiled", 2)]  # interleaved level by level
+        ("eager", 1),
+        ("compiled", 1),
+        ("eager", 2),
+        ("compiled", 2),
+    ]  # interleaved level by level
     assert all(level["failed"] == 0 for level in data["levels"])
     assert all(r["completion_tokens"] == 4 for r in data["runs"])
     assert data["meta"]["paths"] == ["eager", "compiled"] and data["meta"]["compiled_first_request_s"] > 0
@@ -83,11 +134,17 @@ def test_serve_bench_puts_the_compiled_server_beside_the_eager_one(tmp_path, cap
     assert "| compiled | 1 | 1 (0) |" in out and "first request (compiling) took" in out
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--paths", "jit"], "--paths takes eager, compiled or both"),
-    (["--paths", "eager,eager"], "--paths takes eager, compiled or both"),
-    (["--paths", "compiled", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"], "--paths is for this workbench's own server"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--paths", "jit"], "--paths takes eager, compiled or both"),
+        (["--paths", "eager,eager"], "--paths takes eager, compiled or both"),
+        (
+            ["--paths", "compiled", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+            "--paths is for this workbench's own server",
+        ),
+    ],
+)
 def test_serve_bench_refuses_bad_paths(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         main(["serve", "--config", "tiny:llama", *argv, "--out", str(tmp_path / "out")])
@@ -104,11 +161,33 @@ def test_serve_bench_reports_failures_of_a_foreign_endpoint(tmp_path):
 
 
 def test_pruning_curve_covers_every_ratio_and_criterion(tmp_path, capsys):
-    main(["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor,random", "--seeds", "0,1",
-          "--windows", "1", "--calibration-texts", "2", "--out", str(tmp_path)])
+    main(
+        [
+            "pruning",
+            "--config",
+            "tiny:llama",
+            "--ratios",
+            "0,0.5",
+            "--criteria",
+            "taylor,random",
+            "--seeds",
+            "0,1",
+            "--windows",
+            "1",
+            "--calibration-texts",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "pruning.json").read_text())
     assert {(r["ratio"], r["criterion"], r["seed"]) for r in data["rows"]} == {
-        (0.0, "taylor", 0), (0.0, "random", 0), (0.0, "random", 1), (0.5, "taylor", 0), (0.5, "random", 0), (0.5, "random", 1)
+        (0.0, "taylor", 0),
+        (0.0, "random", 0),
+        (0.0, "random", 1),
+        (0.5, "taylor", 0),
+        (0.5, "random", 0),
+        (0.5, "random", 1),
     }
     heads = {(s["ratio"], s["criterion"]): s["heads"] for s in data["summary"]}
     assert heads[(0.0, "taylor")] == 8 and heads[(0.5, "taylor")] == 4
@@ -132,7 +211,19 @@ def test_a_worker_that_dies_is_reported_not_waited_for():
 
 
 def test_a_target_that_cannot_load_is_skipped_with_the_reason(tmp_path):
-    main(["decode", "--targets", "engine:tiny:llama,engine:tiny:nonesuch", "--tokens", "3", "--repeats", "1", "--out", str(tmp_path)])
+    main(
+        [
+            "decode",
+            "--targets",
+            "engine:tiny:llama,engine:tiny:nonesuch",
+            "--tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "decode.json").read_text())
     assert [r["target"] for r in data["summary"]] == ["engine:tiny:llama"]
     assert "nonesuch" in data["skipped"]["engine:tiny:nonesuch"]
@@ -186,13 +277,38 @@ def test_decode_results_record_their_cpu_and_merge_only_with_the_same_cpu(tmp_pa
 
 
 def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_removal(tmp_path, capsys):
-    main(["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor", "--windows", "1",
-          "--calibration-texts", "2", "--recovery", "none,compensate,recover", "--facts",
-          "--recover-options", '{"steps": 4, "warmup": 1, "batch": 1, "seq_len": 32, "eval_every": 2, "eval_windows": 1, '
-          '"reply_tokens": 4, "calibration_share": 1.0}', "--out", str(tmp_path)])
+    main(
+        [
+            "pruning",
+            "--config",
+            "tiny:llama",
+            "--ratios",
+            "0,0.5",
+            "--criteria",
+            "taylor",
+            "--windows",
+            "1",
+            "--calibration-texts",
+            "2",
+            "--recovery",
+            "none,compensate,recover",
+            "--facts",
+            "--recover-options",
+            '{"steps": 4, "warmup": 1, "batch": 1, "seq_len": 32, "eval_every": 2, "eval_windows": 1, '
+            '"reply_tokens": 4, "calibration_share": 1.0}',
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "pruning.json").read_text())
     assert {(r["ratio"], r["recovery"]) for r in data["rows"]} == {
-        (0.0, "none"), (0.0, "compensate"), (0.0, "recover"), (0.5, "none"), (0.5, "compensate"), (0.5, "recover")}
+        (0.0, "none"),
+        (0.0, "compensate"),
+        (0.0, "recover"),
+        (0.5, "none"),
+        (0.5, "compensate"),
+        (0.5, "recover"),
+    }
     pruned = {r["recovery"]: r for r in data["rows"] if r["ratio"] == 0.5}
     assert pruned["compensate"]["perplexity"] != pruned["none"]["perplexity"]
     assert all(0 <= r["facts"] <= 32 for r in data["rows"])
@@ -207,9 +323,24 @@ def test_pruning_grid_is_saved_per_point_and_resumes_without_measuring_again(tmp
 
     saved = []
     real = pruning_bench.write_results
-    monkeypatch.setattr(pruning_bench, "write_results", lambda out, rows, *a: (saved.append(len(rows)), real(out, rows, *a)))
-    args = ["pruning", "--config", "tiny:llama", "--ratios", "0,0.5", "--criteria", "taylor", "--windows", "1",
-            "--calibration-texts", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(
+        pruning_bench, "write_results", lambda out, rows, *a: (saved.append(len(rows)), real(out, rows, *a))
+    )
+    args = [
+        "pruning",
+        "--config",
+        "tiny:llama",
+        "--ratios",
+        "0,0.5",
+        "--criteria",
+        "taylor",
+        "--windows",
+        "1",
+        "--calibration-texts",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     main(args)
     first = json.loads((tmp_path / "pruning.json").read_text())
     assert saved[:2] == [1, 2]  # after each point, before the run ends
@@ -227,7 +358,19 @@ def test_pruning_grid_is_saved_per_point_and_resumes_without_measuring_again(tmp
 
 def test_pruning_bench_names_a_bad_recover_option_before_loading():
     with pytest.raises(Exception, match="stepz"):
-        main(["pruning", "--config", "tiny:llama", "--ratios", "0.5", "--recovery", "recover", "--recover-options", '{"stepz": 3}'])
+        main(
+            [
+                "pruning",
+                "--config",
+                "tiny:llama",
+                "--ratios",
+                "0.5",
+                "--recovery",
+                "recover",
+                "--recover-options",
+                '{"stepz": 3}',
+            ]
+        )
 
 
 def test_decode_ratio_to_llamacpp_pairs_a_pruned_config_with_the_pruned_gguf():
@@ -236,10 +379,20 @@ def test_decode_ratio_to_llamacpp_pairs_a_pruned_config_with_the_pruned_gguf():
     def info(bits, heads):
         return {"weight_bytes": 2**20, "bits_per_weight": bits, "warmup_s": 0.1, "attention_heads": heads}
 
-    targets = {"engine:int8.yaml": info(12.2, 270), "engine:pruned-int8.yaml": info(12.0, 204),
-               "llamacpp:Q8_0": info(8.6, 270), "llamacpp:pruned-q8_0.gguf": info(8.6, 204), "llamacpp:F16": info(16.1, 270)}
-    speed = {"engine:int8.yaml": 40.0, "engine:pruned-int8.yaml": 45.0, "llamacpp:Q8_0": 100.0,
-             "llamacpp:pruned-q8_0.gguf": 90.0, "llamacpp:F16": 80.0}
+    targets = {
+        "engine:int8.yaml": info(12.2, 270),
+        "engine:pruned-int8.yaml": info(12.0, 204),
+        "llamacpp:Q8_0": info(8.6, 270),
+        "llamacpp:pruned-q8_0.gguf": info(8.6, 204),
+        "llamacpp:F16": info(16.1, 270),
+    }
+    speed = {
+        "engine:int8.yaml": 40.0,
+        "engine:pruned-int8.yaml": 45.0,
+        "llamacpp:Q8_0": 100.0,
+        "llamacpp:pruned-q8_0.gguf": 90.0,
+        "llamacpp:F16": 80.0,
+    }
     runs = [Run(t, 1, 0, 10, 8, 0.1, tps, 2**26) for t, tps in speed.items()]
     rows = {r["target"]: r for r in summarise(runs, targets)}
     # Equal bits would tie Q8_0 and the pruned file; the model's shape decides.

@@ -44,10 +44,21 @@ def test_checker_accepts_aliases_and_ignores_accents():
     assert not is_correct(Item("Gas?", "carbon dioxide", ("CO2",)), "carbon monoxide")
 
 
-@pytest.mark.parametrize("reply, ok", [
-    ("42", True), ("17 + 25 = 42", True), ("The answer is forty-two.", True), ("42.0", True),
-    ("42 or 43", False), ("17", False), ("", False), ("4", False), ("420", False), ("Forty", False),
-])
+@pytest.mark.parametrize(
+    "reply, ok",
+    [
+        ("42", True),
+        ("17 + 25 = 42", True),
+        ("The answer is forty-two.", True),
+        ("42.0", True),
+        ("42 or 43", False),
+        ("17", False),
+        ("", False),
+        ("4", False),
+        ("420", False),
+        ("Forty", False),
+    ],
+)
 def test_checker_for_numbers_wants_exactly_the_answer_besides_the_question_numbers(reply, ok):
     assert is_correct(Item("What is 17 + 25?", "42"), reply) is ok
 
@@ -111,31 +122,50 @@ def test_spoken_facts_are_wav_parts_without_text(monkeypatch):
 
 def test_endpoint_syntax_is_parsed_with_prices_and_context(monkeypatch):
     monkeypatch.setenv("MY_KEY", "k")
-    t = parse_endpoint("cloud=https://api.example.com/v1/,model=m-1,key_env=MY_KEY,price_in=0.15,price_out=0.6,context=128000")
+    t = parse_endpoint(
+        "cloud=https://api.example.com/v1/,model=m-1,key_env=MY_KEY,price_in=0.15,price_out=0.6,context=128000"
+    )
     assert (t.name, t.base_url, t.model, t.key_env, t.price_in, t.price_out, t.context) == (
-        "cloud", "https://api.example.com/v1", "m-1", "MY_KEY", 0.15, 0.6, 128000)
+        "cloud",
+        "https://api.example.com/v1",
+        "m-1",
+        "MY_KEY",
+        0.15,
+        0.6,
+        128000,
+    )
     assert not t.local
 
 
 def test_configs_are_named_by_file_stem_or_given_name():
     targets = parse_targets("configs/int8.yaml,mine=tiny:llama,tiny:qwen3", None)
-    assert [(t.name, t.config) for t in targets] == [("int8", "configs/int8.yaml"), ("mine", "tiny:llama"), ("tiny:qwen3", "tiny:qwen3")]
+    assert [(t.name, t.config) for t in targets] == [
+        ("int8", "configs/int8.yaml"),
+        ("mine", "tiny:llama"),
+        ("tiny:qwen3", "tiny:qwen3"),
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--endpoint", "https://api.example.com/v1"], "expected NAME=BASE_URL"),
-    (["--endpoint", "cloud=api.example.com,model=m"], "expected NAME=BASE_URL"),
-    (["--endpoint", "cloud=https://api.example.com/v1"], "model=ID is required"),
-    (["--endpoint", "cloud=https://api.example.com/v1,model=m,colour=red"], "unknown option 'colour=red'"),
-    (["--endpoint", "cloud=https://api.example.com/v1,model=m,price_in=cheap"], "price_in='cheap' is not a number"),
-    (["--endpoint", "cloud=https://api.example.com/v1,model=m,key_env=WORKBENCH_TEST_UNSET_KEY"], "WORKBENCH_TEST_UNSET_KEY"),
-    (["--configs", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
-    (["--configs", "./no-such-model-folder"], "does not exist"),
-    (["--configs", "tiny:llama,tiny:llama"], "two targets are named tiny:llama"),
-    (["--configs", "tiny:llama", "--tasks", "facts,poetry"], "unknown task(s) poetry"),
-    (["--configs", "tiny:llama", "--local-price", "0.1"], "expected IN,OUT"),
-    (["--configs", "tiny:llama", "--concurrency", "1,four"], "expected client counts"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--endpoint", "https://api.example.com/v1"], "expected NAME=BASE_URL"),
+        (["--endpoint", "cloud=api.example.com,model=m"], "expected NAME=BASE_URL"),
+        (["--endpoint", "cloud=https://api.example.com/v1"], "model=ID is required"),
+        (["--endpoint", "cloud=https://api.example.com/v1,model=m,colour=red"], "unknown option 'colour=red'"),
+        (["--endpoint", "cloud=https://api.example.com/v1,model=m,price_in=cheap"], "price_in='cheap' is not a number"),
+        (
+            ["--endpoint", "cloud=https://api.example.com/v1,model=m,key_env=WORKBENCH_TEST_UNSET_KEY"],
+            "WORKBENCH_TEST_UNSET_KEY",
+        ),
+        (["--configs", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
+        (["--configs", "./no-such-model-folder"], "does not exist"),
+        (["--configs", "tiny:llama,tiny:llama"], "two targets are named tiny:llama"),
+        (["--configs", "tiny:llama", "--tasks", "facts,poetry"], "unknown task(s) poetry"),
+        (["--configs", "tiny:llama", "--local-price", "0.1"], "expected IN,OUT"),
+        (["--configs", "tiny:llama", "--concurrency", "1,four"], "expected client counts"),
+    ],
+)
 def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["compare", *argv, "--out", str(tmp_path / "out")])
@@ -143,11 +173,14 @@ def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, mess
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--thinking", "maybe"], "--thinking takes on, off or both"),
-    (["--thinking", "on,on"], "--thinking takes on, off or both"),
-    (["--thinking", "on", "--thinking-tokens", "0"], "--thinking-tokens must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--thinking", "maybe"], "--thinking takes on, off or both"),
+        (["--thinking", "on,on"], "--thinking takes on, off or both"),
+        (["--thinking", "on", "--thinking-tokens", "0"], "--thinking-tokens must be at least 1"),
+    ],
+)
 def test_bad_thinking_options_fail_before_anything_runs(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["quality", "--configs", "tiny:llama", *argv, "--out", str(tmp_path / "out")])
@@ -195,14 +228,16 @@ def _oracle_app() -> FastAPI:
         reply = answers[question] if "capital" in question else "I am not sure."
         usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
         if not body.get("stream"):
-            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                    "usage": usage}
+            return {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
         if "enable_thinking" in body:  # a reasoning model: right about capitals only after thinking
             thinks = body["enable_thinking"]
             reply = reply if thinks else "I am not sure."
 
             async def reasoned():
-                for word in (["Let", " me", " recall."] if thinks else []):
+                for word in ["Let", " me", " recall."] if thinks else []:
                     yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'reasoning_content': word}}]})}\n\n"
                 for part in (reply[:2], reply[2:]):
                     yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': part}}]})}\n\n"
@@ -244,16 +279,34 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
     from workbench.compress.data import evaluation_texts
     from workbench.compress.quality import perplexity
 
-    main(["quality", "--configs", "tiny:llama", "--tasks", "all", "--limit", "3", "--windows", "1", "--out", str(tmp_path)])
+    main(
+        [
+            "quality",
+            "--configs",
+            "tiny:llama",
+            "--tasks",
+            "all",
+            "--limit",
+            "3",
+            "--windows",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "quality.json").read_text())
     (result,) = data["results"]
     session = workbench.load("tiny:llama", quiet=True)
-    assert result["perplexity"] == pytest.approx(perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=1))
+    assert result["perplexity"] == pytest.approx(
+        perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=1)
+    )
     for name in ("facts", "arithmetic"):
         task = result["tasks"][name]
         assert task["asked"] == 3 and task["failed"] == 0 and len(task["answers"]) == 3
         assert task["prompt_tokens"] > 0 and task["completion_tokens"] > 0
-        assert task["correct"] == sum(is_correct(Item(a["question"], a["expected"]), a["reply"]) for a in task["answers"])
+        assert task["correct"] == sum(
+            is_correct(Item(a["question"], a["expected"]), a["reply"]) for a in task["answers"]
+        )
     images = result["tasks"]["image_qa"]  # a tiny random model has no vision: each question is refused
     assert images["failed"] == images["asked"] == 3 and "no image input" in images["answers"][0]["error"]
     spoken = result["tasks"]["speech"]  # but it hears: Whisper transcribes, the tiny model babbles
@@ -264,8 +317,17 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
 
 def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tmp_path, monkeypatch):
     monkeypatch.setenv("ORACLE_KEY", ORACLE_KEY)
-    main(["quality", "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY", "--tasks", "facts,arithmetic",
-          "--out", str(tmp_path)])
+    main(
+        [
+            "quality",
+            "--endpoint",
+            f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY",
+            "--tasks",
+            "facts,arithmetic",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (result,) = json.loads((tmp_path / "quality.json").read_text())["results"]
     capitals = sum("capital" in item.question for item in TASKS["facts"].items())
     assert result["perplexity"] is None
@@ -276,8 +338,21 @@ def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tm
 
 def test_quality_asks_each_task_with_thinking_on_and_off_streamed(oracle, tmp_path, monkeypatch):
     monkeypatch.setenv("ORACLE_KEY", ORACLE_KEY)
-    main(["quality", "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY", "--tasks", "facts",
-          "--limit", "4", "--thinking", "on,off", "--out", str(tmp_path)])
+    main(
+        [
+            "quality",
+            "--endpoint",
+            f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY",
+            "--tasks",
+            "facts",
+            "--limit",
+            "4",
+            "--thinking",
+            "on,off",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (result,) = json.loads((tmp_path / "quality.json").read_text())["results"]
     on, off = result["tasks"]["facts@thinking-on"], result["tasks"]["facts@thinking-off"]
     assert (on["correct"], on["asked"], on["thinking"]) == (4, 4, True)  # the first four are capitals
@@ -287,7 +362,9 @@ def test_quality_asks_each_task_with_thinking_on_and_off_streamed(oracle, tmp_pa
     assert off["answers"][0]["reasoning"] == ""
     assert all(a["first_answer_s"] > 0 for a in on["answers"] + off["answers"])
     markdown = (tmp_path / "quality.md").read_text()
-    assert "facts (capitals, units, science), thinking on | facts (capitals, units, science), thinking off |" in markdown
+    assert (
+        "facts (capitals, units, science), thinking on | facts (capitals, units, science), thinking off |" in markdown
+    )
     assert "| oracle | facts | on | 100% (4/4) | 3.0 |" in markdown
 
 
@@ -299,12 +376,35 @@ def compared(oracle, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ORACLE_KEY", ORACLE_KEY)
     try:
-        main(["compare", "--configs", "tiny:llama,qwen=tiny:qwen3",
-              "--endpoint", f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY,price_in=0.5,price_out=2",
-              "--endpoint", f"refused=http://127.0.0.1:{free_port()}/v1,model=m,context=1000",
-              "--endpoint", f"nokey={oracle},model=oracle-1",
-              "--local-price", "0.001,0.002", "--tasks", "all", "--limit", "4", "--windows", "1",
-              "--concurrency", "1,2", "--requests", "1", "--tokens", "4", "--out", str(out)])
+        main(
+            [
+                "compare",
+                "--configs",
+                "tiny:llama,qwen=tiny:qwen3",
+                "--endpoint",
+                f"oracle={oracle},model=oracle-1,key_env=ORACLE_KEY,price_in=0.5,price_out=2",
+                "--endpoint",
+                f"refused=http://127.0.0.1:{free_port()}/v1,model=m,context=1000",
+                "--endpoint",
+                f"nokey={oracle},model=oracle-1",
+                "--local-price",
+                "0.001,0.002",
+                "--tasks",
+                "all",
+                "--limit",
+                "4",
+                "--windows",
+                "1",
+                "--concurrency",
+                "1,2",
+                "--requests",
+                "1",
+                "--tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         mp.undo()
     data = json.loads((out / "compare.json").read_text())
@@ -317,7 +417,10 @@ def test_compare_measures_local_configs_through_the_workbench_server(compared):
         column = columns[name]
         assert column["error"] == ""
         assert [level["concurrency"] for level in column["serve"]] == [1, 2]
-        assert all(level["failed"] == 0 and level["aggregate_tok_s"] > 0 and level["ttft_ms_p50"] > 0 for level in column["serve"])
+        assert all(
+            level["failed"] == 0 and level["aggregate_tok_s"] > 0 and level["ttft_ms_p50"] > 0
+            for level in column["serve"]
+        )
         # /v1/models of this workbench's server reports the context limit (tiny models: 2048 positions)
         assert (column["context_length"], column["context_source"]) == (2048, "reported by /v1/models")
         assert column["quality"]["perplexity"] > 1
@@ -330,14 +433,18 @@ def test_compare_prices_questions_from_reported_usage(compared):
     oracle = columns["oracle"]
     # four facts questions (all capitals: right), four arithmetic ones (wrong), four image and four
     # spoken questions, 10 + 5 tokens each
-    assert oracle["quality"]["tasks"]["facts"]["correct"] == 4 and oracle["quality"]["tasks"]["arithmetic"]["correct"] == 0
+    assert (
+        oracle["quality"]["tasks"]["facts"]["correct"] == 4 and oracle["quality"]["tasks"]["arithmetic"]["correct"] == 0
+    )
     assert oracle["task_tokens"] == {"prompt": 160, "completion": 80}
     assert oracle["task_cost_usd"] == pytest.approx((160 * 0.5 + 80 * 2) / 1000)
     assert (oracle["context_length"], oracle["context_source"]) == (4096, "reported by /v1/models")
     assert all(level["aggregate_tok_s"] > 0 for level in oracle["serve"])
     assert table["accuracy: facts (capitals, units, science)"]["oracle"] == "100% (4/4)"
     local = columns["tiny:llama"]
-    assert local["task_cost_usd"] == pytest.approx((local["task_tokens"]["prompt"] * 0.001 + local["task_tokens"]["completion"] * 0.002) / 1000)
+    assert local["task_cost_usd"] == pytest.approx(
+        (local["task_tokens"]["prompt"] * 0.001 + local["task_tokens"]["completion"] * 0.002) / 1000
+    )
 
 
 def test_compare_reports_failing_endpoints_in_their_column(compared):

@@ -50,5 +50,7 @@ def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, caps
     assert reloaded.engine.max_batch == 1  # the sliding-window policy came back too
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.inference_mode():
-        torch.testing.assert_close(reloaded.model(input_ids=ids).logits, direct.model(input_ids=ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            reloaded.model(input_ids=ids).logits, direct.model(input_ids=ids).logits, atol=0, rtol=0
+        )
     assert reloaded.chat("hi", temperature=0, max_tokens=5).text == direct.chat("hi", temperature=0, max_tokens=5).text

@@ -21,7 +21,11 @@ def test_answers_a_factual_question_and_stops_at_end_of_turn(embedded):
 
 
 def test_streams_in_several_deltas(embedded):
-    deltas = [e for e in embedded.engine.stream(ChatRequest.from_prompt(FRANCE, temperature=0, max_tokens=48)) if isinstance(e, TextDelta)]
+    deltas = [
+        e
+        for e in embedded.engine.stream(ChatRequest.from_prompt(FRANCE, temperature=0, max_tokens=48))
+        if isinstance(e, TextDelta)
+    ]
     assert len(deltas) > 3
     assert "Paris" in "".join(d.text for d in deltas)
 
@@ -82,11 +86,20 @@ def test_done_carries_usage(embedded):
     events = list(embedded.engine.stream(ChatRequest.from_prompt(FRANCE, temperature=0, max_tokens=8)))
     done = events[-1]
     assert isinstance(done, Done)
-    assert done.stats.prompt_tokens == len(embedded.tokenizer.apply_chat_template([{"role": "user", "content": FRANCE}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    assert done.stats.prompt_tokens == len(
+        embedded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": FRANCE}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def test_a_batch_answers_exactly_as_one_request_at_a_time(embedded):
-    prompts = ["What is the capital of France?", "Hi", "Name one thing that is blue.", "Explain in two sentences what a KV cache is."]
+    prompts = [
+        "What is the capital of France?",
+        "Hi",
+        "Name one thing that is blue.",
+        "Explain in two sentences what a KV cache is.",
+    ]
     alone = [embedded.chat(p, temperature=0, max_tokens=20).text for p in prompts]
     plans = [embedded.engine.plan(ChatRequest.from_prompt(p, temperature=0, max_tokens=20)) for p in prompts]
     together = [""] * len(prompts)
@@ -105,6 +118,10 @@ def test_a_request_that_joins_mid_batch_answers_as_it_would_alone(embedded):
         calls.append(1)
         return [late] if len(calls) == 5 else []
 
-    first = embedded.engine.plan(ChatRequest.from_prompt("Tell me a story about a phone.", temperature=0, max_tokens=30, ignore_eos=True))
-    text = "".join(e.text for i, e in embedded.engine.generate([first], admit=admit) if i == 1 and isinstance(e, TextDelta))
+    first = embedded.engine.plan(
+        ChatRequest.from_prompt("Tell me a story about a phone.", temperature=0, max_tokens=30, ignore_eos=True)
+    )
+    text = "".join(
+        e.text for i, e in embedded.engine.generate([first], admit=admit) if i == 1 and isinstance(e, TextDelta)
+    )
     assert text == expected

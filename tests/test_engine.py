@@ -43,13 +43,17 @@ def test_max_tokens_bounds_the_reply_and_reports_length(tiny):
 
 
 def test_greedy_is_deterministic(tiny):
-    assert collect(tiny.engine, max_tokens=16, temperature=0)[1:] == collect(tiny.engine, max_tokens=16, temperature=0)[1:]
+    assert (
+        collect(tiny.engine, max_tokens=16, temperature=0)[1:] == collect(tiny.engine, max_tokens=16, temperature=0)[1:]
+    )
 
 
 def test_a_seed_reproduces_a_sampled_reply_and_other_seeds_differ(tiny):
     same = [collect(tiny.engine, max_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=7)[1:] for _ in range(2)]
     assert same[0] == same[1]
-    others = {collect(tiny.engine, max_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=s)[1:] for s in range(8, 12)}
+    others = {
+        collect(tiny.engine, max_tokens=24, temperature=1.0, top_p=1.0, top_k=0, seed=s)[1:] for s in range(8, 12)
+    }
     assert len(others | {same[0]}) > 1
 
 
@@ -83,7 +87,9 @@ def test_default_reply_length_shrinks_to_fit_the_context():
 def test_consumer_that_stops_iterating_stops_generation(count_forwards):
     session = workbench.load("tiny:qwen3", quiet=True)
     calls = count_forwards(session.model)
-    stream = session.engine.stream({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "temperature": 0})
+    stream = session.engine.stream(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "temperature": 0}
+    )
     taken = 0
     for _ in stream:
         taken += 1
@@ -97,15 +103,24 @@ def test_consumer_that_stops_iterating_stops_generation(count_forwards):
 def test_images_and_audio_are_refused_clearly_for_a_text_model(tiny):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(UnsupportedInputError, match="has no image input: .*vision adapter"):
-        tiny.engine.stream({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]})
-    deaf = workbench.load(tiny.config.model_copy(update={"media": tiny.config.media.model_copy(update={"speech": "none"})}), quiet=True)
+        tiny.engine.stream(
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}
+        )
+    deaf = workbench.load(
+        tiny.config.model_copy(update={"media": tiny.config.media.model_copy(update={"speech": "none"})}), quiet=True
+    )
     audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
     with pytest.raises(UnsupportedInputError, match="no speech input: media.speech is none"):
         deaf.engine.stream({"messages": [{"role": "user", "content": [audio]}]})
 
 
 def test_text_parts_are_accepted_like_a_string(tiny):
-    as_parts = collect(tiny.engine, messages=[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}], max_tokens=6, temperature=0)
+    as_parts = collect(
+        tiny.engine,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+        max_tokens=6,
+        temperature=0,
+    )
     as_string = collect(tiny.engine, max_tokens=6, temperature=0)
     assert as_parts[1:] == as_string[1:]
 
@@ -153,7 +168,9 @@ def test_models_without_a_switch_get_a_system_instruction():
     on = render_prompt(llama.tokenizer, msgs, enable_thinking=True)
     assert THINK_INSTRUCTION in on.text and on.thinking_via == "instruction"
     assert THINK_INSTRUCTION not in render_prompt(llama.tokenizer, msgs, enable_thinking=False).text
-    with_system = ChatRequest(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]).messages
+    with_system = ChatRequest(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    ).messages
     text = render_prompt(llama.tokenizer, with_system, enable_thinking=True).text
     assert "Be brief.\n\n" + THINK_INSTRUCTION in text
 
@@ -220,7 +237,9 @@ def test_left_padded_batch_gives_each_row_its_own_logits(tiny):
 def test_every_request_in_a_batch_gets_its_reply_and_one_done(tiny):
     texts, dones = run_batch(tiny.engine, BATCH_PROMPTS, max_tokens=7, ignore_eos=True)
     assert all(len(d) == 1 and d[0].completion_tokens == 7 for d in dones)
-    assert [d[0].prompt_tokens for d in dones] == [len(tiny.engine.plan(ChatRequest.from_prompt(p)).prompt.ids) for p in BATCH_PROMPTS]
+    assert [d[0].prompt_tokens for d in dones] == [
+        len(tiny.engine.plan(ChatRequest.from_prompt(p)).prompt.ids) for p in BATCH_PROMPTS
+    ]
 
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_finish(tiny):
@@ -239,18 +258,29 @@ def test_mixed_lengths_and_early_finishes_in_one_batch(tiny):
     engine = tiny.engine
     plans = [
         engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=3, ignore_eos=True)),
-        engine.plan(ChatRequest.from_prompt("a longer prompt than the first one", temperature=0, max_tokens=9, ignore_eos=True)),
+        engine.plan(
+            ChatRequest.from_prompt("a longer prompt than the first one", temperature=0, max_tokens=9, ignore_eos=True)
+        ),
     ]
     done = {i: e.stats for i, e in engine.generate(plans) if isinstance(e, Done)}
     assert done[0].completion_tokens == 3 and done[1].completion_tokens == 9
-    alone = collect(engine, messages=[{"role": "user", "content": "a longer prompt than the first one"}], temperature=0, max_tokens=9, ignore_eos=True)
+    alone = collect(
+        engine,
+        messages=[{"role": "user", "content": "a longer prompt than the first one"}],
+        temperature=0,
+        max_tokens=9,
+        ignore_eos=True,
+    )
     assert alone[0][-1].stats.completion_tokens == 9
 
 
 def test_requests_join_a_running_batch_and_each_gets_its_own_reply(tiny):
     engine = tiny.engine
     first = engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=12, ignore_eos=True))
-    late = [engine.plan(ChatRequest.from_prompt(p, temperature=0, max_tokens=5, ignore_eos=True)) for p in ("a much longer prompt than hi", "你好")]
+    late = [
+        engine.plan(ChatRequest.from_prompt(p, temperature=0, max_tokens=5, ignore_eos=True))
+        for p in ("a much longer prompt than hi", "你好")
+    ]
     asked = []
 
     def admit(room):
@@ -266,8 +296,16 @@ def test_requests_join_a_running_batch_and_each_gets_its_own_reply(tiny):
 def test_joined_rows_compute_what_they_would_alone(tiny):
     """A row that joins mid-batch is left-padded into the running cache: its logits must not move."""
     engine = tiny.engine
-    late_plan = engine.plan(ChatRequest.from_prompt("a much longer prompt than hi", temperature=0, max_tokens=6, ignore_eos=True))
-    alone = collect(engine, messages=[{"role": "user", "content": "a much longer prompt than hi"}], temperature=0, max_tokens=6, ignore_eos=True)
+    late_plan = engine.plan(
+        ChatRequest.from_prompt("a much longer prompt than hi", temperature=0, max_tokens=6, ignore_eos=True)
+    )
+    alone = collect(
+        engine,
+        messages=[{"role": "user", "content": "a much longer prompt than hi"}],
+        temperature=0,
+        max_tokens=6,
+        ignore_eos=True,
+    )
 
     joined_text, admitted = [], []
 
@@ -304,11 +342,15 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
     list(compiled.engine.generate(plans))
     assert len(steps) == 18  # two requests together decode eagerly on a dynamic cache
     compiling = [r.getMessage() for r in caplog.records if "compiling the decode step" in r.getMessage()]
-    assert len(compiling) == 1 and "256-token static cache" in compiling[0]  # once per cache length, said before it starts
+    assert (
+        len(compiling) == 1 and "256-token static cache" in compiling[0]
+    )  # once per cache length, said before it starts
 
     fields = {"temperature": 0, "max_tokens": 10, "ignore_eos": True}
     expected = [eager.chat(p, **fields).text for p in ("hello there", "a late request")]
-    first, late = (compiled.engine.plan(ChatRequest.from_prompt(p, **fields)) for p in ("hello there", "a late request"))
+    first, late = (
+        compiled.engine.plan(ChatRequest.from_prompt(p, **fields)) for p in ("hello there", "a late request")
+    )
     asked = []
 
     def admit(room):
@@ -361,17 +403,23 @@ def test_compiled_decode_of_a_quantized_model_answers_as_its_eager_path(tmp_path
     texts = {}
     for compile_ in ("false", "true"):
         config = tmp_path / f"{compile_}.yaml"
-        config.write_text(f"model:\n  source: tiny:llama\n  compile: {compile_}\ncompression:\n  - step: quantize\n    {quantize}\n")
+        config.write_text(
+            f"model:\n  source: tiny:llama\n  compile: {compile_}\ncompression:\n  - step: quantize\n    {quantize}\n"
+        )
         session = workbench.load(str(config), quiet=True)
         assert session.engine.compiled == (compile_ == "true")
         texts[compile_] = session.chat("hello there", max_tokens=10, temperature=0, ignore_eos=True).text
     assert texts["true"] == texts["false"]
-    batched, _ = run_batch(session.engine, ["hello there", "a longer prompt than the first"], max_tokens=10, ignore_eos=True)
+    batched, _ = run_batch(
+        session.engine, ["hello there", "a longer prompt than the first"], max_tokens=10, ignore_eos=True
+    )
     assert batched[0] == texts["false"]
 
 
 @pytest.mark.parametrize("config", ["configs/int4.yaml", "configs/int8.yaml"])
-def test_compiled_decode_of_the_embedded_model_keeps_the_eager_greedy_tokens(embedded, embedded_cache, monkeypatch, config):
+def test_compiled_decode_of_the_embedded_model_keeps_the_eager_greedy_tokens(
+    embedded, embedded_cache, monkeypatch, config
+):
     """The fast CPU paths (int4 or int8 blocks, int8 lm_head, compiled step) on the real model.
     The int8 lm_head's logits are bf16 (steps of 0.125 near 16), and the compiled graph fuses
     the casts differently, so two candidates that tie in one path may not tie in the other:

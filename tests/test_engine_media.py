@@ -44,8 +44,11 @@ def test_a_prompt_with_inputs_prefills_alone_but_decodes_in_the_batch(tiny, coun
     engine = tiny.engine
     prompts = ["hi", "what is in the picture", "a third, longer text prompt here"]
     alone = [_texts(engine.generate([engine.plan(ChatRequest.from_prompt(p, **FIELDS))]))[0] for p in prompts]
-    plans = [engine.plan(ChatRequest.from_prompt(prompts[0], **FIELDS)), _embedded_plan(engine, prompts[1], **FIELDS),
-             engine.plan(ChatRequest.from_prompt(prompts[2], **FIELDS))]
+    plans = [
+        engine.plan(ChatRequest.from_prompt(prompts[0], **FIELDS)),
+        _embedded_plan(engine, prompts[1], **FIELDS),
+        engine.plan(ChatRequest.from_prompt(prompts[2], **FIELDS)),
+    ]
     calls = count_forwards(tiny.model)
     texts = _texts(engine.generate(plans))
     assert [texts[i] for i in range(3)] == alone
@@ -98,8 +101,15 @@ def _image_url(colour: str, size=(64, 48)) -> str:
 
 
 def _ask_about(colour: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(colour)}},
-                                         {"type": "text", "text": "what colour is this?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _image_url(colour)}},
+                {"type": "text", "text": "what colour is this?"},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module", params=["glm4v", "qwen2_vl", "smolvlm"])
@@ -132,9 +142,10 @@ def test_a_vlm_answers_through_the_engine_as_generate_does(vlm):
         sequence_module.Sequence.accept = original
     ids = torch.tensor([plan.prompt.ids])
     with torch.inference_mode():
-        expected = vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **plan.prompt.inputs,
-                                      max_new_tokens=8, do_sample=False)
-    assert sampled == expected[0, ids.shape[1]:].tolist()
+        expected = vlm.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **plan.prompt.inputs, max_new_tokens=8, do_sample=False
+        )
+    assert sampled == expected[0, ids.shape[1] :].tolist()
 
 
 def test_a_vlm_text_request_after_an_image_request_is_unchanged(vlm):

@@ -16,8 +16,11 @@ from workbench.export import verify
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-PROMPTS = ["What is the capital of France?", "Give me three tips for saving battery on a phone.",
-           "Explain in two sentences what a KV cache is."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for saving battery on a phone.",
+    "Explain in two sentences what a KV cache is.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,12 @@ def pruned(embedded_cache) -> workbench.Session:
     mp = pytest.MonkeyPatch()
     mp.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
     try:
-        config = parse_config({"model": {"source": "embedded:smollm2-135m-instruct", "device": "cpu"},
-                               "compression": [{"step": "prune_heads", "criterion": "random", "ratio": 0.25}]})
+        config = parse_config(
+            {
+                "model": {"source": "embedded:smollm2-135m-instruct", "device": "cpu"},
+                "compression": [{"step": "prune_heads", "criterion": "random", "ratio": 0.25}],
+            }
+        )
         session = workbench.load(config, quiet=True)
     finally:
         mp.undo()
@@ -45,8 +52,9 @@ def _llama(path, **kw):
 
 
 def _llamacpp_reply(llm, tokenizer, prompt: str, tokens: int = 16) -> str:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     out = []
     for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
         if token == llm.token_eos() or len(out) == tokens:
@@ -99,8 +107,14 @@ def test_llama_without_the_permutation_is_wrong_in_llamacpp(tmp_path, monkeypatc
 def test_llamacpp_tokenizes_like_the_engine(tmp_path, embedded):
     embedded.export(tmp_path / "m.gguf", type="q8_0")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
-    texts = ["Hello world!", "In 2024, 3.14159 * 42 = 131.95", "  leading spaces\n\nand\ttabs", "你好，世界",
-             "<|im_start|>user\nhi<|im_end|>\n", "don't won't it's"]
+    texts = [
+        "Hello world!",
+        "In 2024, 3.14159 * 42 = 131.95",
+        "  leading spaces\n\nand\ttabs",
+        "你好，世界",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "don't won't it's",
+    ]
     for text in texts:
         want = embedded.tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
@@ -118,8 +132,14 @@ def test_f16_greedy_replies_equal_the_engine(tmp_path, session):
 
 def test_f16_greedy_token_ids_equal_transformers(tmp_path, session):
     session.export(tmp_path / "m.gguf", type="f16")
-    ids = [list(session.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)) for p in PROMPTS]
+    ids = [
+        list(
+            session.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for p in PROMPTS
+    ]
     for ref, got in verify.llamacpp_greedy(tmp_path / "m.gguf", session.model, ids):
         assert got == ref
 
@@ -146,8 +166,19 @@ def test_decode_bench_times_an_exported_gguf_beside_the_engine(tmp_path, embedde
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
     path = tmp_path / "default-q8_0.gguf"
     workbench.load("configs/default.yaml", device="cpu", quiet=True).export(path, type="q8_0")
-    main(["decode", "--targets", f"engine:tiny:llama,llamacpp:{path}", "--tokens", "4", "--repeats", "1",
-          "--out", str(tmp_path / "bench")])
+    main(
+        [
+            "decode",
+            "--targets",
+            f"engine:tiny:llama,llamacpp:{path}",
+            "--tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path / "bench"),
+        ]
+    )
     data = json.loads((tmp_path / "bench" / "decode.json").read_text())
     assert data["targets"][f"llamacpp:{path}"]["dtype"] == "Q8_0"
     assert not data["skipped"]
@@ -161,8 +192,27 @@ def test_compare_serves_an_exported_gguf_through_llamacpps_openai_server(tmp_pat
     pytest.importorskip("sse_starlette")
     path = tmp_path / "tiny.gguf"
     workbench.load("tiny:llama", quiet=True).export(path, type="q8_0")
-    main(["compare", "--configs", f"local=tiny:llama,cpp={path}", "--tasks", "facts", "--limit", "2", "--windows", "1",
-          "--concurrency", "1", "--requests", "1", "--tokens", "4", "--out", str(tmp_path / "compare")])
+    main(
+        [
+            "compare",
+            "--configs",
+            f"local=tiny:llama,cpp={path}",
+            "--tasks",
+            "facts",
+            "--limit",
+            "2",
+            "--windows",
+            "1",
+            "--concurrency",
+            "1",
+            "--requests",
+            "1",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path / "compare"),
+        ]
+    )
     data = json.loads((tmp_path / "compare" / "compare.json").read_text())
     columns = {c["name"]: c for c in data["columns"]}
     assert columns["cpp"]["error"] in (None, ""), columns["cpp"]["error"]

@@ -39,7 +39,12 @@ def test_errors_are_request_errors():
 
 @pytest.mark.parametrize(
     ("fmt", "mime", "lossless"),
-    [("PNG", "image/png", True), ("JPEG", "image/jpeg", False), ("WEBP", "image/webp", True), ("GIF", "image/gif", False)],
+    [
+        ("PNG", "image/png", True),
+        ("JPEG", "image/jpeg", False),
+        ("WEBP", "image/webp", True),
+        ("GIF", "image/gif", False),
+    ],
 )
 def test_each_format_round_trips_through_a_data_url(fmt, mime, lossless):
     source = gradient()
@@ -72,7 +77,9 @@ def test_gif_gives_its_first_frame():
 
 def test_multi_picture_jpeg_from_a_phone_gives_its_first_picture():
     buf = io.BytesIO()
-    Image.new("RGB", (20, 10), (255, 0, 0)).save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (20, 10), (0, 255, 0))])
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(
+        buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (20, 10), (0, 255, 0))]
+    )
     image = load_image(data_url(buf.getvalue(), "image/jpeg"))
     r, g, _ = image.getpixel((10, 5))
     assert image.size == (20, 10) and r > 200 and g < 60
@@ -136,9 +143,7 @@ def test_malformed_data_url_is_refused():
         load_image("data:image/png;base64")
 
 
-@pytest.mark.parametrize(
-    ("fmt", "name"), [("BMP", "BMP"), ("TIFF", "TIFF"), ("ICO", "ICO")]
-)
+@pytest.mark.parametrize(("fmt", "name"), [("BMP", "BMP"), ("TIFF", "TIFF"), ("ICO", "ICO")])
 def test_other_raster_formats_are_refused_by_name(fmt, name):
     with pytest.raises(ImageInputError, match=f"{name} images are not accepted"):
         load_image(data_url(encode(gradient((16, 16)), fmt)))
@@ -171,6 +176,7 @@ def test_remote_urls_are_refused_by_default_naming_the_config_key():
 def _png_declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height 1-bit pixels, with an all-zero image
     stream that compresses to a few KB: tiny on the wire, huge once decoded."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 

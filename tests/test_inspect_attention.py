@@ -61,10 +61,18 @@ def test_head_stats_of_known_patterns():
     sink = torch.zeros(n, n)
     sink[:, 0] = 1.0
     uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).view(n, 1)
-    capture = AttentionCapture(tokens=list("abcde"), token_ids=list(range(n)),
-                               probs={3: torch.stack([previous, sink, uniform])}, heads={3: [0, 1, 2]})
+    capture = AttentionCapture(
+        tokens=list("abcde"),
+        token_ids=list(range(n)),
+        probs={3: torch.stack([previous, sink, uniform])},
+        heads={3: [0, 1, 2]},
+    )
     stats = head_stats(capture).set_index("head")
-    assert stats.loc[0, "previous_token"] == 1.0 and stats.loc[0, "mean_distance"] == 1.0 and stats.loc[0, "entropy"] == 0.0
+    assert (
+        stats.loc[0, "previous_token"] == 1.0
+        and stats.loc[0, "mean_distance"] == 1.0
+        and stats.loc[0, "entropy"] == 0.0
+    )
     assert stats.loc[1, "sink"] == 1.0 and stats.loc[1, "mean_distance"] == pytest.approx((1 + 2 + 3 + 4) / 4)
     # uniform over q+1 keys: entropy log(q+1), distance q/2, averaged over queries 1..4
     assert stats.loc[2, "entropy"] == pytest.approx(sum(torch.log(torch.tensor([2.0, 3.0, 4.0, 5.0]))).item() / 4)

@@ -34,7 +34,17 @@ def test_every_figure_draws_from_library_data():
     bars = figures.thinking_timeline(timeline).data
     assert {bar.name: len(bar.x) for bar in bars} == {"reasoning": 3, "answer": 3}
 
-    pruning = pd.DataFrame({"ratio": [0, 0.2, 0, 0.2], "criterion": ["taylor", "taylor", "random", "random"],
-                            "perplexity": [15.0, 30.0, 15.0, 80.0]})
+    pruning = pd.DataFrame(
+        {
+            "ratio": [0, 0.2, 0, 0.2],
+            "criterion": ["taylor", "taylor", "random", "random"],
+            "perplexity": [15.0, 30.0, 15.0, 80.0],
+        }
+    )
     quantization = pd.DataFrame({"config": ["fp32", "int8"], "weight_MB": [538.0, 220.0], "perplexity": [15.0, 15.1]})
-    assert [t.name for t in figures.compression_tradeoffs(pruning, quantization).data] == ["random", "taylor", "fp32", "int8"]
+    assert [t.name for t in figures.compression_tradeoffs(pruning, quantization).data] == [
+        "random",
+        "taylor",
+        "fp32",
+        "int8",
+    ]

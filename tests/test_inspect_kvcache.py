@@ -50,13 +50,22 @@ def test_glm_4_9b_at_8k_from_its_config_file_alone():
 
 
 def test_chatglm_style_and_multimodal_configs_are_read(tmp_path):
-    chatglm = {"num_layers": 40, "num_attention_heads": 32, "multi_query_group_num": 2, "kv_channels": 128,
-               "hidden_size": 4096, "torch_dtype": "bfloat16"}
+    chatglm = {
+        "num_layers": 40,
+        "num_attention_heads": 32,
+        "multi_query_group_num": 2,
+        "kv_channels": 128,
+        "hidden_size": 4096,
+        "torch_dtype": "bfloat16",
+    }
     assert kv_bytes_per_token_from_config(chatglm) == 40_960
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {**chatglm, "num_hidden_layers": 40}}))
     assert kv_bytes_per_token_from_config(tmp_path) == 40_960
     # no num_key_value_heads: multi-head attention; no head_dim: hidden_size / heads
-    assert kv_bytes_per_token_from_config({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}) == 2 * 4 * 16 * 2 * 4
+    assert (
+        kv_bytes_per_token_from_config({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64})
+        == 2 * 4 * 16 * 2 * 4
+    )
     assert kv_bytes_per_token_from_config(chatglm, dtype="float32") == 81_920
 
 
@@ -65,7 +74,10 @@ def test_chatglm_style_and_multimodal_configs_are_read(tmp_path):
     [
         ({"hidden_size": 64}, "no layer or attention-head count"),
         ({"num_hidden_layers": 2, "num_attention_heads": 4}, "neither head_dim nor hidden_size"),
-        ({"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8, "torch_dtype": "float64x"}, "unknown cache dtype"),
+        (
+            {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8, "torch_dtype": "float64x"},
+            "unknown cache dtype",
+        ),
     ],
 )
 def test_configs_that_cannot_say_their_cache_size_are_refused(config, message):
@@ -75,8 +87,12 @@ def test_configs_that_cannot_say_their_cache_size_are_refused(config, message):
 
 def test_memory_curve_bounds_the_sliding_window_and_skips_offloaded_on_cpu_with_a_reason():
     session = workbench.load("tiny:llama", quiet=True)
-    policies = [{"policy": "dynamic"}, {"policy": "sliding_window", "window": 32},
-                {"policy": "quantized", "nbits": 4, "residual_length": 16}, {"policy": "offloaded"}]
+    policies = [
+        {"policy": "dynamic"},
+        {"policy": "sliding_window", "window": 32},
+        {"policy": "quantized", "nbits": 4, "residual_length": 16},
+        {"policy": "offloaded"},
+    ]
     frame = memory_curve(session, [16, 64, 128], policies=policies, chunk=16)
     dynamic = frame[frame.policy == "dynamic"]
     assert list(dynamic.cache_bytes) == [512 * 16, 512 * 64, 512 * 128] == list(dynamic.dynamic_bytes_predicted)

@@ -14,7 +14,13 @@ LONG = "one two three four five six seven eight nine ten " * 6
 
 
 def run(session, prompt=LONG, tokens=24):
-    return [e for e in session.engine.stream(ChatRequest.from_prompt(prompt, max_tokens=tokens, temperature=0, ignore_eos=True)) if isinstance(e, Done)][0].stats
+    return [
+        e
+        for e in session.engine.stream(
+            ChatRequest.from_prompt(prompt, max_tokens=tokens, temperature=0, ignore_eos=True)
+        )
+        if isinstance(e, Done)
+    ][0].stats
 
 
 def capture_cache(session):

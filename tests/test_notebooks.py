@@ -54,11 +54,24 @@ def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path):
     config.KernelManager.transport = "ipc"
     config.KernelManager.ip = str(tmp_path / "kernel")
     # A cell that runs past `timeout` fails with its source named, before pytest's own 600 s limit.
-    client = nbclient.NotebookClient(notebook, timeout=300, startup_timeout=120, kernel_name="python3", config=config,
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=300,
+        startup_timeout=120,
+        kernel_name="python3",
+        config=config,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     client.execute()  # raises CellExecutionError, naming the cell, when any cell fails
-    errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    errors = [
+        o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"
+    ]
     assert not errors
-    widgets = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
-               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    widgets = [
+        o
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
     assert widgets, "each notebook has interactive widgets"

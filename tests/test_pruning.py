@@ -19,7 +19,6 @@ from workbench.config import ConfigError, parse_config
 from tiny_models import ARCHS, IDS, logits
 
 
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pruning_a_silenced_group_leaves_the_logits_unchanged(arch):
     session = workbench.load(f"tiny:{arch}", quiet=True)
@@ -118,7 +117,9 @@ def test_bad_pruning_configs_fail_when_read(options, message):
 
 def test_a_config_with_pruning_is_applied_at_load(tmp_path):
     path = tmp_path / "pruned.yaml"
-    path.write_text("model:\n  source: tiny:glm4\ncompression:\n  - step: prune_heads\n    criterion: weight_norm\n    per_layer: 1\n")
+    path.write_text(
+        "model:\n  source: tiny:glm4\ncompression:\n  - step: prune_heads\n    criterion: weight_norm\n    per_layer: 1\n"
+    )
     session = workbench.load(path, quiet=True)
     assert session.model.config.key_value_heads_per_layer == [1, 1]
     assert session.reports[0]["step"] == "prune_heads" and session.reports[0]["heads_after"] == [2, 2]

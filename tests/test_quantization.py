@@ -66,7 +66,11 @@ def test_bf16_everywhere_halves_the_block_weights_and_callers_keep_their_dtype(a
     report = quantize(session, scheme="bf16", rules=[{"pattern": "lm_head", "scheme": "bf16"}])
     assert report.linear_bytes_before == 2 * report.linear_bytes_after
     seen = []
-    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for m in session.model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        for m in session.model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         assert logits(session).dtype == torch.float32
     finally:
@@ -80,7 +84,9 @@ def test_a_scheme_without_a_kernel_here_fails_before_any_change():
     # PyTorch's CPU int4 kernel takes groups of 32, 64 or 128: 16 has none
     session = workbench.load("tiny:llama", quiet=True)
     before = linear_bytes(session.model)
-    with pytest.raises(ValueError, match="int4_weight_only is not available.*group size = 32/64/128.*choose another scheme"):
+    with pytest.raises(
+        ValueError, match="int4_weight_only is not available.*group size = 32/64/128.*choose another scheme"
+    ):
         quantize(session, scheme="int4_weight_only", group_size=16)
     assert linear_bytes(session.model) == before
 
@@ -142,7 +148,9 @@ def test_shipped_configs_are_valid():
 
 
 def test_saving_a_quantized_session_says_what_to_do_instead(tmp_path):
-    session = workbench.load(str(_write(tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n")), quiet=True)
+    session = workbench.load(
+        str(_write(tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n")), quiet=True
+    )
     with pytest.raises(ValueError, match="rebuild the model with workbench.load"):
         session.save(tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -166,7 +174,9 @@ def test_a_scheme_without_a_kernel_fails_before_the_model_loads(tmp_path, monkey
 
     loads = []
     monkeypatch.setattr(session_module, "load_model", lambda *a, **k: loads.append(1))
-    path = _write(tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int4_weight_only\n")
+    path = _write(
+        tmp_path, "model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int4_weight_only\n"
+    )
     with pytest.raises(ValueError, match="int4_weight_only is not available"):
         workbench.load(path)
     assert loads == []

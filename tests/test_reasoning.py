@@ -53,10 +53,19 @@ def test_generation_is_deterministic_per_seed():
 
 
 def test_traces_split_into_tens_and_units():
-    assert pb.make("+", 47, 38).trace.splitlines() == ["47 + 38 = 40 + 30 + 7 + 8", "40 + 30 = 70", "7 + 8 = 15", "70 + 15 = 85"]
+    assert pb.make("+", 47, 38).trace.splitlines() == [
+        "47 + 38 = 40 + 30 + 7 + 8",
+        "40 + 30 = 70",
+        "7 + 8 = 15",
+        "70 + 15 = 85",
+    ]
     assert pb.make("-", 83, 47).trace.splitlines() == ["83 - 47 = 83 - 40 - 7", "83 - 40 = 43", "43 - 7 = 36"]
-    assert pb.make("x", 47, 8).trace.splitlines() == ["47 \u00d7 8 = 40 \u00d7 8 + 7 \u00d7 8", "40 \u00d7 8 = 320",
-                                                      "7 \u00d7 8 = 56", "320 + 56 = 376"]
+    assert pb.make("x", 47, 8).trace.splitlines() == [
+        "47 \u00d7 8 = 40 \u00d7 8 + 7 \u00d7 8",
+        "40 \u00d7 8 = 320",
+        "7 \u00d7 8 = 56",
+        "320 + 56 = 376",
+    ]
 
 
 # --- the template switch ---------------------------------------------------------------------
@@ -67,8 +76,13 @@ def test_the_switch_opens_the_think_block_on_and_leaves_the_prompt_alone_off(emb
     messages = [{"role": "user", "content": "What is 47 + 38?"}]
     stock = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     switched = with_thinking_switch(tokenizer.chat_template)
-    render = lambda **kw: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,  # noqa: E731
-                                                        chat_template=switched, **kw)
+    render = lambda **kw: tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=True,  # noqa: E731
+        chat_template=switched,
+        **kw,
+    )
     assert render(enable_thinking=True) == stock + "<think>\n"
     assert render(enable_thinking=False) == render() == stock
     with pytest.raises(ValueError, match="already has an enable_thinking switch"):
@@ -95,8 +109,9 @@ def tiny_trained(tmp_path_factory):
     """tiny:llama trained for three steps, its adapter folder, and the merged session."""
     out = tmp_path_factory.mktemp("thinking-adapter")
     session = workbench.load("tiny:llama", quiet=True)
-    opts = ThinkingOptions(steps=3, batch=2, warmup=1, problems=20, reply_tokens=8,
-                           cache_dir=str(tmp_path_factory.mktemp("replies")))
+    opts = ThinkingOptions(
+        steps=3, batch=2, warmup=1, problems=20, reply_tokens=8, cache_dir=str(tmp_path_factory.mktemp("replies"))
+    )
     report = train(session, opts, out, progress=False)
     return session, out, report
 
@@ -104,7 +119,8 @@ def tiny_trained(tmp_path_factory):
 def test_training_writes_an_adapter_with_the_switched_template_and_a_record(tiny_trained):
     session, out, report = tiny_trained
     assert {"adapter_model.safetensors", "adapter_config.json", "recovery.json", TEMPLATE_FILE, "held_out.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert (out / TEMPLATE_FILE).read_text().endswith(SWITCH)
     record = json.loads((out / "recovery.json").read_text())
     assert record["purpose"] == "thinking" and record["source"] == "tiny:llama"
@@ -119,11 +135,14 @@ def test_the_loss_covers_the_reply_only(tiny_trained):
 
     session, _, _ = tiny_trained
 
-    ids, labels = encode(session.tokenizer, Example("think", [{"role": "user", "content": "What is 2 + 3?"}], True, "2 + 3 = 5\n</think>\n\n5"))
+    ids, labels = encode(
+        session.tokenizer,
+        Example("think", [{"role": "user", "content": "What is 2 + 3?"}], True, "2 + 3 = 5\n</think>\n\n5"),
+    )
     reply = [t for t in labels if t != -100]
     assert session.tokenizer.decode(reply) == "2 + 3 = 5\n</think>\n\n5" + session.tokenizer.eos_token
-    assert ids[-len(reply):] == reply and labels[:len(ids) - len(reply)] == [-100] * (len(ids) - len(reply))
-    assert session.tokenizer.decode(ids[:len(ids) - len(reply)]).endswith("<think>\n")
+    assert ids[-len(reply) :] == reply and labels[: len(ids) - len(reply)] == [-100] * (len(ids) - len(reply))
+    assert session.tokenizer.decode(ids[: len(ids) - len(reply)]).endswith("<think>\n")
 
 
 def test_length_sorted_micro_batches_give_the_whole_batch_loss(tiny_trained):
@@ -194,8 +213,13 @@ def test_the_real_model_closes_a_think_block_with_thinking_on_and_opens_none_off
 
 @pytest.mark.embedded
 def test_reasoning_streams_as_reasoning_content_over_the_server(thinker):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 58 + 27?"}], "max_tokens": 160,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is 58 + 27?"}],
+        "max_tokens": 160,
+        "temperature": 0,
+        "stream": True,
+    }
     with LiveServer(thinker) as live:
         reasoning, content = "", ""
         with httpx.stream("POST", live.base_url + "/v1/chat/completions", json=body, timeout=120) as response:
@@ -204,8 +228,11 @@ def test_reasoning_streams_as_reasoning_content_over_the_server(thinker):
                     for choice in json.loads(line[6:])["choices"]:
                         reasoning += choice["delta"].get("reasoning_content") or ""
                         content += choice["delta"].get("content") or ""
-        plain = httpx.post(live.base_url + "/v1/chat/completions", timeout=120,
-                           json={**body, "stream": False, "enable_thinking": False, "max_tokens": 24}).json()
+        plain = httpx.post(
+            live.base_url + "/v1/chat/completions",
+            timeout=120,
+            json={**body, "stream": False, "enable_thinking": False, "max_tokens": 24},
+        ).json()
     assert "58 + 27 = " in reasoning and "<think>" not in content and "</think>" not in content and content.strip()
     message = plain["choices"][0]["message"]
     assert not message.get("reasoning_content") and message["content"].strip()
@@ -222,13 +249,19 @@ def test_the_chat_page_shows_the_real_models_reasoning_as_a_thought(thinker):
     try:
         client = Client(launch(app), verbose=False)
         turn = {"temperature": 0.0, "top_p": 1.0, "seed": -1, "which": "compressed"}
-        history, _, stats = client.predict({"text": "What is 58 + 27?", "files": []}, [], **turn, thinking=True,
-                                           max_tokens=160, api_name="/chat")
+        history, _, stats = client.predict(
+            {"text": "What is 58 + 27?", "files": []}, [], **turn, thinking=True, max_tokens=160, api_name="/chat"
+        )
     finally:
         app.close()
     thought, answer = history[-2], history[-1]
-    text = lambda m: m["content"] if isinstance(m["content"], str) else "".join(  # noqa: E731
-        p if isinstance(p, str) else p.get("text", "") for p in m["content"])
+    text = lambda m: (
+        m["content"]
+        if isinstance(m["content"], str)
+        else "".join(  # noqa: E731
+            p if isinstance(p, str) else p.get("text", "") for p in m["content"]
+        )
+    )
     assert thought["metadata"]["title"].startswith("Thought (") and "58 + 27 = " in text(thought)
     assert text(answer).strip() and "<think>" not in text(answer) and "</think>" not in text(answer)
     assert "0 reasoning tokens" not in stats

@@ -14,7 +14,6 @@ from workbench.config import ConfigError, parse_config
 from tiny_models import ARCHS, logits
 
 
-
 # --- compensation --------------------------------------------------------------------------
 
 
@@ -28,12 +27,19 @@ def test_compensation_lowers_the_pruned_layers_output_error_on_held_out_text(arc
     errors = {}
     for compensate in (False, True):
         session = workbench.load(f"tiny:{arch}", quiet=True)
-        report = prune_heads(session, criterion="weight_norm", per_layer=1, compensate=compensate,
-                             calibration_texts=4, calibration_tokens=128)
+        report = prune_heads(
+            session,
+            criterion="weight_norm",
+            per_layer=1,
+            compensate=compensate,
+            calibration_texts=4,
+            calibration_tokens=128,
+        )
         pruned = attention_layers(session.model)
         errors[compensate] = [
-            compensation.relative_error(stats[layer], compensation.query_index(attns[layer], [1 - groups[0]]),
-                                        pruned[layer].o_proj.weight)
+            compensation.relative_error(
+                stats[layer], compensation.query_index(attns[layer], [1 - groups[0]]), pruned[layer].o_proj.weight
+            )
             for layer, groups in report.removed.items()
         ]
         assert bool(report.compensation) == compensate
@@ -55,7 +61,9 @@ def test_compensation_without_removal_of_a_group_fits_the_original_weight():
 
 def test_compensated_pruned_model_reloads_with_identical_logits(tmp_path):
     session = workbench.load("tiny:qwen3", quiet=True)
-    prune_heads(session, criterion="weight_norm", per_layer=1, compensate=True, calibration_texts=2, calibration_tokens=64)
+    prune_heads(
+        session, criterion="weight_norm", per_layer=1, compensate=True, calibration_texts=2, calibration_tokens=64
+    )
     session.save(tmp_path)
     reloaded = workbench.load(str(tmp_path), quiet=True)
     torch.testing.assert_close(logits(reloaded.model), logits(session.model), atol=0, rtol=0)
@@ -92,20 +100,34 @@ def test_removing_groups_a_layer_does_not_have_is_named():
         prune_heads(session, remove={5: [0]})
     with pytest.raises(ValueError, match="would keep 0 of its 2"):
         prune_heads(session, remove={0: [0, 1]})
-    assert session.model.config.num_key_value_heads == 2 and not hasattr(session.model.config, "key_value_heads_per_layer")
+    assert session.model.config.num_key_value_heads == 2 and not hasattr(
+        session.model.config, "key_value_heads_per_layer"
+    )
 
 
 # --- the recover step ----------------------------------------------------------------------
 
-FAST = {"steps": 24, "batch": 2, "seq_len": 64, "warmup": 2, "eval_every": 8, "eval_windows": 2, "lr": 3e-3,
-        "reply_tokens": 8}
+FAST = {
+    "steps": 24,
+    "batch": 2,
+    "seq_len": 64,
+    "warmup": 2,
+    "eval_every": 8,
+    "eval_windows": 2,
+    "lr": 3e-3,
+    "reply_tokens": 8,
+}
 
 
 def recover_config(tmp_path, arch="llama", prune=None, **recover):
     prune = prune or {"criterion": "weight_norm", "per_layer": 1}
     options = {**FAST, "cache_dir": str(tmp_path / "cache"), **recover}
-    return parse_config({"model": {"source": f"tiny:{arch}"}, "compression": [
-        {"step": "prune_heads", **prune}, {"step": "recover", **options}]})
+    return parse_config(
+        {
+            "model": {"source": f"tiny:{arch}"},
+            "compression": [{"step": "prune_heads", **prune}, {"step": "recover", **options}],
+        }
+    )
 
 
 @pytest.mark.parametrize("train", ["lora", "attention"])
@@ -146,13 +168,34 @@ def test_a_saved_recovered_model_reloads_with_identical_logits(tmp_path):
 
 def test_a_saved_adapter_reproduces_the_recovery_and_replays_the_recorded_prune(tmp_path):
     adapter = tmp_path / "adapter"
-    trained = workbench.load(recover_config(tmp_path, arch="glm4", prune={"criterion": "taylor", "ratio": 0.5,
-                                                                         "calibration_texts": 2, "calibration_tokens": 64},
-                                            save_adapter=str(adapter)), quiet=True)
+    trained = workbench.load(
+        recover_config(
+            tmp_path,
+            arch="glm4",
+            prune={"criterion": "taylor", "ratio": 0.5, "calibration_texts": 2, "calibration_tokens": 64},
+            save_adapter=str(adapter),
+        ),
+        quiet=True,
+    )
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "recovery.json").is_file()
-    loaded = workbench.load(parse_config({"model": {"source": "tiny:glm4"}, "compression": [
-        {"step": "prune_heads", "criterion": "taylor", "ratio": 0.5, "calibration_texts": 2, "calibration_tokens": 64},
-        {"step": "recover", "adapter": str(adapter)}]}), quiet=True)
+    loaded = workbench.load(
+        parse_config(
+            {
+                "model": {"source": "tiny:glm4"},
+                "compression": [
+                    {
+                        "step": "prune_heads",
+                        "criterion": "taylor",
+                        "ratio": 0.5,
+                        "calibration_texts": 2,
+                        "calibration_tokens": 64,
+                    },
+                    {"step": "recover", "adapter": str(adapter)},
+                ],
+            }
+        ),
+        quiet=True,
+    )
     assert loaded.reports[0].get("removed_from") == "recover adapter record"
     assert loaded.reports[0]["removed"] == trained.reports[0]["removed"]
     # The adapter is stored in fp16: the same model up to that rounding.
@@ -162,9 +205,15 @@ def test_a_saved_adapter_reproduces_the_recovery_and_replays_the_recorded_prune(
 def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tmp_path):
     adapter = tmp_path / "adapter"
     workbench.load(recover_config(tmp_path, save_adapter=str(adapter)), quiet=True)  # kv heads [1, 1]
-    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [
-        {"step": "prune_heads", "remove": {0: [1]}}, {"step": "recover", "adapter": str(adapter)}]})
-    with pytest.raises(ValueError, match=r"trained on a model with KV heads per layer \[1, 1\], but this model has \[1, 2\]"):
+    config = parse_config(
+        {
+            "model": {"source": "tiny:llama"},
+            "compression": [{"step": "prune_heads", "remove": {0: [1]}}, {"step": "recover", "adapter": str(adapter)}],
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"trained on a model with KV heads per layer \[1, 1\], but this model has \[1, 2\]"
+    ):
         workbench.load(config, quiet=True)
 
 
@@ -172,21 +221,54 @@ def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tm
     ("steps", "message"),
     [
         ([{"step": "recover"}], "recover must come after prune_heads"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "quantize", "scheme": "int8_weight_only"}, {"step": "recover"}],
-         "recover must come before quantize"),
+        (
+            [
+                {"step": "prune_heads", "ratio": 0.2},
+                {"step": "quantize", "scheme": "int8_weight_only"},
+                {"step": "recover"},
+            ],
+            "recover must come before quantize",
+        ),
         ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover"}, {"step": "recover"}], "recover is listed twice"),
         ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "lr": 0}], "lr: Input should be greater than 0"),
         ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "lr": 3}], "lr: Input should be less than 1"),
         ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "epochs": 3}], "epochs: unknown key"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "mlp"}], "train: Input should be 'lora' or 'attention'"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "steps": 10, "warmup": 10}], "warmup \\(10\\) must be shorter than steps \\(10\\)"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "temperature": 0}], "temperature: Input should be greater than 0"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "targets": ["attn"]}], "\\['attn'\\] are not linear layers"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "attention", "rank": 8}], "rank only apply to train: lora"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "attention", "save_adapter": "x"}], "save_adapter saves a LoRA"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "adapter": "/nowhere"}], "adapter '/nowhere': no recovery.json there"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "prompts": "/nowhere.txt"}], "prompts file '/nowhere.txt' does not exist"),
-        ([{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "keep": "best"}], "keep: Input should be 'perplexity', 'kl' or 'last'"),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "mlp"}],
+            "train: Input should be 'lora' or 'attention'",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "steps": 10, "warmup": 10}],
+            "warmup \\(10\\) must be shorter than steps \\(10\\)",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "temperature": 0}],
+            "temperature: Input should be greater than 0",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "targets": ["attn"]}],
+            "\\['attn'\\] are not linear layers",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "attention", "rank": 8}],
+            "rank only apply to train: lora",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "attention", "save_adapter": "x"}],
+            "save_adapter saves a LoRA",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "adapter": "/nowhere"}],
+            "adapter '/nowhere': no recovery.json there",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "prompts": "/nowhere.txt"}],
+            "prompts file '/nowhere.txt' does not exist",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "keep": "best"}],
+            "keep: Input should be 'perplexity', 'kl' or 'last'",
+        ),
     ],
 )
 def test_bad_recovery_configs_fail_when_read(steps, message):
@@ -198,8 +280,15 @@ def test_adapter_with_training_options_is_refused(tmp_path):
     adapter = tmp_path / "adapter"
     workbench.load(recover_config(tmp_path, save_adapter=str(adapter)), quiet=True)
     with pytest.raises(ConfigError, match="the training options lr, steps do nothing"):
-        parse_config({"compression": [{"step": "prune_heads", "per_layer": 1},
-                                      {"step": "recover", "adapter": str(adapter), "lr": 1e-3, "steps": 5}]}, "x.yaml")
+        parse_config(
+            {
+                "compression": [
+                    {"step": "prune_heads", "per_layer": 1},
+                    {"step": "recover", "adapter": str(adapter), "lr": 1e-3, "steps": 5},
+                ]
+            },
+            "x.yaml",
+        )
 
 
 def test_recover_without_a_teacher_is_named():
@@ -220,9 +309,13 @@ def test_teacher_replies_are_cached_and_no_prompt_is_a_facts_question(tmp_path):
     assert len(chats) >= 150 and not {c[-1]["content"].lower() for c in chats} & questions
     assert not any("capital" in c[-1]["content"].lower() for c in chats)
     session = workbench.load("tiny:llama", quiet=True)
-    first = recovery_data.teacher_replies(session.model, session.tokenizer, chats[:3], max_tokens=4, cache_dir=tmp_path, progress=False)
+    first = recovery_data.teacher_replies(
+        session.model, session.tokenizer, chats[:3], max_tokens=4, cache_dir=tmp_path, progress=False
+    )
     assert len(list(tmp_path.glob("teacher-replies-*.json"))) == 1
     with torch.no_grad():  # another teacher: the cache must not answer for it
         session.model.lm_head.weight.mul_(2)
-    recovery_data.teacher_replies(session.model, session.tokenizer, chats[:3], max_tokens=4, cache_dir=tmp_path, progress=False)
+    recovery_data.teacher_replies(
+        session.model, session.tokenizer, chats[:3], max_tokens=4, cache_dir=tmp_path, progress=False
+    )
     assert len(list(tmp_path.glob("teacher-replies-*.json"))) == 2 and len(first) == 3

@@ -23,8 +23,12 @@ def test_penalties_follow_openai_and_vllm_per_row():
     counts = torch.tensor([[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]])
     seen = torch.tensor([[True, True, False, True], [True, True, False, True]])  # token 3: in the prompt only
     out = apply_penalties(
-        logits, counts, seen,
-        frequency=torch.tensor([0.5, 0.0]), presence=torch.tensor([0.25, 0.0]), repetition=torch.tensor([2.0, 1.0]),
+        logits,
+        counts,
+        seen,
+        frequency=torch.tensor([0.5, 0.0]),
+        presence=torch.tensor([0.25, 0.0]),
+        repetition=torch.tensor([2.0, 1.0]),
     )
     # row 0: token 0: 2/2 - 0.5*2 - 0.25; token 1: -1*2 - 0.5*1 - 0.25; token 2 unseen; token 3: 3/2 (prompt only)
     assert out[0].tolist() == [-0.25, -2.75, 0.5, 1.5]
@@ -68,7 +72,13 @@ def test_min_p_drops_tokens_below_its_share_of_the_best():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("frequency_penalty", 2.5), ("presence_penalty", -2.1), ("repetition_penalty", 0.0), ("min_p", 1.5), ("logprobs", 21)],
+    [
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", -2.1),
+        ("repetition_penalty", 0.0),
+        ("min_p", 1.5),
+        ("logprobs", 21),
+    ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValidationError, match=field):
@@ -101,7 +111,10 @@ def test_a_presence_penalty_stops_a_greedy_loop(llama):
 def test_rows_of_one_batch_keep_their_own_penalties(llama):
     asks = [{}, {"frequency_penalty": 1.5}, {"repetition_penalty": 0.5}, {}, {"repetition_penalty": 1.8}]
     alone = [llama.chat("hi", temperature=0, max_tokens=24, ignore_eos=True, **kw).text for kw in asks]
-    plans = [llama.engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=24, ignore_eos=True, **kw)) for kw in asks]
+    plans = [
+        llama.engine.plan(ChatRequest.from_prompt("hi", temperature=0, max_tokens=24, ignore_eos=True, **kw))
+        for kw in asks
+    ]
     together = [""] * len(asks)
     for index, event in llama.engine.generate(plans):
         if isinstance(event, TextDelta):
@@ -126,4 +139,7 @@ def test_penalties_change_the_real_models_greedy_reply_reproducibly(embedded):
     plain = embedded.chat(prompt, temperature=0, max_tokens=48).text
     penalised = embedded.chat(prompt, temperature=0, max_tokens=48, repetition_penalty=1.5, frequency_penalty=1.0).text
     assert penalised != plain
-    assert embedded.chat(prompt, temperature=0, max_tokens=48, repetition_penalty=1.5, frequency_penalty=1.0).text == penalised
+    assert (
+        embedded.chat(prompt, temperature=0, max_tokens=48, repetition_penalty=1.5, frequency_penalty=1.0).text
+        == penalised
+    )

@@ -52,7 +52,9 @@ def data_url(fmt: str, colour: str = "red") -> str:
 
 
 def image_message(url: str, text: str = "What is in the picture?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
 
 
 def audio_message(data: str, fmt: str) -> list[dict]:
@@ -159,7 +161,13 @@ def test_streamed_reasoning_deltas_carry_both_names(thinking_server):
 
 
 def test_return_reasoning_false_drops_it_but_usage_counts_it(thinking_server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0, "return_reasoning": False}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "return_reasoning": False,
+    }
     reply = httpx.post(thinking_server.base_url + "/v1/chat/completions", json=body).json()
     assert "reasoning" not in reply["choices"][0]["message"]
     assert reply["usage"]["completion_tokens_details"]["reasoning_tokens"] == 8
@@ -168,6 +176,7 @@ def test_return_reasoning_false_drops_it_but_usage_counts_it(thinking_server):
 def test_chat_template_kwargs_switch_thinking_like_vllm():
     session = workbench.load("tiny:qwen3", quiet=True)  # its template adds an empty think block when off
     with LiveServer(session) as live:
+
         def prompt_tokens(extra):
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra}
             return httpx.post(live.base_url + "/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
@@ -185,7 +194,9 @@ def test_assistant_messages_sent_back_with_reasoning_are_accepted(thinking_serve
         {"role": "assistant", "content": "hello", field: "they said hi"},
         {"role": "user", "content": [{"type": "text", "text": "again"}]},
     ]
-    reply = httpx.post(thinking_server.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    reply = httpx.post(
+        thinking_server.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2}
+    )
     assert reply.status_code == 200, reply.text
 
 
@@ -211,21 +222,81 @@ BAD_REQUESTS = [
     ("missing messages", {"model": MODEL}, 400, "invalid_value", "messages"),
     ("empty messages", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
     ("wrong type", {"model": MODEL, "messages": user(), "temperature": "hot"}, 400, "invalid_value", "temperature"),
-    ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+    (
+        "bad role",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "invalid_value",
+        "messages.0.role",
+    ),
     ("n above one", {"model": MODEL, "messages": user(), "n": 2}, 400, "unsupported_parameter", "n"),
     ("empty stop string", {"model": MODEL, "messages": user(), "stop": [""]}, 400, "invalid_value", "stop"),
     ("unknown model", {"model": "gpt-9", "messages": user()}, 404, "model_not_found", "model"),
-    ("over the context limit", {"model": MODEL, "messages": user("phone " * 9000)}, 400, "context_length_exceeded", "messages"),
-    ("max_tokens past the limit", {"model": MODEL, "messages": user(), "max_tokens": 9000}, 400, "context_length_exceeded", "messages"),
-    ("truncated image", {"model": MODEL, "messages": image_message("data:image/png;base64,iVBORw0KGgo=")}, 400, "invalid_image", "messages"),
+    (
+        "over the context limit",
+        {"model": MODEL, "messages": user("phone " * 9000)},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "max_tokens past the limit",
+        {"model": MODEL, "messages": user(), "max_tokens": 9000},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "truncated image",
+        {"model": MODEL, "messages": image_message("data:image/png;base64,iVBORw0KGgo=")},
+        400,
+        "invalid_image",
+        "messages",
+    ),
     ("bmp image", {"model": MODEL, "messages": image_message(data_url("BMP"))}, 400, "invalid_image", "messages"),
-    ("remote image", {"model": MODEL, "messages": image_message("https://example.com/cat.png")}, 400, "invalid_image", "messages"),
+    (
+        "remote image",
+        {"model": MODEL, "messages": image_message("https://example.com/cat.png")},
+        400,
+        "invalid_image",
+        "messages",
+    ),
     ("file url", {"model": MODEL, "messages": image_message("file:///etc/passwd")}, 400, "invalid_image", "messages"),
-    ("bad base64 audio", {"model": MODEL, "messages": audio_message("%%%not base64", "wav")}, 400, "invalid_audio", "messages"),
-    ("corrupt audio", {"model": MODEL, "messages": audio_message(base64.b64encode(b"RIFF0000WAVEjunk" * 40).decode(), "wav")}, 400, "invalid_audio", "messages"),
-    ("unsupported audio format", {"model": MODEL, "messages": audio_message(base64.b64encode(b"\x00" * 64).decode(), "midi")}, 400, "invalid_audio", "messages"),
-    ("too long audio", {"model": MODEL, "messages": audio_message(silent_flac(130), "flac")}, 400, "invalid_audio", "messages"),
-    ("unknown part type", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]}, 400, "invalid_value", None),
+    (
+        "bad base64 audio",
+        {"model": MODEL, "messages": audio_message("%%%not base64", "wav")},
+        400,
+        "invalid_audio",
+        "messages",
+    ),
+    (
+        "corrupt audio",
+        {"model": MODEL, "messages": audio_message(base64.b64encode(b"RIFF0000WAVEjunk" * 40).decode(), "wav")},
+        400,
+        "invalid_audio",
+        "messages",
+    ),
+    (
+        "unsupported audio format",
+        {"model": MODEL, "messages": audio_message(base64.b64encode(b"\x00" * 64).decode(), "midi")},
+        400,
+        "invalid_audio",
+        "messages",
+    ),
+    (
+        "too long audio",
+        {"model": MODEL, "messages": audio_message(silent_flac(130), "flac")},
+        400,
+        "invalid_audio",
+        "messages",
+    ),
+    (
+        "unknown part type",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
+        400,
+        "invalid_value",
+        None,
+    ),
 ]
 
 
@@ -283,10 +354,16 @@ PROMPTS = [f"Name one thing that is {c}." for c in ("red", "blue", "green", "yel
 @pytest.mark.embedded
 def test_eight_parallel_streams_all_finish_ungarbled(server, client):
     def expected(prompt):
-        return client.chat.completions.create(model=MODEL, messages=user(prompt), temperature=0, max_tokens=12).choices[0].message.content
+        return (
+            client.chat.completions.create(model=MODEL, messages=user(prompt), temperature=0, max_tokens=12)
+            .choices[0]
+            .message.content
+        )
 
     def streamed(prompt):
-        stream = client.chat.completions.create(model=MODEL, messages=user(prompt), temperature=0, max_tokens=12, stream=True)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=user(prompt), temperature=0, max_tokens=12, stream=True
+        )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     want = [expected(p) for p in PROMPTS]
@@ -308,7 +385,14 @@ def test_client_disconnect_cancels_generation(server, embedded):
     forwards: list[int] = []
     hook = embedded.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        body = {"model": MODEL, "messages": user("Tell me a very long story."), "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {
+            "model": MODEL,
+            "messages": user("Tell me a very long story."),
+            "max_tokens": 400,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             for _ in range(6):
@@ -336,7 +420,12 @@ def test_models_health_metrics_and_status_page(server, client):
     health = httpx.get(server.base_url + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL
     text = httpx.get(server.base_url + "/metrics").text
-    for name in ("workbench_requests_total", "workbench_completion_tokens_total", "workbench_time_to_first_token_seconds", "workbench_requests_in_flight"):
+    for name in (
+        "workbench_requests_total",
+        "workbench_completion_tokens_total",
+        "workbench_time_to_first_token_seconds",
+        "workbench_requests_in_flight",
+    ):
         assert name in text
     page = httpx.get(server.base_url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
@@ -351,7 +440,17 @@ def test_unknown_route_is_an_openai_shaped_404(thinking_server):
 def test_command_line_server_logs_what_a_person_needs():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workbench.serve", "--config", "tiny:llama", "--port", str(port), "--model-name", "tiny"],
+        [
+            sys.executable,
+            "-m",
+            "workbench.serve",
+            "--config",
+            "tiny:llama",
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -367,7 +466,9 @@ def test_command_line_server_logs_what_a_person_needs():
         assert "Model loaded in" in text and "Memory used:" in text and "device cpu" in text
         assert f"http://127.0.0.1:{port}" in text
         assert "OpenAI-compatible endpoint enabled: /v1/chat/completions" in text
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 2})
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 2}
+        )
         assert reply.status_code == 200
     finally:
         proc.terminate()
@@ -387,13 +488,19 @@ def test_generation_can_run_on_the_thread_that_loaded_the_model(monkeypatch):
     app = create_app(session, ServerSettings(model_name="tiny"), own_thread=False)
     generating_on = []
     generate = session.engine.generate
-    monkeypatch.setattr(session.engine, "generate", lambda *a, **k: generating_on.append(threading.current_thread()) or generate(*a, **k))
+    monkeypatch.setattr(
+        session.engine,
+        "generate",
+        lambda *a, **k: generating_on.append(threading.current_thread()) or generate(*a, **k),
+    )
     replies = []
 
     def client():
         try:
             with TestClient(app) as http:
-                replies.append(http.post("/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 3}))
+                replies.append(
+                    http.post("/v1/chat/completions", json={"model": "tiny", "messages": user(), "max_tokens": 3})
+                )
         finally:
             app.state.generation.shutdown()
 
@@ -401,7 +508,9 @@ def test_generation_can_run_on_the_thread_that_loaded_the_model(monkeypatch):
     thread.start()
     app.state.generation.run()  # returns once the client has shut it down
     thread.join(timeout=60)
-    assert replies and replies[0].status_code == 200 and replies[0].json()["choices"][0]["message"]["content"] is not None
+    assert (
+        replies and replies[0].status_code == 200 and replies[0].json()["choices"][0]["message"]["content"] is not None
+    )
     assert generating_on == [threading.main_thread()]
 
 
@@ -444,8 +553,11 @@ def test_a_spoken_question_joins_the_dialogue_and_is_answered(client, server, tm
     to that transcript sent as text: the two paths agree on this machine, whatever was heard."""
     question = "What is the capital of France?"
     audio = spoken(question, tmp_path)
-    raw = httpx.post(server.base_url + "/v1/chat/completions", timeout=120,
-                     json={"model": MODEL, "messages": audio_message(audio, "wav"), "temperature": 0, "max_tokens": 24}).json()
+    raw = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={"model": MODEL, "messages": audio_message(audio, "wav"), "temperature": 0, "max_tokens": 24},
+    ).json()
     heard = raw["media"][0]
     assert heard["kind"] == "audio" and heard["language"] == "en"
     assert word_error_rate(question, heard["transcript"]) <= 0.5, heard["transcript"]
@@ -462,8 +574,12 @@ def test_a_streamed_reply_to_audio_says_what_was_heard_in_its_last_chunk(server,
     test's business: on a three-word clip faster-whisper falls back to sampling, and a clean
     clone once heard "Name a colour." as "May my color." (WER 1.0), so no word is asserted here."""
     audio = spoken("What is the capital of France?", tmp_path)
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
-                      json={"model": MODEL, "messages": audio_message(audio, "wav"), "max_tokens": 6, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={"model": MODEL, "messages": audio_message(audio, "wav"), "max_tokens": 6, "stream": True},
+    ) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     finish = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     heard = finish["media"][0]
@@ -474,7 +590,9 @@ def test_a_streamed_reply_to_audio_says_what_was_heard_in_its_last_chunk(server,
 def test_an_image_for_a_model_that_cannot_see_is_unsupported_content(thinking_server):
     reply = post_raw(thinking_server, json.dumps({"model": "tiny:qwen3", "messages": image_message(data_url("PNG"))}))
     assert reply.status_code == 400, reply.text
-    assert reply.json()["error"]["code"] == "unsupported_content" and "no image input" in reply.json()["error"]["message"]
+    assert (
+        reply.json()["error"]["code"] == "unsupported_content" and "no image input" in reply.json()["error"]["message"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -485,11 +603,22 @@ def vlm_server():
 
 def test_a_vision_language_model_takes_image_url_parts_from_the_sdk(vlm_server):
     client = openai.OpenAI(base_url=vlm_server.base_url + "/v1", api_key="EMPTY")
-    reply = client.chat.completions.create(model="tiny:qwen2_vl", messages=image_message(data_url("JPEG")), max_tokens=5,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="tiny:qwen2_vl",
+        messages=image_message(data_url("JPEG")),
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert reply.usage.completion_tokens == 5
-    stream = client.chat.completions.create(model="tiny:qwen2_vl", messages=image_message(data_url("WEBP", "blue")),
-                                            max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="tiny:qwen2_vl",
+        messages=image_message(data_url("WEBP", "blue")),
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) >= 1
     health = httpx.get(vlm_server.base_url + "/health").json()
     assert health["vision"] == "native"
@@ -501,13 +630,21 @@ def test_the_embedded_model_answers_colour_questions_about_pictures_through_the_
     answers out. Colour is what it sees best (98% held out); 4 of 5 leaves room for one miss."""
     from workbench.bench.tasks import image_items
 
-    items = [item for item in image_items(40, seed=77) if item.question.lower().startswith(("what colour", "what color", "what is the colour", "what is the color", "which colour", "which color"))][:5]
+    items = [
+        item
+        for item in image_items(40, seed=77)
+        if item.question.lower().startswith(
+            ("what colour", "what color", "what is the colour", "what is the color", "which colour", "which color")
+        )
+    ][:5]
     assert len(items) == 5
     right = 0
     for item in items:
         reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": [*item.parts, {"type": "text", "text": item.question}]}],
-            temperature=0, max_tokens=8,
+            model=MODEL,
+            messages=[{"role": "user", "content": [*item.parts, {"type": "text", "text": item.question}]}],
+            temperature=0,
+            max_tokens=8,
         )
         right += item.answer in reply.choices[0].message.content.lower()
     assert right >= 4

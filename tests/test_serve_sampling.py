@@ -37,7 +37,13 @@ GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"ignore_eos": True}
 
 
 def reply_text(client, **fields) -> str:
-    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **{**GREEDY, **fields}).choices[0].message.content
+    return (
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], **{**GREEDY, **fields}
+        )
+        .choices[0]
+        .message.content
+    )
 
 
 def test_penalties_and_min_p_change_the_reply(client):
@@ -45,12 +51,20 @@ def test_penalties_and_min_p_change_the_reply(client):
     assert reply_text(client, presence_penalty=2.0) != plain
     assert reply_text(client, frequency_penalty=2.0) != plain
     assert reply_text(client, extra_body={"ignore_eos": True, "repetition_penalty": 0.5}) != plain
-    assert reply_text(client, extra_body={"ignore_eos": True, "min_p": 0.5}) == plain  # greedy keeps the best token anyway
+    assert (
+        reply_text(client, extra_body={"ignore_eos": True, "min_p": 0.5}) == plain
+    )  # greedy keeps the best token anyway
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0), ("min_p", 1.2), ("top_logprobs", 21)],
+    [
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", -3),
+        ("repetition_penalty", 0),
+        ("min_p", 1.2),
+        ("top_logprobs", 21),
+    ],
 )
 def test_out_of_range_values_are_400s_naming_the_field(server, field, value):
     reply = post(server, **{field: value, "logprobs": True})
@@ -85,7 +99,12 @@ def test_fields_that_change_the_meaning_are_unsupported_not_ignored(server, fiel
 
 @pytest.mark.parametrize(
     "fields",
-    [{"tools": [], "tool_choice": "none"}, {"response_format": {"type": "text"}}, {"n": 1, "logit_bias": {}}, {"user": "ada"}],
+    [
+        {"tools": [], "tool_choice": "none"},
+        {"response_format": {"type": "text"}},
+        {"n": 1, "logit_bias": {}},
+        {"user": "ada"},
+    ],
 )
 def test_harmless_values_of_those_fields_still_work(server, fields):
     assert post(server, **fields).status_code == 200
@@ -104,7 +123,9 @@ def test_logprobs_in_openais_shape_with_the_greedy_token_on_top(client):
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     without = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **GREEDY)
     assert without.choices[0].logprobs is None
-    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True, **GREEDY)
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True, **GREEDY
+    )
     assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[]] * 16
     assert [e.logprob for e in plain.choices[0].logprobs.content] == [e.logprob for e in content]
 
@@ -113,9 +134,23 @@ def test_streamed_logprobs_are_the_same_entries(server, client):
     whole = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2, **GREEDY
     ).model_dump()["choices"][0]["logprobs"]["content"]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2,
-            "temperature": 0, "max_tokens": 16, "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "temperature": 0,
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    streamed = [entry for c in chunks for choice in c["choices"] if choice["logprobs"] for entry in choice["logprobs"]["content"]]
+    streamed = [
+        entry
+        for c in chunks
+        for choice in c["choices"]
+        if choice["logprobs"]
+        for entry in choice["logprobs"]["content"]
+    ]
     assert streamed == whole

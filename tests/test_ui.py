@@ -51,19 +51,37 @@ def text_of(message: dict) -> str:
 
 def say(client, text, history=(), files=(), **settings):
     message = {"text": text, "files": [handle_file(str(f)) for f in files]}
-    return client.predict(message, list(history), **{**TURN, "thinking": False, "max_tokens": 32, **settings}, api_name="/chat")
+    return client.predict(
+        message, list(history), **{**TURN, "thinking": False, "max_tokens": 32, **settings}, api_name="/chat"
+    )
 
 
 @pytest.mark.embedded
 def test_text_turn_streams_an_answer_with_stats(page):
     client, _ = page
-    job = client.submit({"text": "What is the capital of France?", "files": []}, [], **TURN, thinking=False, max_tokens=48, api_name="/chat")
+    job = client.submit(
+        {"text": "What is the capital of France?", "files": []},
+        [],
+        **TURN,
+        thinking=False,
+        max_tokens=48,
+        api_name="/chat",
+    )
     history, box, stats = job.result()
     answers = [text_of(out[0][-1]) for out in job.outputs() if out[0] and out[0][-1]["role"] == "assistant"]
     assert len(set(answers)) > 2, "the answer should arrive in several pieces"
     assert "Paris" in text_of(history[-1])
     assert history[0]["role"] == "user" and box == {"text": "", "files": []}  # the box is cleared
-    for part in ("first token", "tok/s", "prompt /", "answer /", "reasoning tokens", "KV cache", "MB (dynamic)", "weights"):
+    for part in (
+        "first token",
+        "tok/s",
+        "prompt /",
+        "answer /",
+        "reasoning tokens",
+        "KV cache",
+        "MB (dynamic)",
+        "weights",
+    ):
         assert part in stats
     # A second turn sees the first: the history comes back as context.
     history2, _, _ = say(client, "And of Germany?", history, max_tokens=8)
@@ -82,7 +100,9 @@ def thinking_client():
     """A tiny model whose template opens a think block when thinking is on: every reply
     token is reasoning, so the thought message is certain to appear."""
     session = workbench.load("tiny:llama", quiet=True)
-    session.tokenizer.chat_template += "{%- if add_generation_prompt and enable_thinking %}{{- '<think>\n' }}{%- endif %}"
+    session.tokenizer.chat_template += (
+        "{%- if add_generation_prompt and enable_thinking %}{{- '<think>\n' }}{%- endif %}"
+    )
     app = build_app(session)
     try:
         yield open_client(app)
@@ -91,9 +111,13 @@ def thinking_client():
 
 
 def test_thinking_streams_into_a_collapsible_thought_with_its_token_count(thinking_client):
-    job = thinking_client.submit({"text": "hi", "files": []}, [], **TURN, thinking=True, max_tokens=12, api_name="/chat")
+    job = thinking_client.submit(
+        {"text": "hi", "files": []}, [], **TURN, thinking=True, max_tokens=12, api_name="/chat"
+    )
     history, _, stats = job.result()
-    pending = [out[0][1] for out in job.outputs() if len(out[0]) == 3 and out[0][1]["metadata"].get("status") == "pending"]
+    pending = [
+        out[0][1] for out in job.outputs() if len(out[0]) == 3 and out[0][1]["metadata"].get("status") == "pending"
+    ]
     assert len(pending) > 2 and len(set(map(text_of, pending))) > 2, "the reasoning should stream into an open thought"
     assert pending[0]["metadata"]["title"] == "Thought…"
     thought, answer = history[-2], history[-1]
@@ -125,7 +149,10 @@ BAD_INPUTS = {
     "unreadable image": (lambda tmp: ("what is this?", [tmp / "photo.png"]), "could not read the image photo.png"),
     "corrupt audio": (lambda tmp: ("transcribe", [tmp / "voice.wav"]), "could not read the audio file voice.wav"),
     "not media": (lambda tmp: ("read this", [tmp / "notes.txt"]), "Invalid file type"),  # Gradio's own check
-    "too long audio": (lambda tmp: ("what did I say?", [_silence(tmp / "long.flac", 130)]), "the audio is 130.0 s long; the limit is 120 s"),
+    "too long audio": (
+        lambda tmp: ("what did I say?", [_silence(tmp / "long.flac", 130)]),
+        "the audio is 130.0 s long; the limit is 120 s",
+    ),
 }
 
 
@@ -151,12 +178,19 @@ def test_settings_turn_into_a_valid_request_with_every_sampling_field():
 
     request = Settings(False, 0.7, 0.9, 64, -1, 0.05, 1.1, 0.5, 0.25).request([{"role": "user", "content": "hi"}])
     parsed = ChatRequest.model_validate(request)
-    assert (parsed.min_p, parsed.repetition_penalty, parsed.frequency_penalty, parsed.presence_penalty) == (0.05, 1.1, 0.5, 0.25)
+    assert (parsed.min_p, parsed.repetition_penalty, parsed.frequency_penalty, parsed.presence_penalty) == (
+        0.05,
+        1.1,
+        0.5,
+        0.25,
+    )
     assert parsed.seed is None and parsed.max_tokens == 64
 
 
 def test_an_image_for_a_model_that_cannot_see_says_why(thinking_client, tmp_path):
-    with pytest.raises(AppError, match="the loaded model has no image input: the shipped vision adapter was trained for"):
+    with pytest.raises(
+        AppError, match="the loaded model has no image input: the shipped vision adapter was trained for"
+    ):
         say(thinking_client, "describe", files=[_png(tmp_path / "ok.png")])
 
 
@@ -198,8 +232,12 @@ def test_stop_really_stops_generation(page, count_forwards):
     client, slots = page
     forwards = count_forwards(slots.get_original().model)
     job = client.submit(
-        {"text": "Count from 1 to 300, one number per line.", "files": []}, [],
-        **{**TURN, "which": "original"}, thinking=False, max_tokens=400, api_name="/chat",
+        {"text": "Count from 1 to 300, one number per line.", "files": []},
+        [],
+        **{**TURN, "which": "original"},
+        thinking=False,
+        max_tokens=400,
+        api_name="/chat",
     )
     deadline = time.time() + 60
     while len(forwards) < 6 and time.time() < deadline:
@@ -308,7 +346,10 @@ def test_history_drops_thought_bubbles_and_keeps_text_parts():
         {"role": "assistant", "content": "thinking...", "metadata": {"title": "Thought"}},
         {"role": "assistant", "content": [{"type": "text", "text": "hello"}], "metadata": None},
     ]
-    assert history_to_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert history_to_messages(history) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
 
 
 def test_history_turns_a_users_files_back_into_content_parts(tmp_path):

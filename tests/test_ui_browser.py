@@ -61,7 +61,9 @@ def test_a_broken_image_is_refused_with_a_message_and_the_text_is_kept(page, tmp
     time.sleep(1)  # the upload
     box.send_keys("What is in this photo?", Keys.ENTER)
     deadline = time.monotonic() + 30
-    while not any("could not read the image photo.png" in t for t in browser.toasts(page)) and time.monotonic() < deadline:
+    while (
+        not any("could not read the image photo.png" in t for t in browser.toasts(page)) and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     browser.screenshot(page, ARTIFACTS / "ui-bad-image.png")
     assert any("could not read the image photo.png" in t for t in browser.toasts(page)), browser.toasts(page)

@@ -105,7 +105,7 @@ def reference(model, prompt, steps=STEPS, logits=None):
         )
     if logits is not None:
         logits.extend(step[0] for step in out.logits)
-    return out.sequences[0, ids.shape[1]:].tolist()
+    return out.sequences[0, ids.shape[1] :].tolist()
 
 
 def assert_same_decode(model, prompt):
@@ -222,7 +222,11 @@ def test_prefill_then_stepwise_decode_equals_generate(loaded):
     assert_same_decode(loaded.model, prompt)
     reset_rope_state(loaded.model)
     with torch.inference_mode():
-        loaded.model(input_ids=torch.tensor([prompt.ids]), **prompt.inputs, past_key_values=DynamicCache(config=loaded.model.config))
+        loaded.model(
+            input_ids=torch.tensor([prompt.ids]),
+            **prompt.inputs,
+            past_key_values=DynamicCache(config=loaded.model.config),
+        )
     assert (rope_delta(loaded.model) < 0) == (arch_of(loaded) in MROPE)
 
 
@@ -274,7 +278,9 @@ def test_stale_rope_deltas_shift_a_text_only_request_unless_reset(loaded):
     # ... and a text-only request that skips the reset decodes with it.
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([text_prompt.ids]), **text_prompt.inputs, past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([text_prompt.ids]), **text_prompt.inputs, past_key_values=cache, use_cache=True
+        )
         first = out.logits[0, -1]
         out = model(input_ids=torch.tensor([[good[0]]]), past_key_values=cache, use_cache=True)
     assert int(first.argmax()) == good[0]  # the prefill itself is fine
@@ -317,7 +323,10 @@ def test_interleaved_requests_are_safe_with_explicit_decode_positions(loaded):
                 got[i].append(nexts[i])
                 position_ids = decode_position_ids(model, [cache.get_seq_length()], [deltas[i]])
                 out = model(
-                    input_ids=torch.tensor([[nexts[i]]]), position_ids=position_ids, past_key_values=cache, use_cache=True
+                    input_ids=torch.tensor([[nexts[i]]]),
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
                 )
                 nexts[i] = int(out.logits[0, -1].argmax())
     assert got == expected
@@ -330,9 +339,14 @@ def test_from_request_turns_openai_parts_into_entries_and_images():
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     messages = [
         Message(role="developer", content="Be brief."),
-        Message(role="user", content=[{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": url}}]),
+        Message(
+            role="user", content=[{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": url}}]
+        ),
         Message(role="assistant", content="A red square.", reasoning_content="red pixels"),
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Again?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Again?"}],
+        },
     ]
     hf, images = from_request(messages)
     assert [m["role"] for m in hf] == ["system", "user", "assistant", "user"]
@@ -343,9 +357,13 @@ def test_from_request_turns_openai_parts_into_entries_and_images():
     text = NativeVision(processor).render(hf, images).text
     assert text.count("<|begin_of_image|>") == 2 and "<think>red pixels</think>" in text
     with pytest.raises(UnsupportedInputError, match="input_audio"):
-        from_request([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
+        from_request(
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+        )
     with pytest.raises(ImageInputError, match="allow_remote_images"):
-        from_request([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]}])
+        from_request(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]}]
+        )
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -421,7 +439,13 @@ def test_a_left_padded_batch_of_different_requests_decodes_each_as_alone(loaded)
             tokens = torch.stack([expected_logits[i][step - 1].argmax() for i in range(len(prompts))]).view(-1, 1)
             positions = mask.sum(-1, keepdim=True) + delta
             mask = torch.cat([mask, torch.ones_like(lengths)], dim=-1)
-            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=batch_cache, use_cache=True)
+            out = model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=batch_cache,
+                use_cache=True,
+            )
             for i in range(len(prompts)):
                 torch.testing.assert_close(out.logits[i, -1], expected_logits[i][step], atol=1e-4, rtol=1e-4)
     assert deltas[1] == 0 and (deltas[0] != 0 and deltas[2] != 0) == (arch_of(loaded) in MROPE)

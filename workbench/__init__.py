@@ -1,8 +1,8 @@
 """workbench: compress, inspect, chat with and measure small on-device chat models.
 
-    s = workbench.load("configs/default.yaml")   # or "embedded:smollm2-135m-instruct", a dir, a hub id
-    reply = s.chat("你是谁?", enable_thinking=True)
-    reply.text, reply.reasoning, reply.stats
+s = workbench.load("configs/default.yaml")   # or "embedded:smollm2-135m-instruct", a dir, a hub id
+reply = s.chat("你是谁?", enable_thinking=True)
+reply.text, reply.reasoning, reply.stats
 """
 
 import logging

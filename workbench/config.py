@@ -65,9 +65,7 @@ class ModelConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (
-            value.startswith("cuda:") and value[5:].isdigit()
-        ):
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
 
@@ -164,7 +162,9 @@ class WorkbenchConfig(_Strict):
             if names.count("recover") > 1:
                 raise ValueError("recover is listed twice; one recovery step heals the pruned model")
             if "prune_heads" not in names[:at]:
-                raise ValueError("recover must come after prune_heads: it heals a pruned model (nothing to recover otherwise)")
+                raise ValueError(
+                    "recover must come after prune_heads: it heals a pruned model (nothing to recover otherwise)"
+                )
             if "quantize" in names[:at]:
                 raise ValueError("recover must come before quantize: it trains (or merges into) plain float weights")
         return steps

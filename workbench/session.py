@@ -64,8 +64,16 @@ class Session:
         (directory / SAVED_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         return directory
 
-    def export(self, path: str | Path, *, to: str = "gguf", type: str | None = None, pad: bool = False,
-               overwrite: bool = False, check: bool = False):
+    def export(
+        self,
+        path: str | Path,
+        *,
+        to: str = "gguf",
+        type: str | None = None,
+        pad: bool = False,
+        overwrite: bool = False,
+        check: bool = False,
+    ):
         """The model as it is now, for a deployment runtime: `to="gguf"` one file for llama.cpp
         (`type` f16, q8_0 or q4_0), `to="hf"` a stock transformers checkpoint. See
         workbench/export and docs/export.md; returns an ExportResult."""
@@ -136,7 +144,9 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
     config_file = path / "config.json"
     if not config_file.is_file():
         if explicit:
-            raise ConfigError(f"media.vision_adapter: {path} is not a folder written by workbench.modalities.train_adapter")
+            raise ConfigError(
+                f"media.vision_adapter: {path} is not a folder written by workbench.modalities.train_adapter"
+            )
         return None, f"no vision adapter is installed at {path}; {train}"
     trained = json.loads(config_file.read_text(encoding="utf-8"))
     trained_for, width = trained.get("lm", "?"), trained.get("lm_hidden_size")
@@ -190,7 +200,9 @@ def preflight(config: WorkbenchConfig) -> None:
             quantize_preflight(step.model_extra or {}, torch.device(device), dtype)
 
 
-def load(spec_or_path: str | Path | WorkbenchConfig | None = None, *, quiet: bool = False, **model_overrides) -> Session:
+def load(
+    spec_or_path: str | Path | WorkbenchConfig | None = None, *, quiet: bool = False, **model_overrides
+) -> Session:
     """A Session from a config file or WorkbenchConfig, a source string (`embedded:…`,
     `tiny:…`, a hub id) or a saved model directory; nothing means the defaults of configs/default.yaml (the embedded
     model). Keyword arguments override the config's `model:` section,

@@ -56,11 +56,19 @@ class Column:
     def to_dict(self) -> dict:
         t = self.target
         return {
-            "name": t.name, "config": t.config, "base_url": t.base_url, "model": t.model, "error": self.error,
-            "context_length": self.context_length, "context_source": self.context_source, "serve": self.serve,
+            "name": t.name,
+            "config": t.config,
+            "base_url": t.base_url,
+            "model": t.model,
+            "error": self.error,
+            "context_length": self.context_length,
+            "context_source": self.context_source,
+            "serve": self.serve,
             "load_avg_1min_before_after": self.load_avg,
-            "price_in_per_1k": t.price_in, "price_out_per_1k": t.price_out,
-            "task_tokens": dict(zip(("prompt", "completion"), self.task_tokens)), "task_cost_usd": self.task_cost_usd,
+            "price_in_per_1k": t.price_in,
+            "price_out_per_1k": t.price_out,
+            "task_tokens": dict(zip(("prompt", "completion"), self.task_tokens)),
+            "task_cost_usd": self.task_cost_usd,
             "quality": self.quality.to_dict(),
         }
 
@@ -77,8 +85,17 @@ def _warm_up(endpoint) -> None:
         httpx.post(endpoint.base_url + "/chat/completions", json=body, headers=endpoint.headers(), timeout=600)
 
 
-def measure_column(target: Target, tasks: list[Task], *, levels, requests: int, tokens: int, windows: int,
-                   limit: int | None, max_tokens: int) -> Column:
+def measure_column(
+    target: Target,
+    tasks: list[Task],
+    *,
+    levels,
+    requests: int,
+    tokens: int,
+    windows: int,
+    limit: int | None,
+    max_tokens: int,
+) -> Column:
     try:
         with open_target(target) as (endpoint, session):
             reported, error = probe(endpoint)
@@ -89,11 +106,25 @@ def measure_column(target: Target, tasks: list[Task], *, levels, requests: int, 
             if not error:
                 _warm_up(endpoint)
                 before = _load_avg()
-                column.serve = serve_bench.run_serve(endpoint.base_url, endpoint.model, api_key=endpoint.api_key,
-                                                     levels=levels, requests_per_client=requests, tokens=tokens)[0]
+                column.serve = serve_bench.run_serve(
+                    endpoint.base_url,
+                    endpoint.model,
+                    api_key=endpoint.api_key,
+                    levels=levels,
+                    requests_per_client=requests,
+                    tokens=tokens,
+                )[0]
                 column.load_avg = (before, _load_avg()) if before is not None else None
-            column.quality = measure(target, endpoint, session, tasks, windows=windows, limit=limit,
-                                     max_tokens=max_tokens, reachable_error=error)
+            column.quality = measure(
+                target,
+                endpoint,
+                session,
+                tasks,
+                windows=windows,
+                limit=limit,
+                max_tokens=max_tokens,
+                reachable_error=error,
+            )
             return column
     except Exception as exc:  # a target that fails to load or answer is one bad column, not a lost run
         error = f"{type(exc).__name__}: {exc}"
@@ -101,10 +132,30 @@ def measure_column(target: Target, tasks: list[Task], *, levels, requests: int, 
         return Column(target, Quality(target.name, tasks=failed_tasks(tasks, error), error=error), [], error=error)
 
 
-def run_compare(targets: list[Target], tasks: list[Task], *, levels=(1, 4), requests: int = 2, tokens: int = 32,
-                windows: int = 4, limit: int | None = None, max_tokens: int = 16) -> list[Column]:
-    return [measure_column(t, tasks, levels=levels, requests=requests, tokens=tokens, windows=windows, limit=limit,
-                           max_tokens=max_tokens) for t in tqdm(targets, desc="compare")]
+def run_compare(
+    targets: list[Target],
+    tasks: list[Task],
+    *,
+    levels=(1, 4),
+    requests: int = 2,
+    tokens: int = 32,
+    windows: int = 4,
+    limit: int | None = None,
+    max_tokens: int = 16,
+) -> list[Column]:
+    return [
+        measure_column(
+            t,
+            tasks,
+            levels=levels,
+            requests=requests,
+            tokens=tokens,
+            windows=windows,
+            limit=limit,
+            max_tokens=max_tokens,
+        )
+        for t in tqdm(targets, desc="compare")
+    ]
 
 
 def machine() -> str:
@@ -113,7 +164,11 @@ def machine() -> str:
 
     import torch
 
-    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    where = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
     return f"local targets on {where}, torch {torch.__version__}"
 
 
@@ -163,18 +218,28 @@ def _cost_cell(column: Column) -> str:
 
 def table(columns: list[Column], tasks: list[Task], meta: dict) -> list[tuple[str, list[str]]]:
     """(row label, one cell per column): the Markdown table, as data."""
-    rows = [("what", [_what(c.target) for c in columns]),
-            ("status", ["ok" if not c.error else f"error: {c.error}" for c in columns])]
+    rows = [
+        ("what", [_what(c.target) for c in columns]),
+        ("status", ["ok" if not c.error else f"error: {c.error}" for c in columns]),
+    ]
     for level in meta["levels"]:
         cells = [_latency_cells(c, level) for c in columns]
         clients = f"{level} client{'s' if level > 1 else ''}"
         rows.append((f"time to first token p50 / p95, ms ({clients})", [ttft for ttft, _ in cells]))
         rows.append((f"aggregate tokens/s ({clients})", [tok_s for _, tok_s in cells]))
-    rows.append(("load average on this machine while timing (1 min, before / after)",
-                 [f"{c.load_avg[0]:.1f} / {c.load_avg[1]:.1f}" if c.load_avg else "n/a" for c in columns]))
+    rows.append(
+        (
+            "load average on this machine while timing (1 min, before / after)",
+            [f"{c.load_avg[0]:.1f} / {c.load_avg[1]:.1f}" if c.load_avg else "n/a" for c in columns],
+        )
+    )
     rows.append(("context length, tokens", [_context_cell(c) for c in columns]))
-    rows.append((f"perplexity ({meta['windows']} x 512 held-out tokens)",
-                 [c.quality.perplexity_cell(c.target.local) for c in columns]))
+    rows.append(
+        (
+            f"perplexity ({meta['windows']} x 512 held-out tokens)",
+            [c.quality.perplexity_cell(c.target.local) for c in columns],
+        )
+    )
     for task in tasks:
         rows.append((f"accuracy: {task.title}", [c.quality.tasks[task.name].cell() for c in columns]))
     rows.append(("price per 1K tokens in / out, USD", [_price_cell(c.target) for c in columns]))
@@ -186,7 +251,8 @@ def to_markdown(columns: list[Column], tasks: list[Task], meta: dict) -> str:
     lines = [
         f"Compare: streaming latency with {meta['tokens']} max tokens, {meta['requests']} requests per client; "
         f"questions greedy with {meta['max_tokens']} max tokens"
-        + (f", first {meta['limit']} per task" if meta.get("limit") else "") + f"; {meta['machine']}",
+        + (f", first {meta['limit']} per task" if meta.get("limit") else "")
+        + f"; {meta['machine']}",
         "",
         "| | " + " | ".join(c.target.name for c in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -201,13 +267,22 @@ def figure(columns: list[Column], tasks: list[Task], meta: dict):
     from plotly.subplots import make_subplots
 
     names = [c.target.name for c in columns]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("time to first token p50, ms", "aggregate tokens/s", "answer accuracy, %"))
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("time to first token p50, ms", "aggregate tokens/s", "answer accuracy, %")
+    )
     for level in meta["levels"]:
         clients = f"{level} client{'s' if level > 1 else ''}"
         rows = [next((r for r in c.serve if r["concurrency"] == level), None) for c in columns]
-        fig.add_bar(x=names, y=[r["ttft_ms_p50"] if r and not math.isnan(r["ttft_ms_p50"]) else None for r in rows],
-                    name=f"TTFT, {clients}", row=1, col=1)
-        fig.add_bar(x=names, y=[r["aggregate_tok_s"] if r else None for r in rows], name=f"tok/s, {clients}", row=1, col=2)
+        fig.add_bar(
+            x=names,
+            y=[r["ttft_ms_p50"] if r and not math.isnan(r["ttft_ms_p50"]) else None for r in rows],
+            name=f"TTFT, {clients}",
+            row=1,
+            col=1,
+        )
+        fig.add_bar(
+            x=names, y=[r["aggregate_tok_s"] if r else None for r in rows], name=f"tok/s, {clients}", row=1, col=2
+        )
     for task in (t for t in tasks if t.items is not None):
         accuracy = [c.quality.tasks[task.name].accuracy for c in columns]
         fig.add_bar(x=names, y=[a * 100 if a is not None else None for a in accuracy], name=task.title, row=1, col=3)
@@ -218,10 +293,13 @@ def figure(columns: list[Column], tasks: list[Task], meta: dict):
 
 def write_results(out: Path, columns: list[Column], tasks: list[Task], meta: dict, *, png: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    table_rows = [{"row": label, "cells": dict(zip((c.target.name for c in columns), cells))}
-                  for label, cells in table(columns, tasks, meta)]
-    (out / "compare.json").write_text(json.dumps(
-        {"meta": meta, "columns": [c.to_dict() for c in columns], "table": table_rows}, indent=2))
+    table_rows = [
+        {"row": label, "cells": dict(zip((c.target.name for c in columns), cells))}
+        for label, cells in table(columns, tasks, meta)
+    ]
+    (out / "compare.json").write_text(
+        json.dumps({"meta": meta, "columns": [c.to_dict() for c in columns], "table": table_rows}, indent=2)
+    )
     (out / "compare.md").write_text(to_markdown(columns, tasks, meta))
     fig = figure(columns, tasks, meta)
     fig.write_html(out / "compare.html", include_plotlyjs="cdn")

@@ -27,7 +27,11 @@ from workbench.bench.decode_targets import PROMPTS, Target, llamacpp_available, 
 def default_targets(configs_dir: Path = Path("configs")) -> list[str]:
     configs = sorted(str(p) for p in configs_dir.glob("*.yaml"))
     targets = [f"engine:{c}" for c in configs]
-    targets += ["engine+compile:configs/default.yaml", "engine+compile:configs/int8.yaml", "generate:configs/default.yaml"]
+    targets += [
+        "engine+compile:configs/default.yaml",
+        "engine+compile:configs/int8.yaml",
+        "generate:configs/default.yaml",
+    ]
     if llamacpp_available():
         targets += ["llamacpp:F32", "llamacpp:F16", "llamacpp:Q8_0", "llamacpp:Q4_1"]
     return targets
@@ -45,8 +49,15 @@ class Run:
     peak_bytes: int
 
 
-def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batches=(1,), progress: bool = True,
-               profile: bool = False):
+def run_decode(
+    targets: list[str],
+    *,
+    tokens: int = 64,
+    repeats: int = 3,
+    batches=(1,),
+    progress: bool = True,
+    profile: bool = False,
+):
     """Returns (runs, info per target, skipped target -> reason). With `profile`, after the timed
     rounds every torch target profiles one more reply; its op table is `info[target]['profile']`."""
     parsed = [Target.parse(t) for t in targets]
@@ -84,8 +95,11 @@ def run_decode(targets: list[str], *, tokens: int = 64, repeats: int = 3, batche
                 continue
             runs.append(Run(target=name, batch=batch, prompt=prompt, **message[1]))
         if profile:
-            for name in tqdm([n for n in workers if n not in skipped and not n.startswith("llamacpp")],
-                             desc="profiling", disable=not progress):
+            for name in tqdm(
+                [n for n in workers if n not in skipped and not n.startswith("llamacpp")],
+                desc="profiling",
+                disable=not progress,
+            ):
                 process, conn = workers[name]
                 conn.send(("profile", tokens))
                 message = _receive(conn, process, name)
@@ -106,7 +120,9 @@ def _receive(conn, process, name: str):
     except EOFError:
         process.join(timeout=10)
         code = process.exitcode
-        why = {-4: "illegal instruction: a build for a CPU other than this one", -11: "segmentation fault"}.get(code, "")
+        why = {-4: "illegal instruction: a build for a CPU other than this one", -11: "segmentation fault"}.get(
+            code, ""
+        )
         return ("error", f"the worker process died (exit code {code}{': ' + why if why else ''})", "")
 
 
@@ -117,22 +133,24 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
             mine = [r for r in runs if r.target == name and r.batch == batch]
             ttft = [r.ttft_s * 1000 for r in mine]
             tps = [r.decode_tokens_per_s for r in mine]
-            rows.append({
-                "target": name,
-                "batch": batch,
-                "runs": len(mine),
-                "ttft_ms_median": statistics.median(ttft),
-                "ttft_ms_min": min(ttft),
-                "ttft_ms_max": max(ttft),
-                "decode_tok_s_median": statistics.median(tps),
-                "decode_tok_s_min": min(tps),
-                "decode_tok_s_max": max(tps),
-                "peak_mb": max(r.peak_bytes for r in mine) / 2**20,
-                "weight_mb": info[name]["weight_bytes"] / 2**20,
-                "bits_per_weight": info[name]["bits_per_weight"],
-                "warmup_s": info[name]["warmup_s"],
-                "attention_heads": info[name].get("attention_heads"),
-            })
+            rows.append(
+                {
+                    "target": name,
+                    "batch": batch,
+                    "runs": len(mine),
+                    "ttft_ms_median": statistics.median(ttft),
+                    "ttft_ms_min": min(ttft),
+                    "ttft_ms_max": max(ttft),
+                    "decode_tok_s_median": statistics.median(tps),
+                    "decode_tok_s_min": min(tps),
+                    "decode_tok_s_max": max(tps),
+                    "peak_mb": max(r.peak_bytes for r in mine) / 2**20,
+                    "weight_mb": info[name]["weight_bytes"] / 2**20,
+                    "bits_per_weight": info[name]["bits_per_weight"],
+                    "warmup_s": info[name]["warmup_s"],
+                    "attention_heads": info[name].get("attention_heads"),
+                }
+            )
     generate = next((r for r in rows if r["target"].startswith("generate:") and r["batch"] == 1), None)
     llama = [r for r in rows if r["target"].startswith("llamacpp:")]
     for row in rows:
@@ -140,8 +158,13 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
             row["ratio_to_generate"] = row["decode_tok_s_median"] / generate["decode_tok_s_median"]
         if llama and not row["target"].startswith("llamacpp:") and row["bits_per_weight"]:
             # Same model shape first (a pruned config against a pruned GGUF), then nearest bits.
-            peer = min(llama, key=lambda r: (r.get("attention_heads") != row.get("attention_heads"),
-                                             abs(r["bits_per_weight"] - row["bits_per_weight"])))
+            peer = min(
+                llama,
+                key=lambda r: (
+                    r.get("attention_heads") != row.get("attention_heads"),
+                    abs(r["bits_per_weight"] - row["bits_per_weight"]),
+                ),
+            )
             row["llamacpp_peer"] = peer["target"].removeprefix("llamacpp:")
             row["ratio_to_llamacpp"] = row["decode_tok_s_median"] / peer["decode_tok_s_median"]
     return rows
@@ -194,22 +217,35 @@ def to_html(rows: list[dict], meta: dict) -> str:
     labels = [f"{r['target']} x{r['batch']}" if r["batch"] > 1 else r["target"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("decode tokens/s (median, min–max)", "time to first token, ms"))
     fig.add_bar(
-        x=[r["decode_tok_s_median"] for r in rows], y=labels, orientation="h", row=1, col=1, name="tok/s",
-        error_x={"type": "data", "symmetric": False,
-                 "array": [r["decode_tok_s_max"] - r["decode_tok_s_median"] for r in rows],
-                 "arrayminus": [r["decode_tok_s_median"] - r["decode_tok_s_min"] for r in rows]},
+        x=[r["decode_tok_s_median"] for r in rows],
+        y=labels,
+        orientation="h",
+        row=1,
+        col=1,
+        name="tok/s",
+        error_x={
+            "type": "data",
+            "symmetric": False,
+            "array": [r["decode_tok_s_max"] - r["decode_tok_s_median"] for r in rows],
+            "arrayminus": [r["decode_tok_s_median"] - r["decode_tok_s_min"] for r in rows],
+        },
     )
     fig.add_bar(x=[r["ttft_ms_median"] for r in rows], y=labels, orientation="h", row=1, col=2, name="TTFT ms")
-    fig.update_layout(title=f"Decode bench, {meta['machine']}", showlegend=False, height=120 + 28 * len(rows), margin={"l": 260})
+    fig.update_layout(
+        title=f"Decode bench, {meta['machine']}", showlegend=False, height=120 + 28 * len(rows), margin={"l": 260}
+    )
     fig.update_yaxes(autorange="reversed")
     return fig.to_html(include_plotlyjs="cdn", full_html=True)
 
 
 def write_results(out_dir: Path, runs: list[Run], rows: list[dict], info: dict, skipped: dict, meta: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode.json").write_text(json.dumps(
-        {"meta": meta, "summary": rows, "targets": info, "skipped": skipped, "runs": [asdict(r) for r in runs]}, indent=2
-    ))
+    (out_dir / "decode.json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": rows, "targets": info, "skipped": skipped, "runs": [asdict(r) for r in runs]},
+            indent=2,
+        )
+    )
     (out_dir / "decode.md").write_text(to_markdown(rows, meta, skipped))
     (out_dir / "decode.html").write_text(to_html(rows, meta))
     profiles = {name: i["profile"] for name, i in info.items() if "profile" in i}
@@ -220,18 +256,25 @@ def write_results(out_dir: Path, runs: list[Run], rows: list[dict], info: dict, 
 
 def profile_markdown(profiles: dict, meta: dict) -> str:
     """One table per target: the ops that take one reply's time (self time, per new token)."""
-    lines = [f"Where the time goes, one greedy reply of {meta['tokens']} new tokens per target, torch.profiler "
-             f"self CPU time ({meta['machine']})"]
+    lines = [
+        f"Where the time goes, one greedy reply of {meta['tokens']} new tokens per target, torch.profiler "
+        f"self CPU time ({meta['machine']})"
+    ]
     for name, found in profiles.items():
         lines += ["", f"### {name}", ""]
         if isinstance(found, str):
             lines.append(found)
             continue
-        lines += [f"Wall {found['wall_ms_per_token']:.2f} ms per new token (under the profiler), of which ops "
-                  f"{found['ops_ms_per_token']:.2f} ms.", ""]
+        lines += [
+            f"Wall {found['wall_ms_per_token']:.2f} ms per new token (under the profiler), of which ops "
+            f"{found['ops_ms_per_token']:.2f} ms.",
+            "",
+        ]
         lines += ["| op | ms per token | share of ops | calls per token |", "|---|---|---|---|"]
-        lines += [f"| `{o['op']}` | {o['self_ms_per_token']:.2f} | {o['share']:.0%} | {o['calls_per_token']:.0f} |"
-                  for o in found["ops"]]
+        lines += [
+            f"| `{o['op']}` | {o['self_ms_per_token']:.2f} | {o['share']:.0%} | {o['calls_per_token']:.0f} |"
+            for o in found["ops"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -249,16 +292,22 @@ def merge_results(folders: list[Path]) -> tuple[list[dict], dict]:
             raise ValueError(f"{folder} holds no decode.json: give folders written by `bench decode --out`")
         data = json.loads(path.read_text())
         if "cpu" not in data["meta"]:
-            raise ValueError(f"{path} does not record its CPU (written before the bench did): rerun that bench to merge it")
+            raise ValueError(
+                f"{path} does not record its CPU (written before the bench did): rerun that bench to merge it"
+            )
         results.append((Path(folder), data))
     first_folder, first = results[0]
     for folder, data in results[1:]:
-        if not same_cpu(first["meta"]["cpu"], data["meta"]["cpu"]) or first["meta"].get("gpu") != data["meta"].get("gpu"):
+        if not same_cpu(first["meta"]["cpu"], data["meta"]["cpu"]) or first["meta"].get("gpu") != data["meta"].get(
+            "gpu"
+        ):
             raise ValueError(
                 f"{first_folder} ran on {_where(first['meta'])} but {folder} on {_where(data['meta'])}: "
                 "figures from two machines are not merged into one table; compare runs from one CPU"
             )
-    rows = [{**row, "target": f"{folder.name} · {row['target']}"} for folder, data in results for row in data["summary"]]
+    rows = [
+        {**row, "target": f"{folder.name} · {row['target']}"} for folder, data in results for row in data["summary"]
+    ]
     meta = {
         **first["meta"],
         "merged_from": [str(folder) for folder, _ in results],

@@ -49,12 +49,18 @@ class Target:
     def parse(cls, text: str) -> Target:
         path, sep, spec = text.partition(":")
         if not sep or path not in PATHS or not spec:
-            raise ValueError(f"bad target {text!r}: write PATH:SPEC with PATH one of {', '.join(PATHS)}, e.g. engine:configs/int8.yaml or llamacpp:Q8_0")
+            raise ValueError(
+                f"bad target {text!r}: write PATH:SPEC with PATH one of {', '.join(PATHS)}, e.g. engine:configs/int8.yaml or llamacpp:Q8_0"
+            )
         if path == "llamacpp" and spec.endswith(".gguf"):
             if not Path(spec).expanduser().is_file():
-                raise ValueError(f"bad target {text!r}: {spec} does not exist (write one with python -m workbench.export CONFIG --to gguf --out {spec})")
+                raise ValueError(
+                    f"bad target {text!r}: {spec} does not exist (write one with python -m workbench.export CONFIG --to gguf --out {spec})"
+                )
         elif path == "llamacpp" and spec not in GGUF_TYPES:
-            raise ValueError(f"bad target {text!r}: llama.cpp types are {', '.join(GGUF_TYPES)}, or give a PATH.gguf file")
+            raise ValueError(
+                f"bad target {text!r}: llama.cpp types are {', '.join(GGUF_TYPES)}, or give a PATH.gguf file"
+            )
         return cls(path, spec)
 
 
@@ -125,7 +131,9 @@ class _EngineRunner(_Runner):
         import workbench
         from workbench.compress.report import parameter_count, weight_bytes_by_dtype
 
-        self.session = workbench.load(target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {}))
+        self.session = workbench.load(
+            target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {})
+        )
         loaded = self.session.loaded
         params = parameter_count(self.session.model)
         weights = sum(weight_bytes_by_dtype(self.session.model).values())  # what the compress report counts
@@ -189,18 +197,30 @@ class _GenerateRunner(_EngineRunner):
         clock = Clock()
         with torch.inference_mode():
             out = session.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
-                min_new_tokens=tokens, do_sample=False, streamer=clock, pad_token_id=session.engine.pad_id,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=session.engine.pad_id,
             )
         new = out.shape[1] - input_ids.shape[1]
         first, last = clock.stamps[1], clock.stamps[-1]
-        return {"prompt_tokens": len(ids), "new_tokens": new, "ttft_s": first - start, "decode_tokens_per_s": (new - 1) / (last - first)}
+        return {
+            "prompt_tokens": len(ids),
+            "new_tokens": new,
+            "ttft_s": first - start,
+            "decode_tokens_per_s": (new - 1) / (last - first),
+        }
 
 
 class _LlamaCppRunner(_Runner):
     def __init__(self, target: Target):
         if not llamacpp_available():
-            raise RuntimeError("llama-cpp-python is not installed (pip install -e .[llamacpp]; see the README for the CPU build flags)")
+            raise RuntimeError(
+                "llama-cpp-python is not installed (pip install -e .[llamacpp]; see the README for the CPU build flags)"
+            )
         import llama_cpp
         import torch
 
@@ -208,12 +228,16 @@ class _LlamaCppRunner(_Runner):
 
         path = gguf_variant(target.spec)
         threads = torch.get_num_threads()
-        self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+        self.llm = llama_cpp.Llama(
+            str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
+        )
         tokenizer = workbench.load(quiet=True).tokenizer  # the same prompt ids as the engine's
         self.prompts = [_prompt_ids(tokenizer, i) for i in range(len(PROMPTS))]
         probe = "Paris, 2024: a KV cache."
         if self.llm.tokenize(probe.encode(), add_bos=False) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-            raise RuntimeError(f"{path} does not share the embedded model's tokenizer, so it cannot be given the engine's prompt ids")
+            raise RuntimeError(
+                f"{path} does not share the embedded model's tokenizer, so it cannot be given the engine's prompt ids"
+            )
         self.info = {
             "source": path.name,
             "device": "cpu",
@@ -357,6 +381,11 @@ def profile(runner: _Runner, tokens: int, top: int = 12) -> dict:
     whole = sum(t for t, _ in totals.values()) or 1.0
     new = max(result["new_tokens"], 1)
     ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"wall_ms_per_token": wall * 1e3 / new, "ops_ms_per_token": whole / 1e3 / new,
-            "ops": [{"op": name, "self_ms_per_token": t / 1e3 / new, "share": t / whole, "calls_per_token": n / new}
-                    for name, (t, n) in ops]}
+    return {
+        "wall_ms_per_token": wall * 1e3 / new,
+        "ops_ms_per_token": whole / 1e3 / new,
+        "ops": [
+            {"op": name, "self_ms_per_token": t / 1e3 / new, "share": t / whole, "calls_per_token": n / new}
+            for name, (t, n) in ops
+        ],
+    }

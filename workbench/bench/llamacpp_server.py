@@ -23,19 +23,38 @@ def missing_modules() -> list[str]:
 
 
 class LlamaCppServer:
-    def __init__(self, path: str | Path, *, model_name: str, n_ctx: int = 4096, threads: int = 2, start_timeout: float = 120):
+    def __init__(
+        self, path: str | Path, *, model_name: str, n_ctx: int = 4096, threads: int = 2, start_timeout: float = 120
+    ):
         self.path, self.model_name = Path(path).expanduser(), model_name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.path), "--model_alias", model_name,
-                        "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.path),
+            "--model_alias",
+            model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(n_ctx),
+            "--n_threads",
+            str(threads),
+        ]
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> LlamaCppServer:
         if missing := missing_modules():
-            raise RuntimeError(f"serving a GGUF needs llama-cpp-python's server ({', '.join(missing)} missing): "
-                               "pip install -e '.[llamacpp]' (scripts/install_llamacpp.sh builds llama-cpp-python)")
+            raise RuntimeError(
+                f"serving a GGUF needs llama-cpp-python's server ({', '.join(missing)} missing): "
+                "pip install -e '.[llamacpp]' (scripts/install_llamacpp.sh builds llama-cpp-python)"
+            )
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -49,7 +68,9 @@ class LlamaCppServer:
                 pass
             if time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"llama.cpp's server for {self.path} did not answer within {self.start_timeout:.0f} s")
+                raise RuntimeError(
+                    f"llama.cpp's server for {self.path} did not answer within {self.start_timeout:.0f} s"
+                )
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:

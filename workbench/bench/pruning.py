@@ -44,9 +44,19 @@ def _measure(session, texts, windows: int, facts: bool) -> dict:
     return row
 
 
-def run_curve(source: str | None, ratios: list[float], criteria: list[str], seeds: list[int], windows: int,
-              calibration_texts: int = 16, stages: list[str] | None = None, recover_options: dict | None = None,
-              facts: bool = False, done: list[dict] | None = None, on_point=None) -> list[dict]:
+def run_curve(
+    source: str | None,
+    ratios: list[float],
+    criteria: list[str],
+    seeds: list[int],
+    windows: int,
+    calibration_texts: int = 16,
+    stages: list[str] | None = None,
+    recover_options: dict | None = None,
+    facts: bool = False,
+    done: list[dict] | None = None,
+    on_point=None,
+) -> list[dict]:
     """`done`: rows of an earlier run with the same options; a point whose stages are all there is
     taken from them instead of being measured again. `on_point(rows)` is called after every point,
     so a long grid (a recover point is a training run) can be saved as it goes."""
@@ -77,8 +87,12 @@ def run_curve(source: str | None, ratios: list[float], criteria: list[str], seed
         key = {"ratio": ratio, "criterion": criterion, "seed": seed}
         if ratio == 0:
             config = session.model.config
-            row = {**key, "recovery": "none", "heads": config.num_attention_heads * config.num_hidden_layers,
-                   **_measure(session, texts, windows, facts)}
+            row = {
+                **key,
+                "recovery": "none",
+                "heads": config.num_attention_heads * config.num_hidden_layers,
+                **_measure(session, texts, windows, facts),
+            }
             base = [{**row, "recovery": stage} for stage in stages]  # nothing removed: every stage is the model itself
             rows += [{**b, "criterion": criterion, "seed": seed} for b in base]
             continue
@@ -91,7 +105,9 @@ def run_curve(source: str | None, ratios: list[float], criteria: list[str], seed
             session = workbench.load(source, quiet=True)
             prune_heads(session, remove=report.removed, compensate=True, calibration_texts=calibration_texts)
             if "compensate" in stages:
-                rows.append({**key, "recovery": "compensate", "heads": heads, **_measure(session, texts, windows, facts)})
+                rows.append(
+                    {**key, "recovery": "compensate", "heads": heads, **_measure(session, texts, windows, facts)}
+                )
             if "recover" in stages:
                 recover(session, teacher=teacher, **(recover_options or {}))
                 rows.append({**key, "recovery": "recover", "heads": heads, **_measure(session, texts, windows, facts)})
@@ -111,9 +127,11 @@ def resumable_rows(path: Path, meta: dict) -> list[dict]:
     old = json.loads(path.read_text())
     differ = [k for k in RESUME_KEYS if old.get("meta", {}).get(k) != meta.get(k)]
     if differ:
-        raise ValueError(f"--resume: {path} was measured with other options ("
-                         + ", ".join(f"{k}: {old.get('meta', {}).get(k)!r} there, {meta.get(k)!r} now" for k in differ)
-                         + "); choose another --out or drop --resume")
+        raise ValueError(
+            f"--resume: {path} was measured with other options ("
+            + ", ".join(f"{k}: {old.get('meta', {}).get(k)!r} there, {meta.get(k)!r} now" for k in differ)
+            + "); choose another --out or drop --resume"
+        )
     return old["rows"]
 
 
@@ -122,10 +140,20 @@ def summarise(rows: list[dict]) -> list[dict]:
     for ratio in sorted({r["ratio"] for r in rows}):
         for criterion in sorted({r["criterion"] for r in rows}):
             for stage in [s for s in STAGES if any(r.get("recovery", "none") == s for r in rows)]:
-                points = [r for r in rows if r["ratio"] == ratio and r["criterion"] == criterion and r.get("recovery", "none") == stage]
+                points = [
+                    r
+                    for r in rows
+                    if r["ratio"] == ratio and r["criterion"] == criterion and r.get("recovery", "none") == stage
+                ]
                 if points:
-                    summary = {"ratio": ratio, "criterion": criterion, "recovery": stage, "heads": points[0]["heads"],
-                               "perplexity_median": statistics.median(p["perplexity"] for p in points), "runs": len(points)}
+                    summary = {
+                        "ratio": ratio,
+                        "criterion": criterion,
+                        "recovery": stage,
+                        "heads": points[0]["heads"],
+                        "perplexity_median": statistics.median(p["perplexity"] for p in points),
+                        "runs": len(points),
+                    }
                     if all("facts" in p for p in points):
                         summary["facts_median"] = statistics.median(p["facts"] for p in points)
                     out.append(summary)
@@ -142,7 +170,8 @@ def to_markdown(summary: list[dict], meta: dict) -> str:
     columns = [(c, st) for c in criteria for st in stages]
     lines = [
         f"Pruning curve: {meta['source']}, perplexity on {meta['windows']} x 512 tokens of held-out text "
-        f"(random: median of seeds {meta['seeds']})" + ("; facts: correct of 32, greedy" if any("facts_median" in s for s in summary) else ""),
+        f"(random: median of seeds {meta['seeds']})"
+        + ("; facts: correct of 32, greedy" if any("facts_median" in s for s in summary) else ""),
         "",
         "| KV groups removed | heads left | " + " | ".join(_label(c, st, stages) for c, st in columns) + " |",
         "|---|---|" + "---|" * len(columns),
@@ -176,7 +205,9 @@ def figure(summary: list[dict], meta: dict):
 
     stages = [s for s in STAGES if any(x.get("recovery", "none") == s for x in summary)]
     facts = any("facts_median" in s for s in summary)
-    fig = make_subplots(rows=1, cols=2 if facts else 1, subplot_titles=("held-out perplexity", "facts correct of 32") if facts else None)
+    fig = make_subplots(
+        rows=1, cols=2 if facts else 1, subplot_titles=("held-out perplexity", "facts correct of 32") if facts else None
+    )
     dash = {"none": "solid", "compensate": "dash", "recover": "dot"}
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     for i, criterion in enumerate(sorted({s["criterion"] for s in summary})):
@@ -186,13 +217,33 @@ def figure(summary: list[dict], meta: dict):
             x = [p["ratio"] * 100 for p in points]
             name = _label(criterion, stage, stages)
             line = {"dash": dash[stage], "color": colour}
-            fig.add_scatter(x=x, y=[p["perplexity_median"] for p in points], mode="lines+markers", name=name,
-                            line=line, legendgroup=name, row=1, col=1)
+            fig.add_scatter(
+                x=x,
+                y=[p["perplexity_median"] for p in points],
+                mode="lines+markers",
+                name=name,
+                line=line,
+                legendgroup=name,
+                row=1,
+                col=1,
+            )
             if facts:
-                fig.add_scatter(x=x, y=[p.get("facts_median") for p in points], mode="lines+markers", name=name,
-                                line=line, legendgroup=name, showlegend=False, row=1, col=2)
+                fig.add_scatter(
+                    x=x,
+                    y=[p.get("facts_median") for p in points],
+                    mode="lines+markers",
+                    name=name,
+                    line=line,
+                    legendgroup=name,
+                    showlegend=False,
+                    row=1,
+                    col=2,
+                )
     fig.update_xaxes(title_text="% of KV groups removed")
     fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_layout(title=f"Pruning {meta['source']}: criterion x recovery stage (random: median of seeds {meta['seeds']})",
-                      width=1100 if facts else 900, height=500)
+    fig.update_layout(
+        title=f"Pruning {meta['source']}: criterion x recovery stage (random: median of seeds {meta['seeds']})",
+        width=1100 if facts else 900,
+        height=500,
+    )
     return fig

@@ -45,7 +45,15 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, c
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
-                return ServeRun(path, concurrency, False, 0.0, time.perf_counter() - start, 0, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                return ServeRun(
+                    path,
+                    concurrency,
+                    False,
+                    0.0,
+                    time.perf_counter() - start,
+                    0,
+                    f"HTTP {response.status_code}: {(await response.aread())[:200]!r}",
+                )
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -68,8 +76,15 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, c
     return ServeRun(path, concurrency, True, (first or end) - start, end - start, tokens or chunks)
 
 
-async def _level(base_url: str, model: str, api_key: str | None, concurrency: int, requests_per_client: int, tokens: int,
-                 path: str = "endpoint"):
+async def _level(
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    concurrency: int,
+    requests_per_client: int,
+    tokens: int,
+    path: str = "endpoint",
+):
     url = base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
@@ -115,22 +130,43 @@ def _row(path: str, concurrency: int, level_runs: list[ServeRun], wall: float) -
     }
 
 
-def run_paths(servers: dict[str, tuple[str, str]], *, api_key: str | None = None, levels=(1, 4, 8),
-              requests_per_client: int = 2, tokens: int = 32):
+def run_paths(
+    servers: dict[str, tuple[str, str]],
+    *,
+    api_key: str | None = None,
+    levels=(1, 4, 8),
+    requests_per_client: int = 2,
+    tokens: int = 32,
+):
     """Every level against every server ({path: (base_url, model)}), interleaved level by
     level, so two paths measured in one run share the machine's state."""
     rows, runs = [], []
     for concurrency in levels:
         for path, (base_url, model) in servers.items():
-            level_runs, wall = asyncio.run(_level(base_url, model, api_key, concurrency, requests_per_client, tokens, path))
+            level_runs, wall = asyncio.run(
+                _level(base_url, model, api_key, concurrency, requests_per_client, tokens, path)
+            )
             runs += level_runs
             rows.append(_row(path, concurrency, level_runs, wall))
     return rows, runs
 
 
-def run_serve(base_url: str, model: str, *, api_key: str | None = None, levels=(1, 4, 8), requests_per_client: int = 2, tokens: int = 32):
-    return run_paths({"endpoint": (base_url, model)}, api_key=api_key, levels=levels,
-                     requests_per_client=requests_per_client, tokens=tokens)
+def run_serve(
+    base_url: str,
+    model: str,
+    *,
+    api_key: str | None = None,
+    levels=(1, 4, 8),
+    requests_per_client: int = 2,
+    tokens: int = 32,
+):
+    return run_paths(
+        {"endpoint": (base_url, model)},
+        api_key=api_key,
+        levels=levels,
+        requests_per_client=requests_per_client,
+        tokens=tokens,
+    )
 
 
 def warm_up(base_url: str, model: str, *, tokens: int) -> float:
@@ -145,8 +181,11 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Serve bench: {meta['target']} model {meta['model']!r}, {meta['tokens']} max tokens, greedy, "
         f"{meta['requests_per_client']} requests per client, streaming"
-        + (f"; the compiled server's first request (compiling) took {meta['compiled_first_request_s']} s, not counted"
-           if meta.get("compiled_first_request_s") is not None else ""),
+        + (
+            f"; the compiled server's first request (compiling) took {meta['compiled_first_request_s']} s, not counted"
+            if meta.get("compiled_first_request_s") is not None
+            else ""
+        ),
         "",
         "| server | concurrent clients | requests (failed) | time to first token p50, ms | p95, ms | aggregate tok/s |",
         "|---|---|---|---|---|---|",
@@ -160,5 +199,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 
 def write_results(out_dir: Path, rows: list[dict], runs: list[ServeRun], meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve.json").write_text(json.dumps({"meta": meta, "levels": rows, "runs": [asdict(r) for r in runs]}, indent=2))
+    (out_dir / "serve.json").write_text(
+        json.dumps({"meta": meta, "levels": rows, "runs": [asdict(r) for r in runs]}, indent=2)
+    )
     (out_dir / "serve.md").write_text(to_markdown(rows, meta))

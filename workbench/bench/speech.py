@@ -116,25 +116,41 @@ def load_sentences(path: Path = SENTENCES) -> list[str]:
 def synthesise(text: str, path: Path, *, voice: str = "en-us", speed: int = 160) -> Path:
     """One espeak-ng clip as a WAV file (22.05 kHz mono, as espeak-ng writes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([espeak(), "-v", voice, "-s", str(speed), "-w", str(path), text],
-                          check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [espeak(), "-v", voice, "-s", str(speed), "-w", str(path), text],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode != 0 or not path.is_file():
         raise SpeechBenchError(f"espeak-ng -v {voice} failed: {done.stderr.strip() or done.returncode}")
     return path
 
 
-def make_clips(out_dir: Path, *, clips: int = 40, voice: str = "en-us", other_per_language: int = 4,
-               progress: bool = True) -> list[Clip]:
+def make_clips(
+    out_dir: Path, *, clips: int = 40, voice: str = "en-us", other_per_language: int = 4, progress: bool = True
+) -> list[Clip]:
     """`clips` English clips (the sentence list in order, repeated if asked for more) plus
     `other_per_language` clips in each of OTHER_LANGUAGES."""
     import soundfile
 
     sentences = load_sentences()
-    plan = [(f"en-{i:02d}", "en", sentences[i % len(sentences)], voice + VARIANTS[i % len(VARIANTS)], SPEEDS[i % len(SPEEDS)])
-            for i in range(clips)]
+    plan = [
+        (
+            f"en-{i:02d}",
+            "en",
+            sentences[i % len(sentences)],
+            voice + VARIANTS[i % len(VARIANTS)],
+            SPEEDS[i % len(SPEEDS)],
+        )
+        for i in range(clips)
+    ]
     for lang, texts in OTHER_LANGUAGES.items():
-        plan += [(f"{lang}-{i:02d}", lang, text, lang, OTHER_SPEEDS[i % len(OTHER_SPEEDS)])
-                 for i, text in enumerate(texts[:other_per_language])]
+        plan += [
+            (f"{lang}-{i:02d}", lang, text, lang, OTHER_SPEEDS[i % len(OTHER_SPEEDS)])
+            for i, text in enumerate(texts[:other_per_language])
+        ]
     made = []
     for clip_id, lang, text, clip_voice, speed in tqdm(plan, desc="espeak-ng clips", disable=not progress):
         path = synthesise(text, out_dir / f"{clip_id}.wav", voice=clip_voice, speed=speed)
@@ -142,8 +158,28 @@ def make_clips(out_dir: Path, *, clips: int = 40, voice: str = "en-us", other_pe
     return made
 
 
-_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_ONES = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+)
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 
 
@@ -182,8 +218,9 @@ def normalise(text: str, *, english: bool = True) -> str:
     return " ".join(text.split())
 
 
-def run_speech(models: list[str], clips: list[Clip], *, beam_size: int | None = None, threads: int = 2,
-               progress: bool = True) -> tuple[list[Result], dict]:
+def run_speech(
+    models: list[str], clips: list[Clip], *, beam_size: int | None = None, threads: int = 2, progress: bool = True
+) -> tuple[list[Result], dict]:
     """Each model transcribes every clip it can (English-only models skip the other languages),
     with no language given, as a chat request arrives. Returns (results, info per model)."""
     import jiwer
@@ -201,18 +238,33 @@ def run_speech(models: list[str], clips: list[Clip], *, beam_size: int | None = 
         own = [c for c in clips if recognizer.multilingual or c.language == "en"]
         warm = time.perf_counter()
         recognizer.transcribe(audio[own[0].id])  # first call sets up CTranslate2's buffers; not timed below
-        info[name] = {"load_s": load_s, "warmup_s": time.perf_counter() - warm, "multilingual": recognizer.multilingual,
-                      "beam_size": recognizer.beam_size, "threads": threads, "clips": len(own)}
+        info[name] = {
+            "load_s": load_s,
+            "warmup_s": time.perf_counter() - warm,
+            "multilingual": recognizer.multilingual,
+            "beam_size": recognizer.beam_size,
+            "threads": threads,
+            "clips": len(own),
+        }
         for clip in tqdm(own, desc=f"transcribing with {name}", disable=not progress):
             t = recognizer.transcribe(audio[clip.id])
             english = clip.language == "en"
             ref, hyp = normalise(clip.text, english=english), normalise(t.text, english=english)
-            results.append(Result(
-                model=name, clip=clip.id, language=clip.language, detected_language=t.language,
-                language_probability=t.language_probability, reference=clip.text, transcript=t.text,
-                wer=jiwer.wer(ref, hyp) if hyp else 1.0, audio_seconds=t.audio_seconds,
-                transcribe_seconds=t.transcribe_seconds, real_time_factor=t.real_time_factor,
-            ))
+            results.append(
+                Result(
+                    model=name,
+                    clip=clip.id,
+                    language=clip.language,
+                    detected_language=t.language,
+                    language_probability=t.language_probability,
+                    reference=clip.text,
+                    transcript=t.text,
+                    wer=jiwer.wer(ref, hyp) if hyp else 1.0,
+                    audio_seconds=t.audio_seconds,
+                    transcribe_seconds=t.transcribe_seconds,
+                    real_time_factor=t.real_time_factor,
+                )
+            )
     return results, info
 
 
@@ -247,9 +299,13 @@ def summarise(results: list[Result], info: dict) -> list[dict]:
             detected = {}
             for r in these:
                 detected[r.detected_language] = detected.get(r.detected_language, 0) + 1
-            languages[lang] = {"clips": len(these), "correct": sum(r.detected_language == lang for r in these),
-                               "detected": detected, "wer": statistics.mean(r.wer for r in these),
-                               "rtf_total": sum(r.transcribe_seconds for r in these) / sum(r.audio_seconds for r in these)}
+            languages[lang] = {
+                "clips": len(these),
+                "correct": sum(r.detected_language == lang for r in these),
+                "detected": detected,
+                "wer": statistics.mean(r.wer for r in these),
+                "rtf_total": sum(r.transcribe_seconds for r in these) / sum(r.audio_seconds for r in these),
+            }
         row["languages"] = languages
         rows.append(row)
     return rows
@@ -274,29 +330,56 @@ def to_markdown(rows: list[dict], results: list[Result], meta: dict) -> str:
     load = meta["load_average"]
     others = [lang for lang in OTHER_LANGUAGES if any(lang in r["languages"] for r in rows)]
     lines = [
-        (f"Speech bench on {meta['machine']}: {meta['english_clips']} English espeak-ng clips "
-         f"({meta['english_audio_seconds']:.0f} s of audio, voice {meta['voice']} with variants, "
-         f"{min(SPEEDS)}–{max(SPEEDS)} wpm), {meta['other_clips']} German/French/Spanish/Italian clips for language "
-         f"detection; faster-whisper {meta['faster_whisper']}, CTranslate2 {meta['ctranslate2']}, int8, "
-         f"{meta['threads']} threads, beam {meta['beam_size']}, no language given; "
-         f"1-minute load average {load[0]} before, {load[-1]} after"),
+        (
+            f"Speech bench on {meta['machine']}: {meta['english_clips']} English espeak-ng clips "
+            f"({meta['english_audio_seconds']:.0f} s of audio, voice {meta['voice']} with variants, "
+            f"{min(SPEEDS)}–{max(SPEEDS)} wpm), {meta['other_clips']} German/French/Spanish/Italian clips for language "
+            f"detection; faster-whisper {meta['faster_whisper']}, CTranslate2 {meta['ctranslate2']}, int8, "
+            f"{meta['threads']} threads, beam {meta['beam_size']}, no language given; "
+            f"1-minute load average {load[0]} before, {load[-1]} after"
+        ),
         "",
-        _row(["model", "WER (English)", "clips without error", "RTF median", "RTF total", "load s", "warm-up s",
-              "English detected", *(f"{lang} detected" for lang in others)]),
+        _row(
+            [
+                "model",
+                "WER (English)",
+                "clips without error",
+                "RTF median",
+                "RTF total",
+                "load s",
+                "warm-up s",
+                "English detected",
+                *(f"{lang} detected" for lang in others),
+            ]
+        ),
         _row(["---"] * (8 + len(others))),
     ]
     for r in rows:
         wer = f"{r['wer']:.1%} ({r['word_errors']}/{r['reference_words']} words)" if "wer" in r else "–"
         perfect = f"{r['clips_perfect']}/{r['english_clips']}" if "wer" in r else "–"
-        lines.append(_row([r["model"], wer, perfect, f"{r['rtf_median']:.3f}", f"{r['rtf_total']:.3f}",
-                           f"{r['load_s']:.2f}", f"{r['warmup_s']:.2f}", _detection(r, "en"),
-                           *(_detection(r, lang) for lang in others)]))
+        lines.append(
+            _row(
+                [
+                    r["model"],
+                    wer,
+                    perfect,
+                    f"{r['rtf_median']:.3f}",
+                    f"{r['rtf_total']:.3f}",
+                    f"{r['load_s']:.2f}",
+                    f"{r['warmup_s']:.2f}",
+                    _detection(r, "en"),
+                    *(_detection(r, lang) for lang in others),
+                ]
+            )
+        )
     lines += [
         "",
-        ("WER: word errors over all English reference words after lower-casing, removing punctuation and "
-         "spelling out digits. RTF: transcription seconds / audio seconds (below 1: faster than real time) "
-         "over the English clips; the other languages' RTF is in speech.json. Load: constructing and loading the model (the first load of base also "
-         "joins its two parts into the cache). English-only models cannot detect languages and skip the other clips."),
+        (
+            "WER: word errors over all English reference words after lower-casing, removing punctuation and "
+            "spelling out digits. RTF: transcription seconds / audio seconds (below 1: faster than real time) "
+            "over the English clips; the other languages' RTF is in speech.json. Load: constructing and loading the model (the first load of base also "
+            "joins its two parts into the cache). English-only models cannot detect languages and skip the other clips."
+        ),
         "",
         "| model | clip | voice | wpm | audio s | RTF | WER | language (p) | transcript |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -317,10 +400,22 @@ def to_html(rows: list[dict], meta: dict) -> str:
 
     names = [r["model"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("word error rate, English clips", "real-time factor (median)"))
-    fig.add_bar(x=names, y=[r.get("wer", 0) for r in rows], row=1, col=1, name="WER",
-                text=[f"{r.get('wer', 0):.1%}" for r in rows])
-    fig.add_bar(x=names, y=[r["rtf_median"] for r in rows], row=1, col=2, name="RTF",
-                text=[f"{r['rtf_median']:.3f}" for r in rows])
+    fig.add_bar(
+        x=names,
+        y=[r.get("wer", 0) for r in rows],
+        row=1,
+        col=1,
+        name="WER",
+        text=[f"{r.get('wer', 0):.1%}" for r in rows],
+    )
+    fig.add_bar(
+        x=names,
+        y=[r["rtf_median"] for r in rows],
+        row=1,
+        col=2,
+        name="RTF",
+        text=[f"{r['rtf_median']:.3f}" for r in rows],
+    )
     fig.update_yaxes(tickformat=".0%", row=1, col=1)
     fig.update_layout(title=f"Speech bench, {meta['machine']}", showlegend=False, height=420)
     return fig.to_html(include_plotlyjs="cdn", full_html=True)
@@ -328,16 +423,27 @@ def to_html(rows: list[dict], meta: dict) -> str:
 
 def write_results(out_dir: Path, rows: list[dict], results: list[Result], meta: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "speech.json").write_text(json.dumps(
-        {"meta": meta, "summary": rows, "results": [asdict(r) for r in results]}, indent=2, ensure_ascii=False
-    ))
+    (out_dir / "speech.json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": rows, "results": [asdict(r) for r in results]}, indent=2, ensure_ascii=False
+        )
+    )
     (out_dir / "speech.md").write_text(to_markdown(rows, results, meta))
     (out_dir / "speech.html").write_text(to_html(rows, meta))
     return out_dir
 
 
-def run(models: list[str], out: Path, *, clips: int = 40, voice: str = "en-us", other_per_language: int = 4,
-        beam_size: int | None = None, threads: int = 2, progress: bool = True) -> tuple[list[dict], list[Result], dict]:
+def run(
+    models: list[str],
+    out: Path,
+    *,
+    clips: int = 40,
+    voice: str = "en-us",
+    other_per_language: int = 4,
+    beam_size: int | None = None,
+    threads: int = 2,
+    progress: bool = True,
+) -> tuple[list[dict], list[Result], dict]:
     """The whole bench: clips under out/clips, results in out/speech.{json,md,html}."""
     import ctranslate2
     import faster_whisper
@@ -354,11 +460,18 @@ def run(models: list[str], out: Path, *, clips: int = 40, voice: str = "en-us", 
     english = [c for c in made if c.language == "en"]
     meta = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "models": models, "voice": voice, "threads": threads, "beam_size": beam_size or BEAM_SIZE,
-        "english_clips": len(english), "english_audio_seconds": sum(c.audio_seconds for c in english),
+        "models": models,
+        "voice": voice,
+        "threads": threads,
+        "beam_size": beam_size or BEAM_SIZE,
+        "english_clips": len(english),
+        "english_audio_seconds": sum(c.audio_seconds for c in english),
         "other_clips": len(made) - len(english),
-        "faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__,
-        "espeak_ng": subprocess.run([espeak(), "--version"], check=False, capture_output=True, text=True).stdout.strip(),
+        "faster_whisper": faster_whisper.__version__,
+        "ctranslate2": ctranslate2.__version__,
+        "espeak_ng": subprocess.run(
+            [espeak(), "--version"], check=False, capture_output=True, text=True
+        ).stdout.strip(),
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "clip_voices": {c.id: {"voice": c.voice, "speed": c.speed, "text": c.text} for c in made},
     }

@@ -80,15 +80,21 @@ def parse_configs(text: str, *, price_in: float | None = None, price_out: float 
             name = name or Path(spec).stem
         elif spec.endswith(".gguf"):
             if not Path(spec).expanduser().is_file():
-                raise TargetError(f"--configs: {spec} does not exist (write it with python -m workbench.export CONFIG --to gguf --out {spec})")
+                raise TargetError(
+                    f"--configs: {spec} does not exist (write it with python -m workbench.export CONFIG --to gguf --out {spec})"
+                )
             from workbench.bench.llamacpp_server import missing_modules
 
             if missing := missing_modules():
-                raise TargetError(f"--configs: serving {spec} needs llama-cpp-python's server; missing {', '.join(missing)} "
-                                  "(pip install -e '.[llamacpp]', scripts/install_llamacpp.sh)")
+                raise TargetError(
+                    f"--configs: serving {spec} needs llama-cpp-python's server; missing {', '.join(missing)} "
+                    "(pip install -e '.[llamacpp]', scripts/install_llamacpp.sh)"
+                )
             name = name or Path(spec).stem
         elif spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-            raise TargetError(f"--configs: {spec} does not exist (a config file, a model source or a saved model folder)")
+            raise TargetError(
+                f"--configs: {spec} does not exist (a config file, a model source or a saved model folder)"
+            )
         targets.append(Target(name.strip() or spec, config=spec, price_in=price_in, price_out=price_out))
     return targets
 
@@ -97,9 +103,13 @@ def _number(name: str, key: str, value: str, kind: type):
     try:
         number = kind(value)
     except ValueError:
-        raise TargetError(f"--endpoint {name}: {key}={value!r} is not a {'whole ' if kind is int else ''}number") from None
+        raise TargetError(
+            f"--endpoint {name}: {key}={value!r} is not a {'whole ' if kind is int else ''}number"
+        ) from None
     if number < 0 or (kind is int and number == 0):
-        raise TargetError(f"--endpoint {name}: {key} must be {'positive' if kind is int else 'zero or more'}, got {value}")
+        raise TargetError(
+            f"--endpoint {name}: {key} must be {'positive' if kind is int else 'zero or more'}, got {value}"
+        )
     return number
 
 
@@ -107,13 +117,17 @@ def parse_endpoint(text: str) -> Target:
     head, *options = [p.strip() for p in text.split(",")]
     name, sep, base_url = head.partition("=")
     if not sep or not name.strip() or not base_url.startswith(("http://", "https://")):
-        raise TargetError(f"--endpoint {text!r}: expected {ENDPOINT_SYNTAX}, e.g. cloud=https://api.openai.com/v1,model=gpt-4o-mini,key_env=OPENAI_API_KEY")
+        raise TargetError(
+            f"--endpoint {text!r}: expected {ENDPOINT_SYNTAX}, e.g. cloud=https://api.openai.com/v1,model=gpt-4o-mini,key_env=OPENAI_API_KEY"
+        )
     name = name.strip()
     fields: dict[str, str] = {}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key.strip() not in _ENDPOINT_KEYS:
-            raise TargetError(f"--endpoint {name}: unknown option {option!r}; options are {', '.join(sorted(_ENDPOINT_KEYS))}")
+            raise TargetError(
+                f"--endpoint {name}: unknown option {option!r}; options are {', '.join(sorted(_ENDPOINT_KEYS))}"
+            )
         fields[key.strip()] = value.strip()
     if not fields.get("model"):
         raise TargetError(f"--endpoint {name}: model=ID is required (the model id that endpoint serves)")
@@ -137,8 +151,12 @@ def parse_targets(configs: str | None, endpoints: list[str] | None, *, local_pri
     if local_price:
         parts = local_price.split(",")
         if len(parts) != 2:
-            raise TargetError(f"--local-price {local_price!r}: expected IN,OUT in US dollars per 1K tokens, e.g. 0.00002,0.00002")
-        price_in, price_out = (_number("(local)", k, v.strip(), float) for k, v in zip(("price_in", "price_out"), parts))
+            raise TargetError(
+                f"--local-price {local_price!r}: expected IN,OUT in US dollars per 1K tokens, e.g. 0.00002,0.00002"
+            )
+        price_in, price_out = (
+            _number("(local)", k, v.strip(), float) for k, v in zip(("price_in", "price_out"), parts)
+        )
     targets = parse_configs(configs, price_in=price_in, price_out=price_out) if configs else []
     targets += [parse_endpoint(e) for e in endpoints or []]
     if not targets:

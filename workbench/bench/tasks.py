@@ -246,31 +246,42 @@ def spoken_items(questions, voice: str = "en-us") -> list[Item]:
                 wav = synthesise(item.question, Path(folder) / f"q{i}.wav", voice=voice).read_bytes()
             except SpeechBenchError as exc:
                 raise TaskUnavailable(f"n/a ({exc})") from None
-            part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode("ascii"), "format": "wav"}}
+            part = {
+                "type": "input_audio",
+                "input_audio": {"data": base64.b64encode(wav).decode("ascii"), "format": "wav"},
+            }
             items.append(Item(item.question, item.answer, item.aliases, (part,), spoken=True))
     return items
 
 
 TASKS: dict[str, Task] = {
     "facts": Task(
-        "facts", "facts (capitals, units, science)", "text",
+        "facts",
+        "facts (capitals, units, science)",
+        "text",
         "data/facts.jsonl: 32 questions written for this repository from common knowledge",
         items=lambda: list(_facts()),
     ),
     "arithmetic": Task(
-        "arithmetic", "arithmetic (two-digit + - \u00d7)", "text",
+        "arithmetic",
+        "arithmetic (two-digit + - \u00d7)",
+        "text",
         "generated in code (workbench/bench/tasks.py, seed 9): 20 questions",
         items=arithmetic_items,
     ),
     "image_qa": Task(
-        "image_qa", "image questions (generated shapes)", "image",
+        "image_qa",
+        "image questions (generated shapes)",
+        "image",
         "workbench/modalities/shapes.py, seed 2026 (never used in training): 40 pictures, 8 of each question "
         "type (colour, shape, count, position, text), asked with no system prompt, as the adapter was trained",
         items=image_items,
         system=None,
     ),
     "speech": Task(
-        "speech", "spoken facts (espeak-ng)", "audio",
+        "speech",
+        "spoken facts (espeak-ng)",
+        "audio",
         "the 32 `facts` questions spoken by espeak-ng (en-us, 160 wpm) and sent as input_audio WAV parts only, "
         "no text: speech recognition and answering together",
         items=lambda: spoken_items(_facts()),
@@ -297,8 +308,9 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict
     text); return the usage of its final chunk."""
     start = time.perf_counter()
     usage: dict = {}
-    async with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                             headers=headers) as response:
+    async with client.stream(
+        "POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}, headers=headers
+    ) as response:
         if response.status_code != 200:
             answer.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
             return {}
@@ -320,22 +332,31 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict
     return usage
 
 
-async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None,
-               thinking: bool | None = None) -> tuple[Answer, dict]:
+async def _ask(
+    client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None, thinking: bool | None = None
+) -> tuple[Answer, dict]:
     question = item.question
     if item.parts:
         question = [*item.parts, *([] if item.spoken else [{"type": "text", "text": item.question}])]
     body = {
         "model": endpoint.model,
-        "messages": [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}],
+        "messages": [
+            *([{"role": "system", "content": system}] if system else []),
+            {"role": "user", "content": question},
+        ],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
     answer = Answer(item.question, item.answer)
     if thinking is not None:  # streamed, to time the first answer token after the reasoning
         try:
-            usage = await _stream(client, endpoint.base_url + "/chat/completions",
-                                  {**body, "enable_thinking": thinking, "return_reasoning": True}, endpoint.headers(), answer)
+            usage = await _stream(
+                client,
+                endpoint.base_url + "/chat/completions",
+                {**body, "enable_thinking": thinking, "return_reasoning": True},
+                endpoint.headers(),
+                answer,
+            )
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             answer.error = f"{type(exc).__name__}: {exc}"
             return answer, {}
@@ -355,8 +376,15 @@ async def _ask(client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int,
     return answer, data.get("usage") or {}
 
 
-async def _ask_all(endpoint, items: list[Item], max_tokens: int, concurrency: int, progress, system: str | None,
-                   thinking: bool | None = None) -> list[tuple[Answer, dict]]:
+async def _ask_all(
+    endpoint,
+    items: list[Item],
+    max_tokens: int,
+    concurrency: int,
+    progress,
+    system: str | None,
+    thinking: bool | None = None,
+) -> list[tuple[Answer, dict]]:
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
 
@@ -373,8 +401,15 @@ def mode_name(thinking: bool) -> str:
     return "on" if thinking else "off"
 
 
-def run_task(endpoint, task: Task, *, limit: int | None = None, max_tokens: int = 16, concurrency: int = 4,
-             thinking: bool | None = None) -> TaskResult:
+def run_task(
+    endpoint,
+    task: Task,
+    *,
+    limit: int | None = None,
+    max_tokens: int = 16,
+    concurrency: int = 4,
+    thinking: bool | None = None,
+) -> TaskResult:
     """Ask every question of `task` (the first `limit`) at `endpoint`, `concurrency` at a time.
     `thinking` sends `enable_thinking` and streams each reply, to count the reasoning and time
     the first answer token; None sends neither (the target's default, one plain response)."""

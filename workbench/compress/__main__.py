@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     print("Measuring the compressed model ...", file=sys.stderr, flush=True)
     after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
     write_report(args.out, args.config, before, after, session.reports)
-    print(f"Compressed model saved to {model_dir}: workbench.load('{model_dir}')"
-          + (f" re-applies {', '.join(s.step for s in reapplied)}" if reapplied else ""))
+    print(
+        f"Compressed model saved to {model_dir}: workbench.load('{model_dir}')"
+        + (f" re-applies {', '.join(s.step for s in reapplied)}" if reapplied else "")
+    )
     print(to_markdown(args.config, before, after, session.reports))
     print(f"Report in {args.out}/report.md, report.json, report.html")
 

@@ -53,7 +53,9 @@ class OProjStatistics:
         self._handle.remove()
 
 
-def collect(attns: list[nn.Module], layers: Sequence[int], model: nn.Module, batches: list[torch.Tensor]) -> dict[int, OProjStatistics]:
+def collect(
+    attns: list[nn.Module], layers: Sequence[int], model: nn.Module, batches: list[torch.Tensor]
+) -> dict[int, OProjStatistics]:
     """Run the (unpruned) model over `batches` and gather o_proj statistics of `layers`."""
     stats = {layer: OProjStatistics(attns[layer].o_proj) for layer in layers}
     try:
@@ -85,7 +87,9 @@ def relative_error(stats: OProjStatistics, keep: torch.Tensor, weight: torch.Ten
     return float(err / stats.yty.clamp(min=1e-30))
 
 
-def refit(attns: list[nn.Module], kept: dict[int, list[int]], stats: dict[int, OProjStatistics], ridge: float) -> dict[int, dict[str, float]]:
+def refit(
+    attns: list[nn.Module], kept: dict[int, list[int]], stats: dict[int, OProjStatistics], ridge: float
+) -> dict[int, dict[str, float]]:
     """Replace each pruned layer's o_proj weight (already sliced to the kept heads) with the
     least-squares fit; return {layer: {"error_before", "error_after"}} on the calibration text."""
     summary = {}

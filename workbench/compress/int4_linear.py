@@ -23,7 +23,9 @@ class Int4Linear(nn.Linear):
     """`weight` is PyTorch's packed CPU int4 layout (uint8, two weights a byte);
     `scales_and_zeros` one bf16 scale and zero point per `group_size` inputs of each output."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, shape: tuple[int, int], bias):
+    def __init__(
+        self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, shape: tuple[int, int], bias
+    ):
         nn.Module.__init__(self)
         self.out_features, self.in_features = shape
         self.group_size = group_size

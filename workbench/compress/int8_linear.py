@@ -42,7 +42,9 @@ class Int8Linear(nn.Linear):
 
         w = linear.weight.detach().float()
         block = (1, w.shape[1])
-        scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, eps=torch.finfo(torch.float32).eps)
+        scale, zero = choose_qparams_affine(
+            w, MappingType.SYMMETRIC, block, torch.int8, eps=torch.finfo(torch.float32).eps
+        )
         q = quantize_affine(w, block, scale, zero, torch.int8)
         return cls(q.contiguous(), scale.reshape(-1).to(_ACT), linear.bias)
 

@@ -60,7 +60,9 @@ def cache_factory(opts: KVCacheOptions) -> Callable[[object], Cache]:
 
         def sliding(config):
             cache = DynamicCache()
-            cache.layers = [DynamicSlidingWindowLayer(sliding_window=opts.window) for _ in range(config.num_hidden_layers)]
+            cache.layers = [
+                DynamicSlidingWindowLayer(sliding_window=opts.window) for _ in range(config.num_hidden_layers)
+            ]
             return cache
 
         return sliding

@@ -33,8 +33,12 @@ def prune_record(source: str, options: dict, report: dict) -> dict:
     """What a saved recovery adapter remembers of the prune it was trained after."""
     from workbench.compress.pruning import PruneOptions
 
-    return {"source": source, "options": PruneOptions.model_validate(options).model_dump(mode="json"),
-            "calibration": calibration_digest(), "removed": {str(k): v for k, v in report["removed"].items()}}
+    return {
+        "source": source,
+        "options": PruneOptions.model_validate(options).model_dump(mode="json"),
+        "calibration": calibration_digest(),
+        "removed": {str(k): v for k, v in report["removed"].items()},
+    }
 
 
 def recorded_removal(source: str, options: dict, later_steps) -> dict | None:
@@ -50,8 +54,12 @@ def recorded_removal(source: str, options: dict, later_steps) -> dict | None:
         return None
     record = json.loads((resolve_path(adapter) / ADAPTER_RECORD).read_text()).get("prune") or {}
     wanted = PruneOptions.model_validate(options).model_dump(mode="json")
-    if (record.get("source") == source and record.get("options") == wanted
-            and record.get("calibration") == calibration_digest() and record.get("removed")):
+    if (
+        record.get("source") == source
+        and record.get("options") == wanted
+        and record.get("calibration") == calibration_digest()
+        and record.get("removed")
+    ):
         return {int(k): v for k, v in record["removed"].items()}
     return None
 
@@ -72,8 +80,12 @@ def apply(session, steps) -> list[dict]:
         options = dict(step.model_extra or {})
         _, run = STEPS[step.step]
         if step.step == "prune_heads":
-            removal = recorded_removal(session.loaded.source, options, steps[i + 1:])
-            report = run(session, **{**options, "ratio": None, "per_layer": None, "remove": removal}) if removal else run(session, **options)
+            removal = recorded_removal(session.loaded.source, options, steps[i + 1 :])
+            report = (
+                run(session, **{**options, "ratio": None, "per_layer": None, "remove": removal})
+                if removal
+                else run(session, **options)
+            )
             report = asdict(report)
             if removal:
                 report["removed_from"] = "recover adapter record"

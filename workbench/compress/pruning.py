@@ -55,8 +55,10 @@ class PruneOptions(BaseModel):
     @model_validator(mode="after")
     def _one_budget(self):
         if sum(b is not None for b in (self.ratio, self.per_layer, self.remove)) != 1:
-            raise ValueError("give exactly one budget: `ratio` (global fraction), `per_layer` (groups per layer) "
-                             "or `remove` (the groups themselves)")
+            raise ValueError(
+                "give exactly one budget: `ratio` (global fraction), `per_layer` (groups per layer) "
+                "or `remove` (the groups themselves)"
+            )
         for layer, groups in (self.remove or {}).items():
             if layer < 0 or any(g < 0 for g in groups) or len(set(groups)) != len(groups):
                 raise ValueError(f"remove: layer {layer} lists {groups}; layers and groups are distinct indices >= 0")
@@ -230,8 +232,16 @@ def random_importance(attns, seed: int) -> torch.Tensor:
     return torch.rand(len(attns), max(kv_groups(a) for a in attns), generator=generator)
 
 
-def importance(model, tokenizer, criterion: str, *, texts: list[str] | None = None, seed: int = 0,
-               calibration_texts: int = 16, calibration_tokens: int = 256) -> torch.Tensor:
+def importance(
+    model,
+    tokenizer,
+    criterion: str,
+    *,
+    texts: list[str] | None = None,
+    seed: int = 0,
+    calibration_texts: int = 16,
+    calibration_tokens: int = 256,
+) -> torch.Tensor:
     """[layer, kv group] scores; higher means keep."""
     attns = attention_layers(model)
     if criterion == "random":
@@ -254,8 +264,14 @@ def importance(model, tokenizer, criterion: str, *, texts: list[str] | None = No
 # --- selection and the step ---------------------------------------------------------------
 
 
-def choose_groups(scores: torch.Tensor, counts: list[int], *, ratio: float | None, per_layer: int | None,
-                  min_groups_per_layer: int = 1) -> dict[int, list[int]]:
+def choose_groups(
+    scores: torch.Tensor,
+    counts: list[int],
+    *,
+    ratio: float | None,
+    per_layer: int | None,
+    min_groups_per_layer: int = 1,
+) -> dict[int, list[int]]:
     """Which KV groups to remove: the least important, within the budget and the floor."""
     if per_layer is not None:
         for layer, n in enumerate(counts):
@@ -309,8 +325,10 @@ def _check_removal(removed: dict[int, list[int]], counts: list[int], min_groups_
         if any(g >= counts[layer] for g in groups):
             raise ValueError(f"remove: layer {layer} has KV groups 0..{counts[layer] - 1}, not {groups}")
         if counts[layer] - len(groups) < min_groups_per_layer:
-            raise ValueError(f"remove: layer {layer} would keep {counts[layer] - len(groups)} of its {counts[layer]} "
-                             f"KV groups; at least {min_groups_per_layer} must stay")
+            raise ValueError(
+                f"remove: layer {layer} would keep {counts[layer] - len(groups)} of its {counts[layer]} "
+                f"KV groups; at least {min_groups_per_layer} must stay"
+            )
 
 
 def prune_heads(session, **options) -> PruneReport:
@@ -325,17 +343,29 @@ def prune_heads(session, **options) -> PruneReport:
         removed = {layer: sorted(groups) for layer, groups in sorted(opts.remove.items()) if groups}
         scores = torch.zeros(len(counts), max(counts))
     else:
-        scores = importance(model, session.tokenizer, opts.criterion, seed=opts.seed,
-                            calibration_texts=opts.calibration_texts, calibration_tokens=opts.calibration_tokens)
-        removed = choose_groups(scores, counts, ratio=opts.ratio, per_layer=opts.per_layer,
-                                min_groups_per_layer=opts.min_groups_per_layer)
+        scores = importance(
+            model,
+            session.tokenizer,
+            opts.criterion,
+            seed=opts.seed,
+            calibration_texts=opts.calibration_texts,
+            calibration_tokens=opts.calibration_tokens,
+        )
+        removed = choose_groups(
+            scores, counts, ratio=opts.ratio, per_layer=opts.per_layer, min_groups_per_layer=opts.min_groups_per_layer
+        )
     stats = None
     if opts.compensate and removed:
         from workbench.compress import compensation
         from workbench.compress.data import calibration_texts
 
-        batches = _calibration_batches(session.tokenizer, calibration_texts(), opts.calibration_texts,
-                                       opts.calibration_tokens, attns[0].q_proj.weight.device)
+        batches = _calibration_batches(
+            session.tokenizer,
+            calibration_texts(),
+            opts.calibration_texts,
+            opts.calibration_tokens,
+            attns[0].q_proj.weight.device,
+        )
         stats = compensation.collect(attns, list(removed), model, batches)
     prune_groups(model, removed)
     fitted = {}
@@ -354,6 +384,8 @@ def prune_heads(session, **options) -> PruneReport:
         kv_heads_after=after,
         params_before=params_before,
         params_after=sum(p.numel() for p in model.parameters()),
-        importance=[] if opts.remove is not None else [[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
+        importance=[]
+        if opts.remove is not None
+        else [[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
         compensation=fitted,
     )

@@ -209,9 +209,15 @@ def quantize(session, **options) -> QuantizeReport:
     for scheme in set(plan.values()):
         check_supported(scheme, opts.group_size, device, dtype)
     if "int4_weight_only" in plan.values():
-        bad = [n for n, s in plan.items() if s == "int4_weight_only" and model.get_submodule(n).in_features % opts.group_size]
+        bad = [
+            n
+            for n, s in plan.items()
+            if s == "int4_weight_only" and model.get_submodule(n).in_features % opts.group_size
+        ]
         if bad:
-            raise ValueError(f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64")
+            raise ValueError(
+                f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64"
+            )
     before = linear_bytes(model)
     changed = [n for n, scheme in plan.items() if scheme != "keep"]
     for name in changed:

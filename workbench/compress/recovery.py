@@ -42,8 +42,24 @@ LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _LORA_ONLY = ("rank", "alpha", "dropout", "targets")
-_TRAINING = ("train", "steps", "batch", "seq_len", "lr", "warmup", "temperature", "calibration_share", "prompts",
-             "reply_tokens", "eval_every", "eval_windows", "keep", "save_adapter", "cache_dir", *_LORA_ONLY)
+_TRAINING = (
+    "train",
+    "steps",
+    "batch",
+    "seq_len",
+    "lr",
+    "warmup",
+    "temperature",
+    "calibration_share",
+    "prompts",
+    "reply_tokens",
+    "eval_every",
+    "eval_windows",
+    "keep",
+    "save_adapter",
+    "cache_dir",
+    *_LORA_ONLY,
+)
 
 
 def resolve_path(value: str) -> Path:
@@ -98,24 +114,32 @@ class RecoverOptions(BaseModel):
         if self.adapter is not None:
             clash = sorted(given & set(_TRAINING))
             if clash:
-                raise ValueError(f"adapter loads a trained adapter, so the training options {', '.join(clash)} do nothing; "
-                                 "drop them, or drop adapter to train")
+                raise ValueError(
+                    f"adapter loads a trained adapter, so the training options {', '.join(clash)} do nothing; "
+                    "drop them, or drop adapter to train"
+                )
             folder = resolve_path(self.adapter)
             if not (folder / ADAPTER_RECORD).is_file():
-                raise ValueError(f"adapter {self.adapter!r}: no {ADAPTER_RECORD} there (not a folder written by save_adapter)")
+                raise ValueError(
+                    f"adapter {self.adapter!r}: no {ADAPTER_RECORD} there (not a folder written by save_adapter)"
+                )
             return self
         if self.train == "attention":
             clash = sorted(given & set(_LORA_ONLY))
             if clash:
                 raise ValueError(f"{', '.join(clash)} only apply to train: lora")
             if self.save_adapter is not None:
-                raise ValueError("save_adapter saves a LoRA; train: attention changes the weights themselves "
-                                 "(save the model with --out instead)")
+                raise ValueError(
+                    "save_adapter saves a LoRA; train: attention changes the weights themselves "
+                    "(save the model with --out instead)"
+                )
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"targets: {unknown} are not linear layers of a decoder block (known: {', '.join(LORA_TARGETS)})")
+            raise ValueError(
+                f"targets: {unknown} are not linear layers of a decoder block (known: {', '.join(LORA_TARGETS)})"
+            )
         if self.prompts is not None and not resolve_path(self.prompts).is_file():
             raise ValueError(f"prompts file {self.prompts!r} does not exist")
         if self.save_adapter is not None and resolve_path(self.save_adapter).is_file():
@@ -167,8 +191,10 @@ def check_adapter(folder: Path, model) -> dict:
     config = model.config
     for key in ("hidden_size", "num_hidden_layers", "vocab_size", "model_type"):
         if key in record.get("model", {}) and record["model"][key] != getattr(config, key, None):
-            raise ValueError(f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
-                             f"this one has {getattr(config, key, None)}")
+            raise ValueError(
+                f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
+                f"this one has {getattr(config, key, None)}"
+            )
     return record
 
 
@@ -194,14 +220,18 @@ def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = {
+        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
+    }
     save_file(state, folder / LORA_WEIGHTS)
     peft_model.peft_config["default"].save_pretrained(str(folder))
     config = model.config
     record = {
         **record,
         "kv_heads_per_layer": pruned_shape(model),
-        "model": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")},
+        "model": {
+            k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        },
     }
     (folder / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
 
@@ -211,7 +241,7 @@ def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
 
 def _windows(tokenizer, texts: list[str], window: int, count: int, device) -> list[torch.Tensor]:
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
     chunks = [c for c in chunks if len(c) > 1][:count]
     if not chunks:
         raise ValueError("recover: the evaluation text is too short for a perplexity")
@@ -227,10 +257,12 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl.mean() * t * t
 
 
-def held_out_kl(student, teacher, tokenizer, texts: list[str], *, window: int = 256, windows: int = 4, temperature: float = 1.0) -> float:
+def held_out_kl(
+    student, teacher, tokenizer, texts: list[str], *, window: int = 256, windows: int = 4, temperature: float = 1.0
+) -> float:
     """Mean token KL(teacher || student) over the first windows of `texts`."""
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window)][:windows]
+    chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)][:windows]
     device = student.get_input_embeddings().weight.device
     total = 0.0
     with torch.inference_mode():
@@ -258,8 +290,14 @@ def _trainable(model, opts: RecoverOptions):
     if opts.train == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, lora_dropout=opts.dropout,
-                          target_modules=list(opts.targets), bias="none", init_lora_weights=True)
+        lora = LoraConfig(
+            r=opts.rank,
+            lora_alpha=opts.alpha or 2 * opts.rank,
+            lora_dropout=opts.dropout,
+            target_modules=list(opts.targets),
+            bias="none",
+            init_lora_weights=True,
+        )
         peft_model = get_peft_model(model, lora)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         return peft_model, params, peft_model
@@ -284,12 +322,21 @@ def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: list[str], evaluation: list[str],
-          progress: bool = True) -> tuple[RecoverReport, object]:
+def train(
+    student,
+    teacher,
+    tokenizer,
+    opts: RecoverOptions,
+    *,
+    calibration: list[str],
+    evaluation: list[str],
+    progress: bool = True,
+) -> tuple[RecoverReport, object]:
     """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora)."""
     from tqdm.auto import tqdm
 
     from workbench.compress import recovery_data as rd
+
     report = RecoverReport(step="recover", mode=opts.train)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
@@ -300,9 +347,18 @@ def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: lis
         p.requires_grad_(False)
     cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else _default_cache()
     chats = rd.load_prompts(resolve_path(opts.prompts) if opts.prompts else None) if opts.calibration_share < 1 else []
-    replies = rd.teacher_replies(teacher, tokenizer, chats, max_tokens=opts.reply_tokens, cache_dir=cache, progress=progress) if chats else []
-    data = rd.Mixture(rd.chat_stream(tokenizer, chats, replies), rd.text_stream(tokenizer, calibration),
-                      opts.seq_len, opts.calibration_share, opts.seed)
+    replies = (
+        rd.teacher_replies(teacher, tokenizer, chats, max_tokens=opts.reply_tokens, cache_dir=cache, progress=progress)
+        if chats
+        else []
+    )
+    data = rd.Mixture(
+        rd.chat_stream(tokenizer, chats, replies),
+        rd.text_stream(tokenizer, calibration),
+        opts.seq_len,
+        opts.calibration_share,
+        opts.seed,
+    )
 
     windows = _windows(tokenizer, evaluation, 512, opts.eval_windows, device)
 
@@ -349,7 +405,9 @@ def train(student, teacher, tokenizer, opts: RecoverOptions, *, calibration: lis
             ppl, kl = evaluate(module)
             mean_loss = sum(running) / len(running)
             running = []
-            report.history.append({"step": step + 1, "loss": round(mean_loss, 5), "perplexity": round(ppl, 4), "kl": round(kl, 5)})
+            report.history.append(
+                {"step": step + 1, "loss": round(mean_loss, 5), "perplexity": round(ppl, 4), "kl": round(kl, 5)}
+            )
             if score(ppl, kl) <= best:
                 best, best_state, report.best_step = score(ppl, kl), _snapshot(params), step + 1
                 report.perplexity_after, report.kl_after = ppl, kl
@@ -381,25 +439,40 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
         start = time.perf_counter()
         load_adapter(model, folder)
         record = json.loads((folder / ADAPTER_RECORD).read_text())
-        return RecoverReport(step="recover", mode="adapter", adapter=str(opts.adapter),
-                             seconds=round(time.perf_counter() - start, 2),
-                             perplexity_before=record.get("perplexity_before"),
-                             perplexity_after=record.get("perplexity_after"))
+        return RecoverReport(
+            step="recover",
+            mode="adapter",
+            adapter=str(opts.adapter),
+            seconds=round(time.perf_counter() - start, 2),
+            perplexity_before=record.get("perplexity_before"),
+            perplexity_after=record.get("perplexity_after"),
+        )
     if teacher is None:
-        raise ValueError("recover needs the unpruned model as its teacher: list it after prune_heads in a config's "
-                         "compression steps (the pipeline keeps a copy of the model as loaded), or pass teacher=")
+        raise ValueError(
+            "recover needs the unpruned model as its teacher: list it after prune_heads in a config's "
+            "compression steps (the pipeline keeps a copy of the model as loaded), or pass teacher="
+        )
     if pruned_shape(teacher) == pruned_shape(model):
-        raise ValueError("recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first")
+        raise ValueError(
+            "recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first"
+        )
     from workbench.compress.data import calibration_texts, evaluation_texts
 
     with _threads(opts.threads):
-        report, peft_model = train(model, teacher, session.tokenizer, opts,
-                                   calibration=calibration_texts(), evaluation=evaluation_texts())
+        report, peft_model = train(
+            model, teacher, session.tokenizer, opts, calibration=calibration_texts(), evaluation=evaluation_texts()
+        )
         if peft_model is not None:
             if opts.save_adapter is not None:
-                record = {"options": opts.model_dump(mode="json"), "prune": prune or {},
-                          "perplexity_before": report.perplexity_before, "perplexity_after": report.perplexity_after,
-                          "best_step": report.best_step, "seconds": report.seconds, "history": report.history}
+                record = {
+                    "options": opts.model_dump(mode="json"),
+                    "prune": prune or {},
+                    "perplexity_before": report.perplexity_before,
+                    "perplexity_after": report.perplexity_after,
+                    "best_step": report.best_step,
+                    "seconds": report.seconds,
+                    "history": report.history,
+                }
                 save_adapter(peft_model, model, resolve_path(opts.save_adapter), record)
                 report.adapter = opts.save_adapter
             merged = peft_model.merge_and_unload()

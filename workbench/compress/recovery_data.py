@@ -39,7 +39,7 @@ def load_prompts(path: str | Path | None = None) -> list[list[dict]]:
         if not line or line.startswith("#"):
             continue
         if line.startswith(SHORT):
-            chats.append([{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": line[len(SHORT):]}])
+            chats.append([{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": line[len(SHORT) :]}])
         else:
             chats.append([{"role": "user", "content": line}])
     if not chats:
@@ -66,17 +66,34 @@ def greedy_replies(model, tokenizer, texts: list[str], max_tokens: int) -> list[
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
     finally:
         tokenizer.padding_side = side
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def teacher_replies(teacher, tokenizer, chats: list[list[dict]], *, max_tokens: int, cache_dir: Path | None,
-                    batch: int = 8, progress: bool = True) -> list[str]:
+def teacher_replies(
+    teacher,
+    tokenizer,
+    chats: list[list[dict]],
+    *,
+    max_tokens: int,
+    cache_dir: Path | None,
+    batch: int = 8,
+    progress: bool = True,
+) -> list[str]:
     """The teacher's greedy reply to every chat, read from `cache_dir` when it was made before."""
-    key = hashlib.sha256(json.dumps([fingerprint(teacher), chats, max_tokens, tokenizer.chat_template]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([fingerprint(teacher), chats, max_tokens, tokenizer.chat_template]).encode()
+    ).hexdigest()[:16]
     cached = cache_dir / f"teacher-replies-{key}.json" if cache_dir else None
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
@@ -84,11 +101,16 @@ def teacher_replies(teacher, tokenizer, chats: list[list[dict]], *, max_tokens: 
 
     # Replies so far are kept after every batch, so an interrupted run resumes where it stopped.
     partial = cached.with_suffix(".partial.json") if cached is not None else None
-    replies: list[str] = json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
+    replies: list[str] = (
+        json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
+    )
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(len(replies), len(chats), batch), desc="teacher replies", disable=not progress):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats[start:start + batch]]
+        texts = [
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in chats[start : start + batch]
+        ]
         replies += [r.strip() for r in greedy_replies(teacher, tokenizer, texts, max_tokens)]
         if partial is not None:
             partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
@@ -116,7 +138,9 @@ class Mixture:
     `calibration_share`) from the calibration stream. Random offsets, seeded, so many
     steps see many different windows of a small corpus."""
 
-    def __init__(self, chats: torch.Tensor, calibration: torch.Tensor, seq_len: int, calibration_share: float, seed: int):
+    def __init__(
+        self, chats: torch.Tensor, calibration: torch.Tensor, seq_len: int, calibration_share: float, seed: int
+    ):
         self.streams = [s for s in (chats, calibration) if len(s) > 1]
         if not self.streams:
             raise ValueError("recover: no training text (no prompts and no calibration text)")
@@ -127,7 +151,7 @@ class Mixture:
     def _window(self, stream: torch.Tensor) -> torch.Tensor:
         length = min(self.seq_len, len(stream))
         start = int(torch.randint(0, len(stream) - length + 1, (1,), generator=self.generator))
-        return stream[start:start + length]
+        return stream[start : start + length]
 
     def batch(self, size: int) -> torch.Tensor:
         rows = []

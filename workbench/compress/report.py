@@ -132,7 +132,9 @@ def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
     fig.add_bar(x=layers, y=before.heads_per_layer, name="heads before", row=1, col=1)
     fig.add_bar(x=layers, y=after.heads_per_layer, name="heads after", row=1, col=1)
     for label, m in (("before", before), ("after", after)):
-        fig.add_bar(x=list(m.bytes_by_dtype), y=[v / 1e6 for v in m.bytes_by_dtype.values()], name=f"MB {label}", row=1, col=2)
+        fig.add_bar(
+            x=list(m.bytes_by_dtype), y=[v / 1e6 for v in m.bytes_by_dtype.values()], name=f"MB {label}", row=1, col=2
+        )
     fig.update_layout(barmode="group", height=420, width=1100)
     fig.update_xaxes(title_text="layer", row=1, col=1)
     fig.update_yaxes(title_text="MB", row=1, col=2)

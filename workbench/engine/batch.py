@@ -71,7 +71,9 @@ class Batch:
             for old, new in zip(self.cache.layers, cache.layers, strict=True):
                 old.keys = torch.cat([_pad_seq(old.keys, width), _pad_seq(new.keys, width)])
                 old.values = torch.cat([_pad_seq(old.values, width), _pad_seq(new.values, width)])
-            self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+            self.mask = torch.cat(
+                [F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))]
+            )
             self.logits = torch.cat([self.logits, logits])
             self.padded = True
         self.rows += indices

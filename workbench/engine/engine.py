@@ -132,11 +132,15 @@ class Engine:
             min_p=d.min_p if request.min_p is None else request.min_p,
             frequency_penalty=d.frequency_penalty if request.frequency_penalty is None else request.frequency_penalty,
             presence_penalty=d.presence_penalty if request.presence_penalty is None else request.presence_penalty,
-            repetition_penalty=d.repetition_penalty if request.repetition_penalty is None else request.repetition_penalty,
+            repetition_penalty=d.repetition_penalty
+            if request.repetition_penalty is None
+            else request.repetition_penalty,
             logprobs=request.logprobs,
         )
 
-    def _forward(self, input_ids, cache, attention_mask=None, position_ids=None, forward=None, inputs=None) -> torch.Tensor:
+    def _forward(
+        self, input_ids, cache, attention_mask=None, position_ids=None, forward=None, inputs=None
+    ) -> torch.Tensor:
         """One forward; `inputs` are a multimodal prompt's prefill inputs (Prompt.inputs)."""
         kwargs = {"input_ids": input_ids}
         if inputs:
@@ -163,7 +167,8 @@ class Engine:
         if length not in self._compiled_lengths:
             log.warning(
                 "compiling the decode step for a %d-token static cache: this request waits for it "
-                "(seconds on a GPU, minutes on a small CPU); later requests of this length reuse it", length,
+                "(seconds on a GPU, minutes on a small CPU); later requests of this length reuse it",
+                length,
             )
             started = time.perf_counter()
         if self.device.type == "cuda":
@@ -204,7 +209,11 @@ class Engine:
         sequences: list[Sequence] = []
         static = self._static_cache_for(plans)
         dynamic = lambda: self.cache_factory(self.model.config)  # noqa: E731
-        batch = Batch(self._compiled_forward, static, self.pad_id, device) if static else Batch(self._forward, dynamic, self.pad_id, device)
+        batch = (
+            Batch(self._compiled_forward, static, self.pad_id, device)
+            if static
+            else Batch(self._forward, dynamic, self.pad_id, device)
+        )
 
         def join(new: list[Plan]) -> None:
             if self.media is not None and self.media.native is not None:

@@ -97,5 +97,8 @@ class ReplyBuilder:
         if self._stats is None:
             raise RuntimeError("the reply ended without its Done event")
         return ChatResult(
-            text="".join(self._text), reasoning="".join(self._reasoning), stats=self._stats, logprobs=tuple(self._logprobs)
+            text="".join(self._text),
+            reasoning="".join(self._reasoning),
+            stats=self._stats,
+            logprobs=tuple(self._logprobs),
         )

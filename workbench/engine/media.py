@@ -139,7 +139,13 @@ class MediaReader:
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
         self.records.append(
-            {"kind": "image", "width": image.width, "height": image.height, "path": self.media.vision, "decode_s": elapsed}
+            {
+                "kind": "image",
+                "width": image.width,
+                "height": image.height,
+                "path": self.media.vision,
+                "decode_s": elapsed,
+            }
         )
         return image
 
@@ -189,7 +195,9 @@ class MediaReader:
                 {**entry, "content": with_images(entry["content"], len(seen))}
                 for entry, seen in zip(plain, images, strict=True)
             ]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
             with torch.inference_mode():
                 embeds = self.media.adapter.encode(flat)
                 ids, inputs_embeds = build_inputs(tokenizer, self.media.embed_tokens, text, list(embeds))

@@ -51,9 +51,16 @@ class Sequence:
         self.plan = plan
         self.eos_ids = eos_ids
         self.sampler = Sampler(
-            temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=plan.seed, device=device,
-            min_p=plan.min_p, frequency_penalty=plan.frequency_penalty, presence_penalty=plan.presence_penalty,
-            repetition_penalty=plan.repetition_penalty, prompt_ids=plan.prompt.ids,
+            temperature=plan.temperature,
+            top_p=plan.top_p,
+            top_k=plan.top_k,
+            seed=plan.seed,
+            device=device,
+            min_p=plan.min_p,
+            frequency_penalty=plan.frequency_penalty,
+            presence_penalty=plan.presence_penalty,
+            repetition_penalty=plan.repetition_penalty,
+            prompt_ids=plan.prompt.ids,
         )
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(plan.stop)
@@ -80,7 +87,9 @@ class Sequence:
             self.finish_reason = "stop"
             return token, list(self._finish())
         was_reasoning = self.parser.channel == "reasoning"
-        events: list[Event] = [] if self.plan.logprobs is None else [self._logprob(token, logits if raw is None else raw)]
+        events: list[Event] = (
+            [] if self.plan.logprobs is None else [self._logprob(token, logits if raw is None else raw)]
+        )
         events += list(self._events(self.parser.feed(self.stops.feed(self.detokenizer.add(token)))))
         if was_reasoning or self.parser.channel == "reasoning":
             self.reasoning_tokens += 1

@@ -41,8 +41,10 @@ class ExportResult:
     def summary(self) -> str:
         kind = f"GGUF {self.type} ({self.arch})" if self.to == "gguf" else f"transformers checkpoint ({self.arch})"
         heads = sorted(set(self.heads))
-        return (f"Exported {kind} to {self.path}: {self.bytes / 1e6:.1f} MB, query heads per layer "
-                f"{heads[0] if len(heads) == 1 else heads}{' (zero-padded)' if self.padded else ''}")
+        return (
+            f"Exported {kind} to {self.path}: {self.bytes / 1e6:.1f} MB, query heads per layer "
+            f"{heads[0] if len(heads) == 1 else heads}{' (zero-padded)' if self.padded else ''}"
+        )
 
 
 def quantized_schemes(steps) -> set[str]:
@@ -61,13 +63,16 @@ def quantized_schemes(steps) -> set[str]:
     return schemes - {"keep"}
 
 
-def check_request(to: str, type: str | None, path: str | Path, *, overwrite: bool = False,
-                  schemes: set[str] = frozenset()) -> str | None:
+def check_request(
+    to: str, type: str | None, path: str | Path, *, overwrite: bool = False, schemes: set[str] = frozenset()
+) -> str | None:
     """Refuse what cannot be exported, before any work; returns the GGUF type (default f16)."""
     if to not in FORMATS:
         raise ExportError(f"unknown export format {to!r}; choose one of: {', '.join(FORMATS)}")
     if to == "hf" and type is not None:
-        raise ExportError("--type picks a GGUF encoding; a transformers export keeps the model's float32 weights (drop --type)")
+        raise ExportError(
+            "--type picks a GGUF encoding; a transformers export keeps the model's float32 weights (drop --type)"
+        )
     if to == "gguf":
         type = type or "f16"
         if type not in GGUF_TYPES:
@@ -109,8 +114,17 @@ def _replace(staged: Path, path: Path) -> None:
         os.replace(staged, path)
 
 
-def export(session, path: str | Path, *, to: str = "gguf", type: str | None = None, pad: bool = False,
-           overwrite: bool = False, check: bool = False, quiet: bool = True) -> ExportResult:
+def export(
+    session,
+    path: str | Path,
+    *,
+    to: str = "gguf",
+    type: str | None = None,
+    pad: bool = False,
+    overwrite: bool = False,
+    check: bool = False,
+    quiet: bool = True,
+) -> ExportResult:
     """Write `session`'s model to `path` as `to` (see module doc and docs/export.md)."""
     from workbench.export.weights import float_state, head_layout, pad_attention
 
@@ -152,8 +166,15 @@ def export(session, path: str | Path, *, to: str = "gguf", type: str | None = No
             target = staged / path.name
             eos = model.generation_config.eos_token_id if model.generation_config is not None else None
             eos = eos[0] if isinstance(eos, list) else eos
-            write_gguf(target, state, config, tokenizer, GGUFPlan(arch, type, layout),
-                       name=str(session.loaded.source), eos_token_id=eos)
+            write_gguf(
+                target,
+                state,
+                config,
+                tokenizer,
+                GGUFPlan(arch, type, layout),
+                name=str(session.loaded.source),
+                eos_token_id=eos,
+            )
             tied = bool(getattr(config, "tie_word_embeddings", False))
             count = sum(1 for k in state if not (tied and k == "lm_head.weight") and not k.endswith("inv_freq"))
             checks += verify.read_back(target, arch, layout, count)
@@ -172,8 +193,17 @@ def export(session, path: str | Path, *, to: str = "gguf", type: str | None = No
             _replace(target, path)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    result = ExportResult(path=path, to=to, type=type, arch=arch, heads=layout.heads, kv_heads=layout.kv_heads,
-                          padded=padded, bytes=_size(path), checks=checks)
+    result = ExportResult(
+        path=path,
+        to=to,
+        type=type,
+        arch=arch,
+        heads=layout.heads,
+        kv_heads=layout.kv_heads,
+        padded=padded,
+        bytes=_size(path),
+        checks=checks,
+    )
     if not quiet:
         print(result.summary(), file=sys.stderr, flush=True)
     return result
@@ -193,8 +223,12 @@ def _deep_gguf_checks(path: Path, arch: str, model, tokenizer, head_dim: int) ->
     except ImportError:
         checks.append("llama-cpp-python is not installed (scripts/install_llamacpp.sh); llama.cpp not run")
         return checks
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False) for p in ("What is the capital of France?", "Name three colours.")]
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in ("What is the capital of France?", "Name three colours.")
+    ]
     pairs = verify.llamacpp_greedy(path, model, [list(i) for i in ids])
     same = sum(a == b for a, b in pairs)
     checks.append(f"llama.cpp greedy 16 tokens equal to transformers' on {same} of {len(pairs)} prompts")

@@ -18,15 +18,32 @@ from workbench.models import ModelSourceError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a config (configs/pruned-25.yaml), a saved model folder, or a source string (embedded:NAME, tiny:ARCH, a hub id)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="gguf: one file for llama.cpp; hf: a stock transformers checkpoint folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m workbench.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "source",
+        help="a config (configs/pruned-25.yaml), a saved model folder, or a source string (embedded:NAME, tiny:ARCH, a hub id)",
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=FORMATS,
+        help="gguf: one file for llama.cpp; hf: a stock transformers checkpoint folder",
+    )
     parser.add_argument("--out", required=True, type=Path, help="the .gguf file or the checkpoint folder to write")
     parser.add_argument("--type", choices=GGUF_TYPES, default=None, help="GGUF encoding (default f16)")
-    parser.add_argument("--pad", action="store_true", help="zero-pad pruned heads back to one head count per layer (exact outputs) where the format needs it")
+    parser.add_argument(
+        "--pad",
+        action="store_true",
+        help="zero-pad pruned heads back to one head count per layer (exact outputs) where the format needs it",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--check", action="store_true", help="reload the export (transformers; llama.cpp when installed) and compare with the model")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="reload the export (transformers; llama.cpp when installed) and compare with the model",
+    )
     args = parser.parse_args(argv)
 
     import workbench
@@ -34,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = _config_for(args.source, {"device": "cpu"})
-        check_request(args.to, args.type, args.out, overwrite=args.overwrite, schemes=quantized_schemes(config.compression))
+        check_request(
+            args.to, args.type, args.out, overwrite=args.overwrite, schemes=quantized_schemes(config.compression)
+        )
         preflight(config)
         session = workbench.load(config)
-        result = export(session, args.out, to=args.to, type=args.type, pad=args.pad, overwrite=args.overwrite, check=args.check)
+        result = export(
+            session, args.out, to=args.to, type=args.type, pad=args.pad, overwrite=args.overwrite, check=args.check
+        )
     except (ExportError, ConfigError, ModelSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,13 +19,15 @@ import gguf
 
 from workbench.export.errors import ExportError
 
-_QWEN2_REGEX = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
+_QWEN2_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
 
 def _byte_level(step: dict, *, regex: bool) -> bool:
-    return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex and not step.get("add_prefix_space")
+    return (
+        step.get("type") == "ByteLevel"
+        and bool(step.get("use_regex", True)) == regex
+        and not step.get("add_prefix_space")
+    )
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -34,11 +36,19 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     if len(steps) == 1 and _byte_level(steps[0], regex=True):
         return "gpt-2"
-    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-            and _byte_level(steps[1], regex=True)):
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and _byte_level(steps[1], regex=True)
+    ):
         return "smollm"
-    if (len(steps) == 2 and steps[0].get("type") == "Split"
-            and steps[0].get("pattern", {}).get("Regex") == _QWEN2_REGEX and _byte_level(steps[1], regex=False)):
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("pattern", {}).get("Regex") == _QWEN2_REGEX
+        and _byte_level(steps[1], regex=False)
+    ):
         return "qwen2"
     raise ExportError(
         "the tokenizer's pre-tokenizer is not one llama.cpp's gpt-2, smollm or qwen2 splitting reproduces "
@@ -50,14 +60,20 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, eos_token
     """Write the tokenizer keys: model gpt2 (byte-level BPE), tokens, types, merges, ids, template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; GGUF export needs its BPE vocabulary and merges")
+        raise ExportError(
+            f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; GGUF export needs its BPE vocabulary and merges"
+        )
     data = json.loads(backend.to_str())
     if data.get("model", {}).get("type") != "BPE":
-        raise ExportError(f"GGUF export writes byte-level BPE tokenizers; this one is {data.get('model', {}).get('type')}")
+        raise ExportError(
+            f"GGUF export writes byte-level BPE tokenizers; this one is {data.get('model', {}).get('type')}"
+        )
     pre = pre_tokenizer_name(data)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}")
+        raise ExportError(
+            f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}"
+        )
     reverse = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []

@@ -69,14 +69,20 @@ def choose_arch(model_type: str, layout: HeadLayout, *, pad: bool) -> tuple[str,
 
 def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     """transformers' rotate-half layout to llama.cpp's interleaved one (convert_hf_to_gguf)."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _rope_theta(config) -> float:
     rope = getattr(config, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
     if kind != "default":
-        raise ExportError(f"rope scaling {kind!r} is not exported to GGUF yet; only models with plain rotary embeddings are")
+        raise ExportError(
+            f"rope scaling {kind!r} is not exported to GGUF yet; only models with plain rotary embeddings are"
+        )
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
@@ -95,8 +101,16 @@ def _tensor(name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType):
     return gguf.quants.quantize(array, qtype), qtype
 
 
-def write_gguf(path: Path, state: dict[str, torch.Tensor], config, tokenizer, plan: GGUFPlan, *,
-               name: str, eos_token_id: int | None) -> None:
+def write_gguf(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    config,
+    tokenizer,
+    plan: GGUFPlan,
+    *,
+    name: str,
+    eos_token_id: int | None,
+) -> None:
     """Write the GGUF file at `path` (the caller picks a temporary name and renames it)."""
     layout, arch = plan.layout, plan.arch
     qtype, file_type = TYPES[plan.type]

@@ -35,8 +35,16 @@ def stock_config(config, layout: HeadLayout):
     return config
 
 
-def write_hf(directory: Path, state: dict[str, torch.Tensor], config, tokenizer, generation_config, layout: HeadLayout,
-             *, dtype: torch.dtype = torch.float32) -> None:
+def write_hf(
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    config,
+    tokenizer,
+    generation_config,
+    layout: HeadLayout,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Build the stock model from `stock_config`, load `state` strictly, save it with its tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -46,8 +54,10 @@ def write_hf(directory: Path, state: dict[str, torch.Tensor], config, tokenizer,
     tied = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
     missing = [k for k in missing if model.get_parameter(k).data_ptr() not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"the exported weights do not fit the stock {config.model_type} model "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"the exported weights do not fit the stock {config.model_type} model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if generation_config is not None:
         model.generation_config = copy.deepcopy(generation_config)
     model.save_pretrained(directory)

@@ -55,13 +55,18 @@ def read_back(path: Path, arch: str, layout: HeadLayout, tensor_count: int) -> l
         if parts[0] != "blk" or parts[2] not in ("attn_q", "attn_k", "attn_v", "attn_output"):
             continue
         layer = int(parts[1])
-        rows = {"attn_q": layout.heads[layer] * hd, "attn_k": layout.kv_heads[layer] * hd,
-                "attn_v": layout.kv_heads[layer] * hd}.get(parts[2])
+        rows = {
+            "attn_q": layout.heads[layer] * hd,
+            "attn_k": layout.kv_heads[layer] * hd,
+            "attn_v": layout.kv_heads[layer] * hd,
+        }.get(parts[2])
         # GGUF lists shapes innermost first: (in_features, out_features).
         got = int(t.shape[0]) if parts[2] == "attn_output" else int(t.shape[1])
         want = layout.heads[layer] * hd if parts[2] == "attn_output" else rows
         if got != want:
-            problems.append(f"{t.name} has {got} {'inputs' if parts[2] == 'attn_output' else 'outputs'}, expected {want}")
+            problems.append(
+                f"{t.name} has {got} {'inputs' if parts[2] == 'attn_output' else 'outputs'}, expected {want}"
+            )
     if problems:
         raise ExportError(f"the written GGUF file does not read back as written: {'; '.join(problems[:5])}")
     return [f"GGUFReader: arch {arch}, {len(reader.tensors)} tensors, head counts as written"]
@@ -84,8 +89,9 @@ def gguf_logits(path: Path, model, tokenizer, head_dim: int) -> tuple[float, flo
 
     # transformers' GGUF config mapping does not read attention.key_length for every
     # architecture (qwen3 falls back to its default head_dim), so the head size is given.
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                  head_dim=head_dim).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, head_dim=head_dim
+    ).eval()
     return compare_logits(model, loaded, tokenizer)
 
 
@@ -96,7 +102,9 @@ def hf_logits(directory: Path, model, tokenizer) -> tuple[float, float]:
     return compare_logits(model, loaded, tokenizer)
 
 
-def llamacpp_greedy(path: Path, model, prompt_ids: list[list[int]], tokens: int = 16) -> list[tuple[list[int], list[int]]]:
+def llamacpp_greedy(
+    path: Path, model, prompt_ids: list[list[int]], tokens: int = 16
+) -> list[tuple[list[int], list[int]]]:
     """(transformers greedy, llama.cpp greedy) continuations of each prompt, same token ids in."""
     import llama_cpp
 
@@ -106,8 +114,13 @@ def llamacpp_greedy(path: Path, model, prompt_ids: list[list[int]], tokens: int 
     for ids in prompt_ids:
         # Both stop at the end-of-sequence token (kept in the list), or after `tokens`.
         with torch.inference_mode():
-            ref = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=tokens, do_sample=False,
-                                 eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])[0, len(ids):].tolist()
+            ref = model.generate(
+                torch.tensor([ids], device=model.device),
+                max_new_tokens=tokens,
+                do_sample=False,
+                eos_token_id=sorted(eos),
+                pad_token_id=sorted(eos)[0],
+            )[0, len(ids) :].tolist()
         got = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             got.append(int(token))
@@ -150,8 +163,9 @@ def llamacpp_logits(path: Path, ids: list[int]):
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)), n_threads=2,
-                          logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)), n_threads=2, logits_all=True, verbose=False
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

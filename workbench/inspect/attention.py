@@ -101,8 +101,14 @@ class AttentionCapture:
         return pd.DataFrame(self.pattern(layer, head).numpy(), index=labels, columns=labels)
 
 
-def capture_attention(session, text: str | list[int], *, layers: int | Iterable[int] | None = None,
-                      heads: int | Iterable[int] | None = None, max_tokens: int | None = 256) -> AttentionCapture:
+def capture_attention(
+    session,
+    text: str | list[int],
+    *,
+    layers: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | None = None,
+    max_tokens: int | None = 256,
+) -> AttentionCapture:
     """Attention probabilities of `layers` (default all) and `heads` (default all) for `text`
     (a string, tokenized without special tokens, or token ids) in one forward pass."""
     model = session.model
@@ -152,14 +158,16 @@ def head_stats(capture: AttentionCapture) -> pd.DataFrame:
         sink = probs[:, body, 0].mean(-1)
         previous = torch.diagonal(probs, offset=-1, dim1=-2, dim2=-1).mean(-1)
         for i, head in enumerate(capture.heads[layer]):
-            rows.append({
-                "layer": layer,
-                "head": head,
-                "entropy": float(entropy[i]),
-                "mean_distance": float(mean_distance[i]),
-                "sink": float(sink[i]),
-                "previous_token": float(previous[i]),
-            })
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "entropy": float(entropy[i]),
+                    "mean_distance": float(mean_distance[i]),
+                    "sink": float(sink[i]),
+                    "previous_token": float(previous[i]),
+                }
+            )
     return pd.DataFrame(rows, columns=["layer", "head", "entropy", "mean_distance", "sink", "previous_token"])
 
 
@@ -225,8 +233,14 @@ def ablation_loss(session, text: str | list[int], heads, *, max_tokens: int | No
     return ablated - base
 
 
-def ablation_scan(session, text: str | list[int], *, layers: int | Iterable[int] | None = None,
-                  unit: str = "head", max_tokens: int | None = 128) -> pd.DataFrame:
+def ablation_scan(
+    session,
+    text: str | list[int],
+    *,
+    layers: int | Iterable[int] | None = None,
+    unit: str = "head",
+    max_tokens: int | None = 128,
+) -> pd.DataFrame:
     """The loss change of ablating each head (unit="head") or each KV group with its query
     heads (unit="group", what pruning removes), one at a time, over `layers`."""
     if unit not in ("head", "group"):
@@ -257,21 +271,42 @@ def ablation_scan(session, text: str | list[int], *, layers: int | Iterable[int]
 # --- importance ------------------------------------------------------------------------------
 
 
-def head_importance(session, criterion: str = "taylor", *, texts: list[str] | None = None, seed: int = 0,
-                    calibration_texts: int = 4, calibration_tokens: int = 128) -> pd.DataFrame:
+def head_importance(
+    session,
+    criterion: str = "taylor",
+    *,
+    texts: list[str] | None = None,
+    seed: int = 0,
+    calibration_texts: int = 4,
+    calibration_tokens: int = 128,
+) -> pd.DataFrame:
     """The pruning criterion's score for each KV group (higher = keep), with its query heads
     and its rank within the model (0 = the first the pruner would remove)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance criterion {criterion!r} (known: {', '.join(CRITERIA)})")
     attns = attention_layers(session.model)
-    scores = importance(session.model, session.tokenizer, criterion, texts=texts, seed=seed,
-                        calibration_texts=calibration_texts, calibration_tokens=calibration_tokens)
+    scores = importance(
+        session.model,
+        session.tokenizer,
+        criterion,
+        texts=texts,
+        seed=seed,
+        calibration_texts=calibration_texts,
+        calibration_tokens=calibration_tokens,
+    )
     rows = []
     for layer, attn in enumerate(attns):
         gs = attn.num_key_value_groups
         for group in range(kv_groups(attn)):
-            rows.append({"layer": layer, "group": group, "heads": list(range(group * gs, (group + 1) * gs)),
-                         "criterion": criterion, "score": float(scores[layer, group])})
+            rows.append(
+                {
+                    "layer": layer,
+                    "group": group,
+                    "heads": list(range(group * gs, (group + 1) * gs)),
+                    "criterion": criterion,
+                    "score": float(scores[layer, group]),
+                }
+            )
     frame = pd.DataFrame(rows)
     frame["rank"] = frame["score"].rank(method="first").astype(int) - 1
     return frame

@@ -22,32 +22,71 @@ PHASE_COLOURS = {"reasoning": "#8e6bbf", "answer": "#2a9d8f", "end": "#999999"}
 
 def attention_heatmap(capture, layer: int, head: int) -> go.Figure:
     frame = capture.frame(layer, head)
-    fig = go.Figure(go.Heatmap(z=frame.to_numpy(), x=list(frame.columns), y=list(frame.index), colorscale="Viridis",
-                               zmin=0, zmax=1, colorbar={"title": "p"}))
-    fig.update_layout(title=f"Attention of layer {layer}, head {head} (row: query token, column: key token)",
-                      yaxis_autorange="reversed", width=760, height=700, xaxis_tickangle=-60)
+    fig = go.Figure(
+        go.Heatmap(
+            z=frame.to_numpy(),
+            x=list(frame.columns),
+            y=list(frame.index),
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "p"},
+        )
+    )
+    fig.update_layout(
+        title=f"Attention of layer {layer}, head {head} (row: query token, column: key token)",
+        yaxis_autorange="reversed",
+        width=760,
+        height=700,
+        xaxis_tickangle=-60,
+    )
     return fig
 
 
 def head_map(stats: pd.DataFrame, column: str = "sink", title: str | None = None) -> go.Figure:
     """One statistic for every captured head: layers down, heads across."""
     grid = stats.pivot(index="layer", columns="head", values=column)
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[f"h{h}" for h in grid.columns], y=list(grid.index),
-                               colorscale="Magma", colorbar={"title": column}))
-    fig.update_layout(title=title or f"{column} per head", xaxis_title="query head", yaxis_title="layer",
-                      yaxis_autorange="reversed", width=520, height=640)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[f"h{h}" for h in grid.columns],
+            y=list(grid.index),
+            colorscale="Magma",
+            colorbar={"title": column},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{column} per head",
+        xaxis_title="query head",
+        yaxis_title="layer",
+        yaxis_autorange="reversed",
+        width=520,
+        height=640,
+    )
     return fig
 
 
 def head_stats_overview(stats: pd.DataFrame, title: str = "Attention heads") -> go.Figure:
     """Sink attention, previous-token attention and entropy for every head, side by side."""
-    columns = [("sink", "attention to the first token"), ("previous_token", "attention to the previous token"),
-               ("entropy", "entropy (nats)")]
+    columns = [
+        ("sink", "attention to the first token"),
+        ("previous_token", "attention to the previous token"),
+        ("entropy", "entropy (nats)"),
+    ]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in columns], horizontal_spacing=0.08)
     for i, (column, _) in enumerate(columns, start=1):
         grid = stats.pivot(index="layer", columns="head", values=column)
-        fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=[f"h{h}" for h in grid.columns], y=list(grid.index),
-                                 colorscale="Magma", showscale=False), row=1, col=i)
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[f"h{h}" for h in grid.columns],
+                y=list(grid.index),
+                colorscale="Magma",
+                showscale=False,
+            ),
+            row=1,
+            col=i,
+        )
         fig.update_yaxes(autorange="reversed", title_text="layer" if i == 1 else None, row=1, col=i)
         fig.update_xaxes(title_text="query head", row=1, col=i)
     fig.update_layout(title=title, width=1100, height=560)
@@ -57,32 +96,77 @@ def head_stats_overview(stats: pd.DataFrame, title: str = "Attention heads") -> 
 def ablation_vs_importance(scan: pd.DataFrame, importance: pd.DataFrame) -> go.Figure:
     """Each KV group: its loss change when ablated against a pruning criterion's score."""
     merged = scan.merge(importance, on=["layer", "group"])
-    fig = go.Figure(go.Scatter(x=merged["score"], y=merged["loss_delta"], mode="markers",
-                               text=[f"layer {l}, group {g}" for l, g in zip(merged.layer, merged.group)],
-                               marker={"color": merged["layer"], "colorscale": "Viridis", "showscale": True,
-                                       "colorbar": {"title": "layer"}}))
+    fig = go.Figure(
+        go.Scatter(
+            x=merged["score"],
+            y=merged["loss_delta"],
+            mode="markers",
+            text=[f"layer {l}, group {g}" for l, g in zip(merged.layer, merged.group)],
+            marker={
+                "color": merged["layer"],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": "layer"},
+            },
+        )
+    )
     criterion = importance["criterion"].iloc[0] if len(importance) else "criterion"
-    fig.update_layout(title=f"Loss change when a KV group is ablated vs its {criterion} importance",
-                      xaxis_title=f"{criterion} importance", yaxis_title="loss change (nats)", width=760, height=480)
+    fig.update_layout(
+        title=f"Loss change when a KV group is ablated vs its {criterion} importance",
+        xaxis_title=f"{criterion} importance",
+        yaxis_title="loss change (nats)",
+        width=760,
+        height=480,
+    )
     return fig
 
 
 def kv_memory_curve(curve: pd.DataFrame, title: str = "KV cache against sequence length") -> go.Figure:
     """Cache bytes (exact) and process memory (allocator-level) per policy; skipped policies
     are named in the legend with their reason."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("KV-cache bytes (measured on the cache object)",
-                                                        "process memory (resident set, or CUDA allocated)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "KV-cache bytes (measured on the cache object)",
+            "process memory (resident set, or CUDA allocated)",
+        ),
+    )
     measured = curve[curve.skipped.isna()]
     for i, (label, rows) in enumerate(measured.groupby("label", sort=False)):
         colour = f"hsl({(i * 83) % 360},60%,45%)"
-        fig.add_scatter(x=rows.tokens, y=rows.cache_MiB, mode="lines+markers", name=label, legendgroup=label,
-                        line={"color": colour}, row=1, col=1)
-        fig.add_scatter(x=rows.tokens, y=rows.process_MiB, mode="lines+markers", name=label, legendgroup=label,
-                        showlegend=False, line={"color": colour}, row=1, col=2)
+        fig.add_scatter(
+            x=rows.tokens,
+            y=rows.cache_MiB,
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            line={"color": colour},
+            row=1,
+            col=1,
+        )
+        fig.add_scatter(
+            x=rows.tokens,
+            y=rows.process_MiB,
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            showlegend=False,
+            line={"color": colour},
+            row=1,
+            col=2,
+        )
     if len(measured):
         first = measured[measured.label == measured.label.iloc[0]]
-        fig.add_scatter(x=first.tokens, y=first.dynamic_bytes_predicted / 2**20, mode="lines", name="predicted from config (dynamic)",
-                        line={"dash": "dot", "color": "black"}, row=1, col=1)
+        fig.add_scatter(
+            x=first.tokens,
+            y=first.dynamic_bytes_predicted / 2**20,
+            mode="lines",
+            name="predicted from config (dynamic)",
+            line={"dash": "dot", "color": "black"},
+            row=1,
+            col=1,
+        )
     for _, row in curve[curve.skipped.notna()].iterrows():
         fig.add_scatter(x=[None], y=[None], mode="markers", name=f"{row.label}: skipped ({row.skipped})", row=1, col=1)
     fig.update_xaxes(title_text="tokens in the cache")
@@ -96,28 +180,49 @@ def thinking_timeline(timeline, title: str = "Thinking timeline") -> go.Figure:
     t = timeline.tokens
     fig = go.Figure()
     for phase, rows in t.groupby("phase", sort=False):
-        fig.add_bar(x=rows.step, y=rows.latency_s * 1000, name=phase, marker_color=PHASE_COLOURS.get(phase),
-                    text=[repr(x) for x in rows.text], textposition="none",
-                    hovertemplate="step %{x}: %{text}<br>%{y:.1f} ms")
+        fig.add_bar(
+            x=rows.step,
+            y=rows.latency_s * 1000,
+            name=phase,
+            marker_color=PHASE_COLOURS.get(phase),
+            text=[repr(x) for x in rows.text],
+            textposition="none",
+            hovertemplate="step %{x}: %{text}<br>%{y:.1f} ms",
+        )
     summary = timeline.summary()
     if summary.time_to_first_answer_token_s is not None:
         first = t[t.phase == "answer"].step.iloc[0]
-        fig.add_vline(x=first - 0.5, line_dash="dot",
-                      annotation_text=f"first answer token at {summary.time_to_first_answer_token_s:.2f} s")
-    fig.update_layout(title=title, xaxis_title="generated token", yaxis_title="latency (ms)", width=1000, height=420,
-                      bargap=0.1)
+        fig.add_vline(
+            x=first - 0.5,
+            line_dash="dot",
+            annotation_text=f"first answer token at {summary.time_to_first_answer_token_s:.2f} s",
+        )
+    fig.update_layout(
+        title=title, xaxis_title="generated token", yaxis_title="latency (ms)", width=1000, height=420, bargap=0.1
+    )
     return fig
 
 
-def compression_tradeoffs(pruning: pd.DataFrame, quantization: pd.DataFrame,
-                          title: str = "Compression trade-offs") -> go.Figure:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("head pruning: perplexity vs KV groups removed",
-                                                        "quantization: perplexity vs weight bytes"))
+def compression_tradeoffs(
+    pruning: pd.DataFrame, quantization: pd.DataFrame, title: str = "Compression trade-offs"
+) -> go.Figure:
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("head pruning: perplexity vs KV groups removed", "quantization: perplexity vs weight bytes"),
+    )
     for criterion, rows in pruning.groupby("criterion"):
         fig.add_scatter(x=rows.ratio * 100, y=rows.perplexity, mode="lines+markers", name=criterion, row=1, col=1)
     for _, row in quantization.iterrows():
-        fig.add_scatter(x=[row.weight_MB], y=[row.perplexity], mode="markers", name=row.config, marker={"size": 11,
-                        "symbol": "diamond"}, row=1, col=2)
+        fig.add_scatter(
+            x=[row.weight_MB],
+            y=[row.perplexity],
+            mode="markers",
+            name=row.config,
+            marker={"size": 11, "symbol": "diamond"},
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="% of KV groups removed", row=1, col=1)
     fig.update_yaxes(title_text="held-out perplexity", type="log", row=1, col=1)
     fig.update_xaxes(title_text="weight MB", row=1, col=2)
@@ -160,15 +265,23 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
     if wanted("01"):
         started = time.perf_counter()
         stats = head_stats(capture_attention(session, ATTENTION_TEXT))
-        save(head_stats_overview(stats, title=f"Attention heads of {name}, one paragraph"), "01_attention_heads.png", started,
-             f"heads with > 50% on the first token: {int((stats.sink > 0.5).sum())} of {len(stats)}; "
-             f"> 50% on the previous token: {int((stats.previous_token > 0.5).sum())}")
+        save(
+            head_stats_overview(stats, title=f"Attention heads of {name}, one paragraph"),
+            "01_attention_heads.png",
+            started,
+            f"heads with > 50% on the first token: {int((stats.sink > 0.5).sum())} of {len(stats)}; "
+            f"> 50% on the previous token: {int((stats.previous_token > 0.5).sum())}",
+        )
 
     if wanted("02"):
         started = time.perf_counter()
         curve = memory_curve(session, [128, 256, 512, 1024, 2048])
-        save(kv_memory_curve(curve, title=f"KV cache of {name} against sequence length"), "02_kv_cache_memory.png", started,
-             curve[["label", "tokens", "cache_bytes", "process_MiB", "skipped"]].to_string(index=False))
+        save(
+            kv_memory_curve(curve, title=f"KV cache of {name} against sequence length"),
+            "02_kv_cache_memory.png",
+            started,
+            curve[["label", "tokens", "cache_bytes", "process_MiB", "skipped"]].to_string(index=False),
+        )
 
     if wanted("03"):
         started = time.perf_counter()
@@ -179,24 +292,36 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
         asked = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}]
         timeline = run_timeline(thinker, asked, max_tokens=160)
         summary = timeline.summary()
-        save(thinking_timeline(timeline, title=f"{name} + thinking adapter: {item.question} (held out; per-token latency, CPU)"),
-             "03_thinking_traces.png", started,
-             f"{summary}\nmedian latency per phase (ms): "
-             f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}")
+        save(
+            thinking_timeline(
+                timeline, title=f"{name} + thinking adapter: {item.question} (held out; per-token latency, CPU)"
+            ),
+            "03_thinking_traces.png",
+            started,
+            f"{summary}\nmedian latency per phase (ms): "
+            f"{(timeline.tokens.groupby('phase').latency_s.median() * 1000).round(1).to_dict()}",
+        )
 
     if wanted("04"):
         started = time.perf_counter()
         pruning = pruning_tradeoffs(ratios=(0.0, 0.1, 0.2, 0.3), windows=2)
         quantization = quantization_tradeoffs(windows=2)
-        save(compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"), "04_compression_tradeoffs.png", started,
-             pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string() + "\n"
-             + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False))
+        save(
+            compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"),
+            "04_compression_tradeoffs.png",
+            started,
+            pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string()
+            + "\n"
+            + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False),
+        )
     return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.inspect.figures", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs (default docs/figures)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs (default docs/figures)"
+    )
     parser.add_argument("--only", nargs="*", choices=["01", "02", "03", "04"], help="just these notebooks' figures")
     args = parser.parse_args()
     export(args.out, args.only)

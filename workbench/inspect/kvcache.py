@@ -27,8 +27,14 @@ from workbench.compress.kvcache import KVCacheOptions, cache_factory
 from workbench.compress.quantization import tensor_bytes
 
 _DTYPE_BYTES = {
-    "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
+    "float32": 4,
+    "float": 4,
+    "float16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
 }
 
 # Keys some checkpoints use instead of transformers' standard names (ChatGLM-format GLM-4
@@ -91,12 +97,17 @@ def kv_shape(config, *, dtype: str | torch.dtype | None = None) -> KVShape:
     data = _as_dict(config)
     source = str(config) if isinstance(config, (str, Path)) else "the config"
     if _pick(data, "num_hidden_layers") is None and isinstance(data.get("text_config"), dict):
-        data = {**data["text_config"], "dtype": data["text_config"].get("dtype") or data.get("dtype") or data.get("torch_dtype")}
+        data = {
+            **data["text_config"],
+            "dtype": data["text_config"].get("dtype") or data.get("dtype") or data.get("torch_dtype"),
+        }
     layers = _pick(data, "num_hidden_layers")
     heads = _pick(data, "num_attention_heads")
     if layers is None or heads is None:
-        raise ValueError(f"{source} has no layer or attention-head count (num_hidden_layers, num_attention_heads): "
-                         "is it a decoder language model's config.json?")
+        raise ValueError(
+            f"{source} has no layer or attention-head count (num_hidden_layers, num_attention_heads): "
+            "is it a decoder language model's config.json?"
+        )
     kv_heads = _pick(data, "num_key_value_heads") or heads  # absent: multi-head attention
     head_dim = _pick(data, "head_dim")
     if head_dim is None:
@@ -116,8 +127,13 @@ def kv_shape(config, *, dtype: str | torch.dtype | None = None) -> KVShape:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPE_BYTES:
         raise ValueError(f"unknown cache dtype {dtype!r} (known: {', '.join(sorted(_DTYPE_BYTES))})")
-    return KVShape(layers=int(layers), kv_heads_per_layer=kv_per_layer, head_dim=int(head_dim), dtype=name,
-                   dtype_bytes=_DTYPE_BYTES[name])
+    return KVShape(
+        layers=int(layers),
+        kv_heads_per_layer=kv_per_layer,
+        head_dim=int(head_dim),
+        dtype=name,
+        dtype_bytes=_DTYPE_BYTES[name],
+    )
 
 
 def kv_bytes_per_token_from_config(config, *, dtype: str | torch.dtype | None = None) -> int:
@@ -125,17 +141,21 @@ def kv_bytes_per_token_from_config(config, *, dtype: str | torch.dtype | None = 
     return kv_shape(config, dtype=dtype).bytes_per_token
 
 
-def context_cost(config, tokens: int | list[int], *, dtype: str | torch.dtype | None = None, batch: int = 1) -> pd.DataFrame:
+def context_cost(
+    config, tokens: int | list[int], *, dtype: str | torch.dtype | None = None, batch: int = 1
+) -> pd.DataFrame:
     """Cache bytes of a `dynamic` cache at each context length, for one config."""
     shape = kv_shape(config, dtype=dtype)
     lengths = [tokens] if isinstance(tokens, int) else list(tokens)
-    return pd.DataFrame({
-        "tokens": lengths,
-        "bytes": [shape.bytes_for(n, batch) for n in lengths],
-        "MiB": [shape.bytes_for(n, batch) / 2**20 for n in lengths],
-        "bytes_per_token": shape.bytes_per_token,
-        "dtype": shape.dtype,
-    })
+    return pd.DataFrame(
+        {
+            "tokens": lengths,
+            "bytes": [shape.bytes_for(n, batch) for n in lengths],
+            "MiB": [shape.bytes_for(n, batch) / 2**20 for n in lengths],
+            "bytes_per_token": shape.bytes_per_token,
+            "dtype": shape.dtype,
+        }
+    )
 
 
 # --- measured ----------------------------------------------------------------------------
@@ -178,18 +198,30 @@ def _check_length(model, tokens: int) -> None:
         raise ValueError(f"{tokens} tokens is over this model's max_position_embeddings of {limit}")
 
 
-def fill_cache(session, tokens: int, *, policy: KVCacheOptions | dict | str = "dynamic", chunk: int = 256,
-               checkpoints: list[int] | None = None, on_checkpoint=None):
+def fill_cache(
+    session,
+    tokens: int,
+    *,
+    policy: KVCacheOptions | dict | str = "dynamic",
+    chunk: int = 256,
+    checkpoints: list[int] | None = None,
+    on_checkpoint=None,
+):
     """Feed `tokens` tokens of held-out text through the model into a fresh cache of `policy`,
     `chunk` tokens per forward (as a long prompt's chunked prefill would). Returns the cache."""
     model = session.model
     _check_length(model, tokens)
-    opts = policy if isinstance(policy, KVCacheOptions) else KVCacheOptions.model_validate(
-        {"policy": policy} if isinstance(policy, str) else policy)
+    opts = (
+        policy
+        if isinstance(policy, KVCacheOptions)
+        else KVCacheOptions.model_validate({"policy": policy} if isinstance(policy, str) else policy)
+    )
     device = model.get_input_embeddings().weight.device
     if opts.policy == "offloaded" and device.type != "cuda":
-        raise ValueError(f"the offloaded KV cache needs a model on CUDA (it moves GPU cache layers to CPU memory); "
-                         f"this model is on {device.type}")
+        raise ValueError(
+            f"the offloaded KV cache needs a model on CUDA (it moves GPU cache layers to CPU memory); "
+            f"this model is on {device.type}"
+        )
     cache = cache_factory(opts)(model.config)
     ids = _token_stream(session.tokenizer, tokens).to(device)
     stops = sorted(set(checkpoints or []) | {tokens})
@@ -237,33 +269,53 @@ def memory_curve(session, lengths: list[int], *, policies=DEFAULT_POLICIES, chun
     lengths = sorted(set(int(n) for n in lengths))
     if not lengths:
         raise ValueError("give at least one sequence length")
-    predicted_per_token = kv_bytes_per_token_from_config(session.model.config,
-                                                         dtype=session.model.get_input_embeddings().weight.dtype)
+    predicted_per_token = kv_bytes_per_token_from_config(
+        session.model.config, dtype=session.model.get_input_embeddings().weight.dtype
+    )
     device = session.model.get_input_embeddings().weight.device
     process = psutil.Process()
     rows = []
     for raw in tqdm(policies, desc="KV-cache policies"):
-        opts = raw if isinstance(raw, KVCacheOptions) else KVCacheOptions.model_validate(
-            {"policy": raw} if isinstance(raw, str) else raw)
+        opts = (
+            raw
+            if isinstance(raw, KVCacheOptions)
+            else KVCacheOptions.model_validate({"policy": raw} if isinstance(raw, str) else raw)
+        )
         label = _policy_label(opts)
         base = {"policy": opts.policy, "label": label}
         if opts.policy == "offloaded" and device.type != "cuda":
-            rows.append({**base, "skipped": f"offloaded needs CUDA (it moves GPU cache layers to CPU memory); "
-                                            f"this model is on {device.type}"})
+            rows.append(
+                {
+                    **base,
+                    "skipped": f"offloaded needs CUDA (it moves GPU cache layers to CPU memory); "
+                    f"this model is on {device.type}",
+                }
+            )
             continue
         if opts.policy == "quantized" and importlib.util.find_spec("optimum.quanto") is None:
-            rows.append({**base, "skipped": "the quantized cache needs optimum-quanto (pip install optimum-quanto==0.2.7)"})
+            rows.append(
+                {**base, "skipped": "the quantized cache needs optimum-quanto (pip install optimum-quanto==0.2.7)"}
+            )
             continue
 
         def record(done, cache, base=base):
             memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else process.memory_info().rss
-            rows.append({**base, "tokens": done, "cache_bytes": cache_bytes(cache),
-                         "dynamic_bytes_predicted": predicted_per_token * done,
-                         "process_bytes": memory, "skipped": None})
+            rows.append(
+                {
+                    **base,
+                    "tokens": done,
+                    "cache_bytes": cache_bytes(cache),
+                    "dynamic_bytes_predicted": predicted_per_token * done,
+                    "process_bytes": memory,
+                    "skipped": None,
+                }
+            )
 
         fill_cache(session, lengths[-1], policy=opts, chunk=chunk, checkpoints=lengths, on_checkpoint=record)
-    frame = pd.DataFrame(rows, columns=["policy", "label", "tokens", "cache_bytes", "dynamic_bytes_predicted",
-                                        "process_bytes", "skipped"])
+    frame = pd.DataFrame(
+        rows,
+        columns=["policy", "label", "tokens", "cache_bytes", "dynamic_bytes_predicted", "process_bytes", "skipped"],
+    )
     frame["cache_MiB"] = frame["cache_bytes"] / 2**20
     frame["process_MiB"] = frame["process_bytes"] / 2**20
     return frame

@@ -118,7 +118,14 @@ def _generate(session, plan, origin: float):
             f"the engine ran {len(clock.stamps)} forward passes for {stats and stats.completion_tokens} tokens; "
             "the timeline needs one forward per generated token to attribute latencies"
         )
-    return clock.tokens, [s - origin for s in clock.stamps], plan.started - origin, "".join(reasoning), "".join(answer), stats
+    return (
+        clock.tokens,
+        [s - origin for s in clock.stamps],
+        plan.started - origin,
+        "".join(reasoning),
+        "".join(answer),
+        stats,
+    )
 
 
 def _phases(session, ids: list[int], start_in_reasoning: bool) -> list[tuple[str, str]]:
@@ -143,8 +150,14 @@ def _prompt(session, text: str) -> Prompt:
     return Prompt(text=text, ids=list(ids), thinking_via="budget", starts_in_reasoning=text.rstrip().endswith(OPEN_TAG))
 
 
-def thinking_timeline(session, prompt: str | list[dict], *, max_tokens: int = 64, think_budget: int | None = None,
-                      ignore_eos: bool = False) -> ThinkingTimeline:
+def thinking_timeline(
+    session,
+    prompt: str | list[dict],
+    *,
+    max_tokens: int = 64,
+    think_budget: int | None = None,
+    ignore_eos: bool = False,
+) -> ThinkingTimeline:
     """A greedy generation with thinking on, as a per-token timeline.
 
     Without `think_budget` the model thinks if it will (its template switch or the engine's
@@ -164,8 +177,17 @@ def thinking_timeline(session, prompt: str | list[dict], *, max_tokens: int = 64
         ids, stamps, started, reasoning, answer, call_stats = result
         previous = started
         for (text, phase), token, at in zip(_phases(session, ids, plan.prompt.starts_in_reasoning), ids, stamps):
-            rows.append({"step": len(rows), "call": call, "token_id": token, "text": text, "phase": phase,
-                         "latency_s": at - previous, "at_s": at})
+            rows.append(
+                {
+                    "step": len(rows),
+                    "call": call,
+                    "token_id": token,
+                    "text": text,
+                    "phase": phase,
+                    "latency_s": at - previous,
+                    "at_s": at,
+                }
+            )
             previous = at
         stats.append(call_stats)
         prompt_lengths.append(len(plan.prompt.ids))
@@ -174,8 +196,15 @@ def thinking_timeline(session, prompt: str | list[dict], *, max_tokens: int = 64
     if think_budget is None:
         plan = engine.plan(ChatRequest(**base, max_tokens=max_tokens))
         reasoning, answer = record(1, plan, _generate(session, plan, origin))
-        return ThinkingTimeline(pd.DataFrame(rows, columns=COLUMNS), reasoning, answer,
-                                plan.prompt.thinking_via or "none", False, prompt_lengths, stats)
+        return ThinkingTimeline(
+            pd.DataFrame(rows, columns=COLUMNS),
+            reasoning,
+            answer,
+            plan.prompt.thinking_via or "none",
+            False,
+            prompt_lengths,
+            stats,
+        )
 
     plan = engine.plan(ChatRequest(**base, max_tokens=think_budget, stop=[CLOSE_TAG]))
     text = plan.prompt.text
@@ -188,5 +217,12 @@ def thinking_timeline(session, prompt: str | list[dict], *, max_tokens: int = 64
     answer_plan = engine.plan(ChatRequest(**base, max_tokens=max_tokens))
     answer_plan = dataclasses.replace(answer_plan, prompt=_prompt(session, f"{text}{thought}\n{CLOSE_TAG}\n\n"))
     more_reasoning, answer = record(2, answer_plan, _generate(session, answer_plan, origin))
-    return ThinkingTimeline(pd.DataFrame(rows, columns=COLUMNS), reasoning + more_reasoning, early_answer + answer,
-                            "budget", True, prompt_lengths, stats)
+    return ThinkingTimeline(
+        pd.DataFrame(rows, columns=COLUMNS),
+        reasoning + more_reasoning,
+        early_answer + answer,
+        "budget",
+        True,
+        prompt_lengths,
+        stats,
+    )

@@ -26,8 +26,10 @@ QUANTIZATION_CONFIGS: dict[str, dict | None] = {
     "int8 dynamic": {"scheme": "int8_dynamic"},
     "mixed (MLP int8, attention fp16)": {
         "scheme": "keep",
-        "rules": [{"pattern": "model.layers.*.mlp.*", "scheme": "int8_weight_only"},
-                  {"pattern": "model.layers.*.self_attn.*", "scheme": "fp16"}],
+        "rules": [
+            {"pattern": "model.layers.*.mlp.*", "scheme": "int8_weight_only"},
+            {"pattern": "model.layers.*.self_attn.*", "scheme": "fp16"},
+        ],
     },
 }
 
@@ -43,16 +45,24 @@ def weight_bytes(model) -> int:
     return total
 
 
-def pruning_tradeoffs(source: str | None = None, *, ratios=(0.0, 0.1, 0.2, 0.3), criteria=("taylor", "weight_norm", "random"),
-                      seeds=(0, 1, 2), windows: int = 2, calibration_texts: int = 4) -> pd.DataFrame:
+def pruning_tradeoffs(
+    source: str | None = None,
+    *,
+    ratios=(0.0, 0.1, 0.2, 0.3),
+    criteria=("taylor", "weight_norm", "random"),
+    seeds=(0, 1, 2),
+    windows: int = 2,
+    calibration_texts: int = 4,
+) -> pd.DataFrame:
     """Perplexity per (share of KV groups removed, criterion); random is the median over seeds."""
     rows = run_curve(source, list(ratios), list(criteria), list(seeds), windows, calibration_texts=calibration_texts)
     frame = pd.DataFrame(summarise(rows)).rename(columns={"perplexity_median": "perplexity"})
     return frame[["ratio", "criterion", "heads", "perplexity", "runs"]]
 
 
-def quantization_tradeoffs(source: str | None = None, configs: dict[str, dict | None] | None = None, *,
-                           windows: int = 2) -> pd.DataFrame:
+def quantization_tradeoffs(
+    source: str | None = None, configs: dict[str, dict | None] | None = None, *, windows: int = 2
+) -> pd.DataFrame:
     """Weight bytes, linear-layer bytes and perplexity for each quantize configuration."""
     configs = QUANTIZATION_CONFIGS if configs is None else configs
     texts = evaluation_texts()
@@ -61,13 +71,15 @@ def quantization_tradeoffs(source: str | None = None, configs: dict[str, dict | 
         session = workbench.load(source, quiet=True)
         if options is not None:
             quantize(session, **options)
-        rows.append({
-            "config": name,
-            "weight_bytes": weight_bytes(session.model),
-            "linear_bytes": linear_bytes(session.model),
-            "kv_bytes_per_token": kv_bytes_per_token(session.model),
-            "perplexity": perplexity(session.model, session.tokenizer, texts, max_windows=windows),
-        })
+        rows.append(
+            {
+                "config": name,
+                "weight_bytes": weight_bytes(session.model),
+                "linear_bytes": linear_bytes(session.model),
+                "kv_bytes_per_token": kv_bytes_per_token(session.model),
+                "perplexity": perplexity(session.model, session.tokenizer, texts, max_windows=windows),
+            }
+        )
     frame = pd.DataFrame(rows)
     frame["weight_MB"] = frame["weight_bytes"] / 1e6
     frame["size_vs_float32"] = frame["weight_bytes"] / frame["weight_bytes"].iloc[0]

@@ -205,8 +205,9 @@ class VisionAdapter(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> VisionAdapter:
+    def load(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> VisionAdapter:
         """Rebuild a saved adapter; weights are stored in float16 and cast to ``dtype``."""
         folder = Path(path)
         if not folder.is_dir():
@@ -272,8 +273,9 @@ def with_images(text: str, n_images: int) -> str:
     return (IMAGE_SENTINEL + "\n") * n_images + text
 
 
-def build_inputs(tokenizer, embed_tokens: nn.Module, text: str,
-                 image_embeds: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+def build_inputs(
+    tokenizer, embed_tokens: nn.Module, text: str, image_embeds: list[torch.Tensor]
+) -> tuple[list[int], torch.Tensor]:
     """Splice image embeddings into a templated prompt.
 
     ``text`` holds one ``IMAGE_SENTINEL`` per image, in order. Each text piece between them
@@ -286,8 +288,7 @@ def build_inputs(tokenizer, embed_tokens: nn.Module, text: str,
     pieces = text.split(IMAGE_SENTINEL)
     if len(pieces) - 1 != len(image_embeds):
         raise ValueError(
-            f"the prompt has {len(pieces) - 1} image sentinel(s) but {len(image_embeds)} "
-            "image embedding(s) were given"
+            f"the prompt has {len(pieces) - 1} image sentinel(s) but {len(image_embeds)} image embedding(s) were given"
         )
     weight = embed_tokens.weight
     fill = placeholder_id(tokenizer)

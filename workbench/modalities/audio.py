@@ -142,7 +142,9 @@ def decode_base64(data: str) -> bytes:
     try:
         return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise AudioInputError(f"input_audio data is not valid base64 ({exc}); base64-encode the audio file's bytes") from None
+        raise AudioInputError(
+            f"input_audio data is not valid base64 ({exc}); base64-encode the audio file's bytes"
+        ) from None
 
 
 def _check_duration(frames: int, rate: int, max_seconds: float) -> None:

@@ -79,7 +79,9 @@ def load_image(
     transport); by default a fresh client with `timeout` is used.
     """
     if not isinstance(url, str) or not url:
-        raise ImageInputError("image_url.url must be a non-empty string (a data: URL such as data:image/png;base64,...)")
+        raise ImageInputError(
+            "image_url.url must be a non-empty string (a data: URL such as data:image/png;base64,...)"
+        )
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = _decode_data_url(url, max_bytes)
@@ -126,7 +128,9 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     if "svg" in mime:
         raise ImageInputError("SVG images are not accepted: rasterise it and send PNG, JPEG, WebP or GIF")
     if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
-        raise ImageInputError(f"data: URL declares {mime!r}, not an image: send PNG, JPEG, WebP or GIF as data:image/...")
+        raise ImageInputError(
+            f"data: URL declares {mime!r}, not an image: send PNG, JPEG, WebP or GIF as data:image/..."
+        )
     if "base64" in params:
         # Size check from the string length, before any copy or decoding (line breaks
         # every 76 characters add under 2 %; more than that is refused as oversized).
@@ -167,7 +171,9 @@ def _fetch(url: str, *, max_bytes: int, timeout: float, client: Any) -> bytes:
                 raise ImageInputError(f"fetching {url} gave HTTP {response.status_code}")
             ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
             if not ctype.startswith("image/") or "svg" in ctype:
-                raise ImageInputError(f"{url} is served as {ctype or 'no content type'!r}, not a PNG/JPEG/WebP/GIF image")
+                raise ImageInputError(
+                    f"{url} is served as {ctype or 'no content type'!r}, not a PNG/JPEG/WebP/GIF image"
+                )
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise ImageInputError(f"{url} is {int(declared) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")

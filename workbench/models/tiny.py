@@ -64,8 +64,16 @@ class _Family:
 
 
 FAMILIES = {
-    "llama": _Family("llama", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<|im_end|>",), "<|endoftext|>", _CHATML_PLAIN),
-    "qwen3": _Family("qwen3", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", _CHATML_QWEN3),
+    "llama": _Family(
+        "llama", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<|im_end|>",), "<|endoftext|>", _CHATML_PLAIN
+    ),
+    "qwen3": _Family(
+        "qwen3",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        ("<|im_end|>", "<|endoftext|>"),
+        "<|endoftext|>",
+        _CHATML_QWEN3,
+    ),
     "glm4": _Family(
         "glm4",
         ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
@@ -80,7 +88,9 @@ FAMILIES = {
 _THINK_TOKENS = ["<think>", "</think>"]
 
 
-def byte_level_tokenizer(special_tokens, eos_token: str, pad_token: str, added_tokens, chat_template: str) -> PreTrainedTokenizerFast:
+def byte_level_tokenizer(
+    special_tokens, eos_token: str, pad_token: str, added_tokens, chat_template: str
+) -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on the built-in corpus: every tiny model's tokenizer."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -101,7 +111,9 @@ def byte_level_tokenizer(special_tokens, eos_token: str, pad_token: str, added_t
 
 def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     family = FAMILIES[arch]
-    return byte_level_tokenizer(family.special_tokens, family.eos_tokens[0], family.pad_token, _THINK_TOKENS, family.chat_template)
+    return byte_level_tokenizer(
+        family.special_tokens, family.eos_tokens[0], family.pad_token, _THINK_TOKENS, family.chat_template
+    )
 
 
 def build_tiny(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -121,8 +121,13 @@ class _VlmFamily:
 
 _QWEN_VL = _VlmFamily(
     special_tokens=(
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
     ),
     eos_tokens=("<|im_end|>", "<|endoftext|>"),
     pad_token="<|endoftext|>",
@@ -138,8 +143,19 @@ _QWEN_VL = _VlmFamily(
 FAMILIES = {
     "glm4v": _VlmFamily(
         special_tokens=(
-            "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-            "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>",
+            "<|endoftext|>",
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<|begin_of_image|>",
+            "<|end_of_image|>",
+            "<|image|>",
+            "<|begin_of_video|>",
+            "<|end_of_video|>",
+            "<|video|>",
         ),
         eos_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
         pad_token="<|endoftext|>",
@@ -158,8 +174,13 @@ FAMILIES = {
     "qwen2_5_vl": _QWEN_VL,
     "smolvlm": _VlmFamily(
         special_tokens=(
-            "<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
-            "<fake_token_around_image>", "<image>", "<global-img>", *_ROW_COL,
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+            *_ROW_COL,
         ),
         eos_tokens=("<end_of_utterance>", "<|endoftext|>"),
         pad_token="<|endoftext|>",
@@ -186,10 +207,17 @@ def image_only(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_cls.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
         )
 
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__})
+    return type(
+        processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__}
+    )
 
 
 def _tokenizer(family: _VlmFamily) -> PreTrainedTokenizerFast:
@@ -224,8 +252,12 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
         text.update(model_type="llama", head_dim=16, tie_word_embeddings=False)
         # 56-pixel tiles of 4x4 patches, pixel-shuffled 2x2: 4 image tokens per tile.
         vision = {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "image_size": SMOLVLM_TILE, "patch_size": 14,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": SMOLVLM_TILE,
+            "patch_size": 14,
         }
         config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, **ids)
         return config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
@@ -238,10 +270,22 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
 
         # GLM rotates half of each 16-wide head (partial_rotary_factor 0.5): 4 frequencies,
         # split over (temporal, height, width) like the real [8, 12, 12] over 32.
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1],
+        }
         vision = {
-            "depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "image_size": 56,
+            "depth": 1,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "image_size": 56,
         }
         config = Glm4vConfig(text_config=text, vision_config=vision, **ids)
         return config, Glm4vForConditionalGeneration, Glm4vImageProcessorPil, Glm4vProcessor
@@ -258,9 +302,16 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
         # Two vision blocks: the first attends within 56-pixel windows (2x2 merged patches),
         # the second over the whole image, as Qwen2.5-VL alternates them.
         vision = {
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "window_size": 56, "fullatt_block_indexes": [1],
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
         }
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         return config, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2_5_VLProcessor
@@ -273,8 +324,14 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
     # 16-wide heads: 8 rotary frequencies over (temporal, height, width), as [16, 24, 24] over 64.
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     vision = {
-        "depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "depth": 1,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
     }
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     return config, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
@@ -287,13 +344,17 @@ def build_processor(arch: str) -> ProcessorMixin:
     _, _, image_processor_cls, processor_cls = _configs(arch, len(tokenizer), ids, tokenizer.pad_token_id, None)
     if arch == "smolvlm":
         image_processor = image_processor_cls(
-            size={"longest_edge": 2 * SMOLVLM_TILE}, max_image_size={"longest_edge": SMOLVLM_TILE}, do_image_splitting=True
+            size={"longest_edge": 2 * SMOLVLM_TILE},
+            max_image_size={"longest_edge": SMOLVLM_TILE},
+            do_image_splitting=True,
         )
         return processor_cls(
             image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=family.chat_template
         )
     image_processor = image_processor_cls(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
-    return image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=family.chat_template)
+    return image_only(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=family.chat_template
+    )
 
 
 def build_tiny_vlm(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:

@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m workbench.reasoning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="adapter folder to write (e.g. data/thinking)")
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="source to train on (default the embedded model)")
-    parser.add_argument("--options", default="{}", help="JSON of training options, e.g. '{\"steps\": 200, \"batch\": 8}'")
+    parser.add_argument(
+        "--model", default="embedded:smollm2-135m-instruct", help="source to train on (default the embedded model)"
+    )
+    parser.add_argument("--options", default="{}", help='JSON of training options, e.g. \'{"steps": 200, "batch": 8}\'')
     args = parser.parse_args(argv)
     try:
         opts = ThinkingOptions.model_validate(json.loads(args.options))
@@ -36,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     session = workbench.load(args.model)
     report = train(session, opts, args.out)
     for mode, result in report.held_out.items():
-        print(f"held-out arithmetic, thinking {mode}: {result['correct']}/{result['asked']} "
-              f"(closed think blocks: {result['closed_think_blocks']})")
-    print(f"held-out prose perplexity (4 x 512 tokens): {report.perplexity_before:.3f} stock -> {report.perplexity_after:.3f}")
-    print(f"trained {report.steps} steps in {report.seconds:.0f} s (own replies {report.replies_seconds:.0f} s); adapter in {args.out}")
+        print(
+            f"held-out arithmetic, thinking {mode}: {result['correct']}/{result['asked']} "
+            f"(closed think blocks: {result['closed_think_blocks']})"
+        )
+    print(
+        f"held-out prose perplexity (4 x 512 tokens): {report.perplexity_before:.3f} stock -> {report.perplexity_after:.3f}"
+    )
+    print(
+        f"trained {report.steps} steps in {report.seconds:.0f} s (own replies {report.replies_seconds:.0f} s); adapter in {args.out}"
+    )
     return 0
 
 

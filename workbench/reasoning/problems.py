@@ -82,8 +82,12 @@ def mul_steps(a: int, b: int) -> list[str]:
     if au == 0:
         return [f"{at // 10} {TIMES} {b} = {at // 10 * b}", f"{a} {TIMES} {b} = {a * b}"]
     left, right = at * b, au * b
-    return [f"{a} {TIMES} {b} = {at} {TIMES} {b} + {au} {TIMES} {b}", f"{at} {TIMES} {b} = {left}",
-            f"{au} {TIMES} {b} = {right}", *add_parts(left, right)]
+    return [
+        f"{a} {TIMES} {b} = {at} {TIMES} {b} + {au} {TIMES} {b}",
+        f"{at} {TIMES} {b} = {left}",
+        f"{au} {TIMES} {b} = {right}",
+        *add_parts(left, right),
+    ]
 
 
 def add_parts(a: int, b: int) -> list[str]:
@@ -92,7 +96,11 @@ def add_parts(a: int, b: int) -> list[str]:
     rest = a % 100
     if rest + b < 100:
         return [f"{a} + {b} = {a + b}"]
-    return [f"{a} + {b} = {a - rest} + {rest} + {b}", f"{rest} + {b} = {rest + b}", f"{a - rest} + {rest + b} = {a + b}"]
+    return [
+        f"{a} + {b} = {a - rest} + {rest} + {b}",
+        f"{rest} + {b} = {rest + b}",
+        f"{a - rest} + {rest + b} = {a + b}",
+    ]
 
 
 def _binary(op: str, a: int, b: int) -> tuple[str, list[str], int]:
@@ -135,7 +143,9 @@ def held_out_keys() -> set[tuple]:
     return keys
 
 
-def generate(count: int, seed: int = 0, *, exclude: set[tuple] | None = None, three_terms: float = 0.15) -> list[Problem]:
+def generate(
+    count: int, seed: int = 0, *, exclude: set[tuple] | None = None, three_terms: float = 0.15
+) -> list[Problem]:
     """`count` distinct problems; none whose (operator, operands) is in `exclude`."""
     from workbench.bench.tasks import draw_operands
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from workbench.engine.thinking import OPEN_TAG
 
-SWITCH = "{% if add_generation_prompt and enable_thinking is defined and enable_thinking %}" + OPEN_TAG + "\n{% endif %}"
+SWITCH = (
+    "{% if add_generation_prompt and enable_thinking is defined and enable_thinking %}" + OPEN_TAG + "\n{% endif %}"
+)
 TEMPLATE_FILE = "chat_template.jinja"
 
 

@@ -38,8 +38,12 @@ from workbench.reasoning import problems as pb
 from workbench.reasoning.template import TEMPLATE_FILE, with_thinking_switch
 
 GENERAL_THOUGHT = "There is nothing to calculate here, so I answer directly."
-SYSTEMS = (None, "Answer with only the answer: a word, a name or a number. No explanation.",
-           "You are a helpful assistant.", "You are a careful math tutor.")
+SYSTEMS = (
+    None,
+    "Answer with only the answer: a word, a name or a number. No explanation.",
+    "You are a helpful assistant.",
+    "You are a careful math tutor.",
+)
 """System messages the arithmetic examples are asked under (None: the template's default);
 the second is the bench's short-answer prompt, which the arithmetic task sends."""
 
@@ -54,7 +58,9 @@ class ThinkingOptions(BaseModel):
     alpha: float | None = Field(None, gt=0.0)
     problems: int = Field(6000, ge=10)
     """Distinct arithmetic problems generated for training (none of the held-out ones)."""
-    shares: dict[str, float] = Field(default_factory=lambda: {"think": 0.55, "plain": 0.15, "general": 0.2, "general-think": 0.1})
+    shares: dict[str, float] = Field(
+        default_factory=lambda: {"think": 0.55, "plain": 0.15, "general": 0.2, "general-think": 0.1}
+    )
     reply_tokens: int = Field(96, ge=8, le=1024)
     """Length of the model's own replies to the general prompts."""
     text_rows: int = Field(1, ge=0, le=1024)
@@ -68,7 +74,9 @@ class ThinkingOptions(BaseModel):
     def model_post_init(self, _):
         unknown = set(self.shares) - {"think", "plain", "general", "general-think"}
         if unknown or not any(v > 0 for v in self.shares.values()) or any(v < 0 for v in self.shares.values()):
-            raise ValueError(f"shares: give non-negative weights for think, plain, general, general-think (got {self.shares})")
+            raise ValueError(
+                f"shares: give non-negative weights for think, plain, general, general-think (got {self.shares})"
+            )
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
 
@@ -109,15 +117,18 @@ def arithmetic_examples(problems: list[pb.Problem], rng: random.Random) -> dict[
 
 def general_examples(chats: list[list[dict]], replies: list[str]) -> dict[str, list[Example]]:
     pairs = [(c, r) for c, r in zip(chats, replies) if r.strip()]
-    return {"general": [Example("general", c, False, r) for c, r in pairs],
-            "general-think": [Example("general-think", c, True, f"{GENERAL_THOUGHT}\n</think>\n\n{r}") for c, r in pairs]}
+    return {
+        "general": [Example("general", c, False, r) for c, r in pairs],
+        "general-think": [Example("general-think", c, True, f"{GENERAL_THOUGHT}\n</think>\n\n{r}") for c, r in pairs],
+    }
 
 
 def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
     """(input ids, labels): the prompt as the engine renders it, then the reply and the end
     token, tokenised apart as the engine sees them (prompt ids, then generated ids)."""
-    prompt = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=example.thinking)
+    prompt = tokenizer.apply_chat_template(
+        example.messages, tokenize=False, add_generation_prompt=True, enable_thinking=example.thinking
+    )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(example.reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
@@ -129,9 +140,9 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, :len(row_ids)] = torch.tensor(row_ids)
-        labels[i, :len(row_labels)] = torch.tensor(row_labels)
-        mask[i, :len(row_ids)] = 1
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -141,13 +152,15 @@ def micro_batches(rows: list[tuple[list[int], list[int]]], parts: int = 2) -> li
     of its compute on padding. The weighted losses add up to the whole batch's mean."""
     rows = sorted(rows, key=lambda r: len(r[0]))
     size = -(-len(rows) // parts)
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     counts = [sum(sum(t != -100 for t in labels[1:]) for _, labels in chunk) for chunk in chunks]
     total = sum(counts) or 1
     return [(chunk, count / total) for chunk, count in zip(chunks, counts)]
 
 
-def held_out_accuracy(model, tokenizer, *, thinking: bool, count: int = 20, max_tokens: int = 160, batch: int = 10) -> dict:
+def held_out_accuracy(
+    model, tokenizer, *, thinking: bool, count: int = 20, max_tokens: int = 160, batch: int = 10
+) -> dict:
     """Greedy replies to the bench's held-out arithmetic questions (asked as the bench asks
     them: its short-answer system prompt), scored by the bench's checker on the answer part."""
     from workbench.bench.tasks import SYSTEM_PROMPT, arithmetic_items, is_correct
@@ -157,16 +170,37 @@ def held_out_accuracy(model, tokenizer, *, thinking: bool, count: int = 20, max_
     items = arithmetic_items(count)
     correct, closed, replies = 0, 0, []
     for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        texts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": i.question}],
-                                               tokenize=False, add_generation_prompt=True, enable_thinking=thinking) for i in chunk]
+        chunk = items[start : start + batch]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": i.question}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=thinking,
+            )
+            for i in chunk
+        ]
         for item, text in zip(chunk, greedy_replies(model, tokenizer, texts, max_tokens)):
             reasoning, answer = split_thinking(text, start_in_reasoning=thinking)
             ok = is_correct(item, answer)
             correct += ok
             closed += thinking and "</think>" in text
-            replies.append({"question": item.question, "expected": item.answer, "reasoning": reasoning, "answer": answer, "correct": ok})
-    return {"thinking": thinking, "asked": len(items), "correct": correct, "closed_think_blocks": closed, "replies": replies}
+            replies.append(
+                {
+                    "question": item.question,
+                    "expected": item.answer,
+                    "reasoning": reasoning,
+                    "answer": answer,
+                    "correct": ok,
+                }
+            )
+    return {
+        "thinking": thinking,
+        "asked": len(items),
+        "correct": correct,
+        "closed_think_blocks": closed,
+        "replies": replies,
+    }
 
 
 def _kinds(pools: dict[str, list], shares: dict[str, float], count: int, rng: random.Random) -> list[str]:
@@ -203,20 +237,36 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         chats = rd.load_prompts()
         began = time.perf_counter()
         # before the switch is added: the same cache key as the recovery step's teacher replies
-        replies = rd.teacher_replies(model, tokenizer, chats, max_tokens=opts.reply_tokens,
-                                     cache_dir=Path(opts.cache_dir).expanduser() if opts.cache_dir else _default_cache(),
-                                     progress=progress)
+        replies = rd.teacher_replies(
+            model,
+            tokenizer,
+            chats,
+            max_tokens=opts.reply_tokens,
+            cache_dir=Path(opts.cache_dir).expanduser() if opts.cache_dir else _default_cache(),
+            progress=progress,
+        )
         if not tokenizer.chat_template:
             raise ValueError("the model's tokenizer has no chat template to add the thinking switch to")
         if "enable_thinking" not in tokenizer.chat_template:
             tokenizer.chat_template = with_thinking_switch(tokenizer.chat_template)
         report.replies_seconds = round(time.perf_counter() - began, 1)
         report.perplexity_before = perplexity(model, tokenizer, evaluation_texts(), max_windows=4)
-        prose = rd.Mixture(torch.zeros(0, dtype=torch.long), rd.text_stream(tokenizer, calibration_texts()),
-                           opts.text_len, 1.0, opts.seed) if opts.text_rows else None
+        prose = (
+            rd.Mixture(
+                torch.zeros(0, dtype=torch.long),
+                rd.text_stream(tokenizer, calibration_texts()),
+                opts.text_len,
+                1.0,
+                opts.seed,
+            )
+            if opts.text_rows
+            else None
+        )
         pools = {**arithmetic_examples(pb.generate(opts.problems, opts.seed), rng), **general_examples(chats, replies)}
         report.examples = {k: len(v) for k, v in pools.items()}
-        lora = LoraConfig(r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, target_modules=list(LORA_TARGETS), bias="none")
+        lora = LoraConfig(
+            r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, target_modules=list(LORA_TARGETS), bias="none"
+        )
         for p in model.parameters():
             p.requires_grad_(False)
         peft_model = get_peft_model(model, lora)
@@ -233,7 +283,9 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
             loss = 0.0
             for part, weight in micro_batches(rows):
                 batch = {k: v.to(device) for k, v in collate(part, pad).items()}
-                with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+                with (
+                    torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+                ):
                     part_loss = peft_model(**batch, use_cache=False).loss * weight
                 part_loss.backward()
                 loss += part_loss.detach()
@@ -251,7 +303,9 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
             running.append(loss.item())
             if (step + 1) % 25 == 0 or step + 1 == opts.steps:
                 mean = sum(running) / len(running)
-                report.history.append({"step": step + 1, "loss": round(mean, 4), "seconds": round(time.perf_counter() - start, 1)})
+                report.history.append(
+                    {"step": step + 1, "loss": round(mean, 4), "seconds": round(time.perf_counter() - start, 1)}
+                )
                 bar.set_postfix(loss=f"{mean:.4f}")
                 running = []
         peft_model.eval()
@@ -260,20 +314,36 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         report.steps = opts.steps
         report.seconds = round(time.perf_counter() - start, 1)
         peft_model.peft_config["default"].base_model_name_or_path = session.loaded.source
-        record = {"purpose": "thinking", "source": session.loaded.source, "options": opts.model_dump(mode="json"),
-                  "seconds": report.seconds, "history": report.history, "examples": report.examples}
+        record = {
+            "purpose": "thinking",
+            "source": session.loaded.source,
+            "options": opts.model_dump(mode="json"),
+            "seconds": report.seconds,
+            "history": report.history,
+            "examples": report.examples,
+        }
         save_adapter(peft_model, model, out, record)
         (out / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
         merged = peft_model.merge_and_unload()
         assert merged is model
         model.eval()
         report.perplexity_after = perplexity(model, tokenizer, evaluation_texts(), max_windows=4)
-        report.held_out = {"on": held_out_accuracy(model, tokenizer, thinking=True),
-                           "off": held_out_accuracy(model, tokenizer, thinking=False, max_tokens=32)}
-    record.update({"perplexity_before": report.perplexity_before, "perplexity_after": report.perplexity_after,
-                   "held_out": {k: {"correct": v["correct"], "asked": v["asked"], "closed_think_blocks": v["closed_think_blocks"]}
-                                for k, v in report.held_out.items()}})
-    (out / ADAPTER_RECORD).write_text(json.dumps({**json.loads((out / ADAPTER_RECORD).read_text()), **record}, indent=2))
+        report.held_out = {
+            "on": held_out_accuracy(model, tokenizer, thinking=True),
+            "off": held_out_accuracy(model, tokenizer, thinking=False, max_tokens=32),
+        }
+    record.update(
+        {
+            "perplexity_before": report.perplexity_before,
+            "perplexity_after": report.perplexity_after,
+            "held_out": {
+                k: {"correct": v["correct"], "asked": v["asked"], "closed_think_blocks": v["closed_think_blocks"]}
+                for k, v in report.held_out.items()
+            },
+        }
+    )
+    (out / ADAPTER_RECORD).write_text(
+        json.dumps({**json.loads((out / ADAPTER_RECORD).read_text()), **record}, indent=2)
+    )
     (out / "held_out.json").write_text(json.dumps(report.held_out, indent=1, ensure_ascii=False))
     return report
-

@@ -29,20 +29,34 @@ def default_model_name(session: Session) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.serve", description=__doc__)
     parser.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; the default keeps the server on this machine")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; the default keeps the server on this machine"
+    )
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"), help="require `Authorization: Bearer KEY` (or set WORKBENCH_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("WORKBENCH_API_KEY"),
+        help="require `Authorization: Bearer KEY` (or set WORKBENCH_API_KEY)",
+    )
     parser.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists")
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
     parser.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one batch")
-    parser.add_argument("--compile", action="store_true",
-                        help="decode lone requests through the compiled step (the config's model.compile); the first "
-                             "request of each cache length waits for the compilation")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode lone requests through the compiled step (the config's model.compile); the first "
+        "request of each cache length waits for the compilation",
+    )
     args = parser.parse_args(argv)
 
     session = workbench.load(args.config, **({"compile": True} if args.compile else {}))
     name = args.model_name or default_model_name(session)
-    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_batch=args.max_batch)
+    settings = ServerSettings(
+        model_name=name,
+        api_key=args.api_key,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_batch=args.max_batch,
+    )
     app = create_app(session, settings, own_thread=False)
     rss = psutil.Process().memory_info().rss
     for line in (

@@ -234,8 +234,10 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         if settings.api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
                 return APIError(
-                    401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                    "authentication_error", code="invalid_api_key",
+                    401,
+                    "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    "authentication_error",
+                    code="invalid_api_key",
                 ).response()
         return await call_next(request)
 
@@ -254,8 +256,10 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             raise _validation_error(exc) from None
         if req.model not in served_names:
             raise APIError(
-                404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}",
-                param="model", code="model_not_found",
+                404,
+                f"model {req.model!r} is not served here; this server serves {settings.model_name!r}",
+                param="model",
+                code="model_not_found",
             )
         return req
 
@@ -302,14 +306,23 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             metrics.ended()
         metrics.finished(stream=False, stats=result.stats)
         logprobs = protocol.logprobs_field(list(result.logprobs), token_text) if plan.logprobs is not None else None
-        return JSONResponse(protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats, logprobs))
+        return JSONResponse(
+            protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats, logprobs)
+        )
 
     @app.get("/v1/models")
     async def models():
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "workbench",
-                      "max_model_len": session.engine.context_limit}],  # vLLM's name for the context length
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": int(started),
+                    "owned_by": "workbench",
+                    "max_model_len": session.engine.context_limit,
+                }
+            ],  # vLLM's name for the context length
         }
 
     @app.get("/health")

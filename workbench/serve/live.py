@@ -49,7 +49,9 @@ class ServerProcess:
     """`python -m workbench.serve --config CONFIG [--compile]` on a free port, until exit.
     Its log goes to a file (a pipe nobody drains would block the server once full)."""
 
-    def __init__(self, config: str | None, *, compile: bool = False, model_name: str = "workbench", timeout_s: float = 600):
+    def __init__(
+        self, config: str | None, *, compile: bool = False, model_name: str = "workbench", timeout_s: float = 600
+    ):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.model_name = model_name
@@ -71,7 +73,9 @@ class ServerProcess:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log()[-2000:]  # before __exit__, which deletes the log file
                 self.__exit__()
-                raise RuntimeError(f"`{' '.join(self._argv[1:])}` did not start (exit code {self._proc.returncode}):\n{tail}")
+                raise RuntimeError(
+                    f"`{' '.join(self._argv[1:])}` did not start (exit code {self._proc.returncode}):\n{tail}"
+                )
             time.sleep(0.1)
         return self
 

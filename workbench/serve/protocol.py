@@ -100,7 +100,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (_set, "logit_bias is not implemented"),
     "response_format": (
         lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") == "text"),
-        "only response_format {\"type\": \"text\"} is supported; JSON output is not enforced",
+        'only response_format {"type": "text"} is supported; JSON output is not enforced',
     ),
     "modalities": (lambda v: _set(v) and v != ["text"], "only text output is supported"),
     "audio": (_set, "audio output is not supported"),
@@ -129,7 +129,9 @@ def logprobs_field(entries: list[TokenLogprob], token_text: Callable[[int], str]
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
 
-    return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(i, lp) for i, lp in e.top]} for e in entries]}
+    return {
+        "content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(i, lp) for i, lp in e.top]} for e in entries]
+    }
 
 
 def new_id() -> str:

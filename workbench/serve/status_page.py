@@ -14,13 +14,16 @@ from workbench.session import Session
 def render_status(session: Session, model_name: str, metrics: ServerMetrics, started: float, rss_bytes: int) -> str:
     info = session.loaded
     in_flight = metrics.active
-    rows = "".join(
-        f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r.at))}</td><td>{'stream' if r.stream else 'plain'}</td>"
-        f"<td>{r.status}</td><td>{r.prompt_tokens}</td><td>{r.completion_tokens}</td>"
-        f"<td>{'' if r.ttft_ms is None else f'{r.ttft_ms:.0f}'}</td>"
-        f"<td>{'' if r.tokens_per_s is None else f'{r.tokens_per_s:.1f}'}</td><td>{html.escape(r.outcome)}</td></tr>"
-        for r in metrics.recent
-    ) or '<tr><td colspan="8">no requests yet</td></tr>'
+    rows = (
+        "".join(
+            f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r.at))}</td><td>{'stream' if r.stream else 'plain'}</td>"
+            f"<td>{r.status}</td><td>{r.prompt_tokens}</td><td>{r.completion_tokens}</td>"
+            f"<td>{'' if r.ttft_ms is None else f'{r.ttft_ms:.0f}'}</td>"
+            f"<td>{'' if r.tokens_per_s is None else f'{r.tokens_per_s:.1f}'}</td><td>{html.escape(r.outcome)}</td></tr>"
+            for r in metrics.recent
+        )
+        or '<tr><td colspan="8">no requests yet</td></tr>'
+    )
     config = html.escape(yaml.safe_dump(session.config.model_dump(mode="json"), sort_keys=False))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>workbench server</title>
@@ -33,7 +36,7 @@ pre {{ background: #f6f6f6; padding: .8rem; }} code {{ background: #f6f6f6; padd
 </style></head><body>
 <h1><span class="light" id="health" title="healthy"></span>workbench server</h1>
 <p>Serving <b>{html.escape(model_name)}</b> ({html.escape(info.source)}) on {html.escape(info.device)},
-{str(info.dtype).removeprefix('torch.')}, weights {info.weight_bytes / 1e9:.2f} GB, process memory {rss_bytes / 1e9:.2f} GB,
+{str(info.dtype).removeprefix("torch.")}, weights {info.weight_bytes / 1e9:.2f} GB, process memory {rss_bytes / 1e9:.2f} GB,
 context {session.engine.context_limit} tokens; {html.escape(session.media.describe())}. Up {time.time() - started:.0f} s, {in_flight} request(s) in flight.</p>
 <p>OpenAI-compatible endpoint: <code>POST /v1/chat/completions</code> · <a href="/v1/models">/v1/models</a> ·
 <a href="/health">/health</a> · <a href="/metrics">/metrics</a></p>

@@ -30,11 +30,16 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
         parser.error(f"GRADIO_SERVER_PORT is {port_text!r}; it must be a port number from 1 to 65535")
     parser.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
     parser.add_argument(
-        "--host", default=host,
+        "--host",
+        default=host,
         help=f"address to bind (default {host}: $GRADIO_SERVER_NAME, else {DEFAULT_HOST}, which keeps it on this machine)",
     )
-    parser.add_argument("--port", type=int, default=int(port_text),
-                        help=f"port (default {port_text}: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(port_text),
+        help=f"port (default {port_text}: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})",
+    )
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     return parser.parse_args(argv)
 

@@ -52,15 +52,36 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
     start_config = label if label in configs else None
     start_text = None if start_config else current_yaml(first)
 
-    def respond(message, history, thinking, temperature, top_p, max_tokens, seed, which,
-                min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+    def respond(
+        message,
+        history,
+        thinking,
+        temperature,
+        top_p,
+        max_tokens,
+        seed,
+        which,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+    ):
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
         if not text and not files:
             raise gr.Error("Type a message (or attach an image or a recording) first.", title="Nothing to send")
-        settings = Settings(thinking, temperature, top_p, max_tokens, seed,
-                            min_p, repetition_penalty, frequency_penalty, presence_penalty)
+        settings = Settings(
+            thinking,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+        )
         session, who = slots.chat_session(which)
         try:
             messages = [*history_to_messages(history), {"role": "user", "content": media.content(text, files)}]
@@ -72,8 +93,18 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         for replies, stats in stream_messages(events, time.perf_counter()):
             yield shown + replies, None, stats_markdown(stats, session, who) if stats else GENERATING
 
-    def compare(prompt, thinking, temperature, top_p, max_tokens, seed,
-                min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+    def compare(
+        prompt,
+        thinking,
+        temperature,
+        top_p,
+        max_tokens,
+        seed,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+    ):
         if not (prompt or "").strip():
             raise gr.Error("Type a prompt to compare first.", title="Nothing to compare")
         if slots.compressed is None:
@@ -82,8 +113,17 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                 "(e.g. int8.yaml) and apply it, then compare.",
                 title="Nothing to compare",
             )
-        settings = Settings(thinking, temperature, top_p, max_tokens, seed,
-                            min_p, repetition_penalty, frequency_penalty, presence_penalty)
+        settings = Settings(
+            thinking,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+        )
         request = settings.request([{"role": "user", "content": prompt.strip()}])
         asked = [{"role": "user", "content": prompt.strip()}]
         out = {"original": (asked, WAITING), "compressed": (asked, WAITING)}
@@ -155,22 +195,47 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
             with gr.Column(scale=2):
                 with gr.Accordion("Generation settings", open=True):
                     thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
-                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                    temperature = gr.Slider(
+                        0.0,
+                        2.0,
+                        value=gen.temperature,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
+                        elem_id="temperature",
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p")
-                    max_tokens = gr.Slider(1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens", elem_id="max_tokens")
-                    seed = gr.Number(value=-1 if gen.seed is None else gen.seed, precision=0, minimum=-1, label="Seed (-1 = random)")
+                    max_tokens = gr.Slider(
+                        1, 2048, value=min(gen.max_tokens, 2048), step=1, label="Max tokens", elem_id="max_tokens"
+                    )
+                    seed = gr.Number(
+                        value=-1 if gen.seed is None else gen.seed, precision=0, minimum=-1, label="Seed (-1 = random)"
+                    )
                     with gr.Accordion("Repetition and filtering", open=False):
-                        min_p = gr.Slider(0.0, 1.0, value=gen.min_p, step=0.01, label="Min-p (0 = off)", elem_id="min_p")
+                        min_p = gr.Slider(
+                            0.0, 1.0, value=gen.min_p, step=0.01, label="Min-p (0 = off)", elem_id="min_p"
+                        )
                         repetition_penalty = gr.Slider(
-                            0.5, 2.0, value=gen.repetition_penalty, step=0.05, elem_id="repetition_penalty",
+                            0.5,
+                            2.0,
+                            value=gen.repetition_penalty,
+                            step=0.05,
+                            elem_id="repetition_penalty",
                             label="Repetition penalty (1 = off; prompt and reply tokens)",
                         )
                         frequency_penalty = gr.Slider(
-                            -2.0, 2.0, value=gen.frequency_penalty, step=0.1, elem_id="frequency_penalty",
+                            -2.0,
+                            2.0,
+                            value=gen.frequency_penalty,
+                            step=0.1,
+                            elem_id="frequency_penalty",
                             label="Frequency penalty (0 = off; per repeat in the reply)",
                         )
                         presence_penalty = gr.Slider(
-                            -2.0, 2.0, value=gen.presence_penalty, step=0.1, elem_id="presence_penalty",
+                            -2.0,
+                            2.0,
+                            value=gen.presence_penalty,
+                            step=0.1,
+                            elem_id="presence_penalty",
                             label="Presence penalty (0 = off; once a token is in the reply)",
                         )
                 with gr.Accordion("Model", open=True):
@@ -192,12 +257,20 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         settings = [thinking, temperature, top_p, max_tokens, seed]
         penalties = [min_p, repetition_penalty, frequency_penalty, presence_penalty]
         chat_event = box.submit(
-            respond, [box, chatbot, *settings, which, *penalties], [chatbot, box, stats], api_name="chat", concurrency_id="model",
+            respond,
+            [box, chatbot, *settings, which, *penalties],
+            [chatbot, box, stats],
+            api_name="chat",
+            concurrency_id="model",
             show_progress="hidden",  # the answer streaming in is the progress; no overlay on the box
         )
         chat_event.then(slots.describe, None, models, api_visibility="private")
         compare_event = run_compare.click(
-            compare, [prompt, *settings, *penalties], [left, left_stats, right, right_stats], api_name="compare", concurrency_id="model"
+            compare,
+            [prompt, *settings, *penalties],
+            [left, left_stats, right, right_stats],
+            api_name="compare",
+            concurrency_id="model",
         )
         compare_event.then(slots.describe, None, models, api_visibility="private")
         stop.click(lambda: "_Stopped._", None, stats, cancels=[chat_event], api_name="stop", queue=False)

@@ -49,7 +49,13 @@ def chrome(width: int = 1360, height: int = 980):
     browser, driver = find_browser()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(arg)
     # The system chromedriver: Selenium Manager would otherwise try to download one.
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))

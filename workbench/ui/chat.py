@@ -82,8 +82,7 @@ def history_to_messages(history: list[dict]) -> list[dict]:
         if text or files:
             turns.append((role, text, files))
     return [
-        {"role": role, "content": media.content(text, files) if role == "user" else text}
-        for role, text, files in turns
+        {"role": role, "content": media.content(text, files) if role == "user" else text} for role, text, files in turns
     ]
 
 

@@ -71,7 +71,9 @@ def audio_format(path: Path) -> str:
                 frames = w.getnframes()
                 w.readframes(frames)
         except (wave.Error, EOFError, RuntimeError, struct.error) as exc:
-            raise MediaError(f"could not read the audio file {path.name}: broken WAV data ({exc or type(exc).__name__})") from None
+            raise MediaError(
+                f"could not read the audio file {path.name}: broken WAV data ({exc or type(exc).__name__})"
+            ) from None
         if frames == 0:
             raise MediaError(f"the audio file {path.name} is empty (no samples); record or attach it again")
         return "wav"
@@ -88,7 +90,10 @@ def audio_format(path: Path) -> str:
 def audio_part(path: str | Path) -> dict:
     path = Path(path)
     fmt = audio_format(path)
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode("ascii"), "format": fmt}}
+    return {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(path.read_bytes()).decode("ascii"), "format": fmt},
+    }
 
 
 def file_part(path: str | Path) -> dict:

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/ui.png"))
     parser.add_argument("--config", default=None, help="config file or model source (default: the embedded model)")
     parser.add_argument("--message", default="Give me three short tips for saving phone battery.")
-    parser.add_argument("--temperature", type=float, default=0.0, help="typed into the page; 0 makes the picture reproducible")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="typed into the page; 0 makes the picture reproducible"
+    )
     parser.add_argument("--max-tokens", type=int, default=120, help="typed into the page")
     parser.add_argument("--width", type=int, default=1360)
     parser.add_argument("--height", type=int, default=1300, help="tall enough for the whole model panel")
