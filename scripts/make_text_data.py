@@ -7,7 +7,6 @@ share a document. Documents are separated by a line holding only a form feed.
 """
 
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 out = Path(__file__).resolve().parent.parent / "data"

@@ -116,7 +116,7 @@ def test_save_load_round_trip_is_float16_on_disk(tmp_path):
     adapter = _small_adapter()
     folder = adapter.save(tmp_path / "a", lm="tiny:test", seed=5, held_out_accuracy={"colour": {"accuracy": 1.0}})
     with safe_open(folder / "model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118 (safe_open is not iterable)
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     config = json.loads((folder / "config.json").read_text())
     for key in ("image_size", "n_image_tokens", "lm_hidden_size", "lm", "training_data", "seed", "held_out_accuracy"):
         assert key in config

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from workbench.engine.errors import RequestError
 from workbench.engine.request import InputAudio
+from workbench.errors import RequestError
 from workbench.modalities.audio import (
     SAMPLE_RATE,
     AudioInputError,

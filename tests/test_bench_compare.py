@@ -276,8 +276,8 @@ def oracle():
 
 def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_over_http(tmp_path, capsys):
     import workbench
-    from workbench.compress.data import evaluation_texts
-    from workbench.compress.quality import perplexity
+    from workbench.data import evaluation_texts
+    from workbench.metrics import perplexity
 
     main(
         [

@@ -376,7 +376,7 @@ def test_a_running_request_answers_the_same_when_another_joins_it(tiny):
         late = engine.plan(ChatRequest.from_prompt(late_prompt, **fields))
         asked = []
 
-        def admit(room, late=late):
+        def admit(room, late=late, asked=asked):
             asked.append(room)
             return [late] if len(asked) == 4 else []  # joins after three steps alone
 

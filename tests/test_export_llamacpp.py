@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import workbench
-from workbench.compress.data import evaluation_texts
-from workbench.compress.quality import perplexity
 from workbench.config import parse_config
+from workbench.data import evaluation_texts
 from workbench.export import verify
+from workbench.metrics import perplexity
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from workbench.engine.errors import RequestError
 from workbench.engine.request import ImagePart
+from workbench.errors import RequestError
 from workbench.modalities.images import (
     ImageInputError,
     decode_image,

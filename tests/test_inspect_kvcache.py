@@ -5,7 +5,6 @@ import json
 import pytest
 
 import workbench
-from workbench.compress.kvcache import kv_bytes_per_token
 from workbench.compress.pruning import prune_heads
 from workbench.inspect.kvcache import (
     context_cost,
@@ -15,6 +14,7 @@ from workbench.inspect.kvcache import (
     measure_cache,
     memory_curve,
 )
+from workbench.models.anatomy import kv_bytes_per_token
 
 
 def test_predicted_equals_measured_for_the_dynamic_cache_on_each_tiny_architecture(tiny):

@@ -1,5 +1,6 @@
 """KV-cache policies: the engine generates with them, and their memory behaves as they promise."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -25,8 +26,9 @@ def run(session, prompt=LONG, tokens=24):
 
 def capture_cache(session):
     made = []
-    factory = session.engine.cache_factory
-    session.engine.cache_factory = lambda config: made.append(factory(config)) or made[-1]
+    policy = session.engine.cache_policy
+    spy = dataclasses.replace(policy, factory=lambda config: made.append(policy.factory(config)) or made[-1])
+    session.engine.set_cache_policy(spy)
     return made
 
 

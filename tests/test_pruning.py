@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, IDS, logits
 from transformers import DynamicCache
 
 import workbench
@@ -15,8 +16,6 @@ from workbench.compress.pruning import (
     prune_heads,
 )
 from workbench.config import ConfigError, parse_config
-
-from tiny_models import ARCHS, IDS, logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

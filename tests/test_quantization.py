@@ -95,7 +95,6 @@ def test_int4_runs_on_the_cpu_through_the_packed_kernel_with_bf16_activations():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from workbench.compress.int4_linear import Int4Linear
-
     from workbench.compress.report import parameter_count
 
     session = workbench.load("tiny:qwen3", quiet=True)
@@ -216,8 +215,6 @@ def test_int4_layer_holds_torchaos_packed_values_and_dequantizes_to_what_it_mult
 
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-    from workbench.compress.int4_linear import Int4Linear
-
     session = workbench.load("tiny:llama", quiet=True)
     original = copy.deepcopy(session.model.model.layers[0].mlp.down_proj)
     quantize(session, scheme="int4_weight_only", group_size=32)
@@ -273,8 +270,8 @@ def test_an_untied_lm_head_is_not_copied():
 def test_int8_lm_head_on_the_embedded_model_keeps_perplexity_within_one_percent(embedded_cache, monkeypatch):
     """The int8 config quantizes the tied lm_head too; its perplexity must stay within 1% of
     fp32 on held-out windows (16 windows measured 14.772 -> 14.888; these 2: 14.691 -> 14.791)."""
-    from workbench.compress.data import evaluation_texts
-    from workbench.compress.quality import perplexity
+    from workbench.data import evaluation_texts
+    from workbench.metrics import perplexity
 
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
     session = workbench.load("configs/default.yaml", device="cpu", quiet=True)

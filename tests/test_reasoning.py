@@ -12,8 +12,9 @@ import pytest
 import workbench
 from workbench.config import ConfigError, parse_config
 from workbench.engine.template import render_prompt
+from workbench.models.adapters import TEMPLATE_FILE
 from workbench.reasoning import problems as pb
-from workbench.reasoning.template import SWITCH, TEMPLATE_FILE, with_thinking_switch
+from workbench.reasoning.template import SWITCH, with_thinking_switch
 from workbench.reasoning.train import ThinkingOptions, encode, held_out_accuracy, train
 from workbench.serve.live import LiveServer
 

@@ -3,16 +3,15 @@
 import pytest
 import torch
 import yaml
+from tiny_models import ARCHS, logits
 
 import workbench
 from workbench.compress import compensation
-from workbench.compress.data import evaluation_texts
-from workbench.compress.pruning import _calibration_batches, attention_layers, prune_heads
+from workbench.compress.pruning import _calibration_batches, prune_heads
 from workbench.compress.recovery import held_out_kl
 from workbench.config import ConfigError, parse_config
-
-from tiny_models import ARCHS, logits
-
+from workbench.data import evaluation_texts
+from workbench.models.anatomy import attention_layers
 
 # --- compensation --------------------------------------------------------------------------
 

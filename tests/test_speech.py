@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from workbench.bench import speech as speech_bench
-from workbench.engine.errors import RequestError
+from workbench.errors import RequestError
 from workbench.modalities import speech
 from workbench.modalities.audio import AudioInputError, load_audio
 from workbench.modalities.speech import (

@@ -2,8 +2,8 @@
 Face Space sets it), flags win, and a bad port is named before any model loads."""
 
 import runpy
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 

@@ -2,9 +2,6 @@
 loader's VLM path, and the forward contract the engine relies on (prefill with the
 processor's inputs, then token-by-token decode over a DynamicCache)."""
 
-import base64
-import io
-
 import pytest
 import torch
 from PIL import Image
@@ -17,13 +14,10 @@ from transformers import (
 )
 
 from workbench.config import ModelConfig
-from workbench.engine.errors import UnsupportedInputError
-from workbench.engine.request import Message
 from workbench.modalities.images import ImageInputError
 from workbench.modalities.native import (
     NativeVision,
     decode_position_ids,
-    from_request,
     reset_rope_state,
     rope_delta,
     uses_mrope,
@@ -182,14 +176,12 @@ def test_thinking_switch_only_where_the_template_has_one():
     messages, images = ask(picture(), "Why?")
     off = NativeVision(glm).render(messages, images, enable_thinking=False)
     assert off.text.endswith("Why?/nothink<|assistant|>\n<think></think>\n")
-    assert off.thinking_via is None
     on = NativeVision(glm).render(messages, images, enable_thinking=True)
-    assert on.text.endswith("Why?<|assistant|>\n") and on.thinking_via == "template"
+    assert on.text.endswith("Why?<|assistant|>\n")
     assert NativeVision(glm).has_thinking_switch and not NativeVision(qwen).has_thinking_switch
     plain = NativeVision(qwen).render(messages, images, enable_thinking=False)
     assert "think" not in plain.text
-    asked = NativeVision(qwen).render(messages, images, enable_thinking=True)
-    assert asked.thinking_via == "instruction" and "<think>" in asked.text
+    assert NativeVision(qwen).render(messages, images, enable_thinking=True).text == plain.text
 
 
 def test_render_expands_placeholders_and_returns_prefill_inputs(loaded):
@@ -331,39 +323,6 @@ def test_interleaved_requests_are_safe_with_explicit_decode_positions(loaded):
                 nexts[i] = int(out.logits[0, -1].argmax())
     assert got == expected
     assert deltas[1] == 0 and (deltas[0] != 0) == (arch_of(loaded) in MROPE)
-
-
-def test_from_request_turns_openai_parts_into_entries_and_images():
-    buf = io.BytesIO()
-    picture().save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    messages = [
-        Message(role="developer", content="Be brief."),
-        Message(
-            role="user", content=[{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": url}}]
-        ),
-        Message(role="assistant", content="A red square.", reasoning_content="red pixels"),
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Again?"}],
-        },
-    ]
-    hf, images = from_request(messages)
-    assert [m["role"] for m in hf] == ["system", "user", "assistant", "user"]
-    assert hf[1]["content"] == [{"type": "text", "text": "Look:"}, {"type": "image"}]
-    assert hf[2] == {"role": "assistant", "content": "A red square.", "reasoning_content": "red pixels"}
-    assert len(images) == 2 and images[0].size == (112, 112)
-    _, processor = build_tiny_vlm("glm4v")
-    text = NativeVision(processor).render(hf, images).text
-    assert text.count("<|begin_of_image|>") == 2 and "<think>red pixels</think>" in text
-    with pytest.raises(UnsupportedInputError, match="input_audio"):
-        from_request(
-            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
-        )
-    with pytest.raises(ImageInputError, match="allow_remote_images"):
-        from_request(
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]}]
-        )
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

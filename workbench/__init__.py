@@ -13,7 +13,7 @@ import logging
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from workbench.config import ConfigError, WorkbenchConfig, load_config  # noqa: E402
+from workbench.config import ConfigError, WorkbenchConfig, load_config
 from workbench.engine import ChatRequest, ContextLengthError, Engine, RequestError
 from workbench.models import ModelSourceError
 from workbench.session import ChatResult, Session, load

@@ -21,11 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from workbench.errors import ConfigError
+from workbench.paths import ADAPTER_RECORD, resolve_path
+from workbench.sampling_params import SamplingParams
+from workbench.step_options import STEP_OPTIONS
+
 DEFAULT_SOURCE = "embedded:smollm2-135m-instruct"
-
-
-class ConfigError(ValueError):
-    """A config file or value the workbench cannot use; the message says what to change."""
 
 
 class _Strict(BaseModel):
@@ -56,8 +57,6 @@ class ModelConfig(_Strict):
     def _adapter_folder(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        from workbench.compress.recovery import ADAPTER_RECORD, resolve_path
-
         if not (resolve_path(value) / ADAPTER_RECORD).is_file():
             raise ValueError(f"{value!r} is not an adapter folder (no {ADAPTER_RECORD} there)")
         return value
@@ -70,24 +69,10 @@ class ModelConfig(_Strict):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
 
 
-class GenerationConfig(_Strict):
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    """0 means greedy decoding."""
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(50, ge=0)
-    """0 disables top-k filtering."""
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    """Drop tokens less likely than min_p times the most likely one; 0 is off."""
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    """OpenAI's: subtract this times a token's count in the reply so far; 0 is off."""
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    """OpenAI's: subtract this from every token already in the reply; 0 is off."""
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    """vLLM's: divide positive (multiply negative) logits of prompt and reply tokens; 1 is off.
-    The embedded model loops on some prompts at the default temperature (`你是谁?`: 2 of 4 seeds
-    ran to 512 tokens); with 1.1 none did (scripts/repetition_loops.py)."""
-    seed: int | None = None
+class GenerationConfig(_Strict, SamplingParams):
+    """What a reply defaults to: every sampling knob (declared, bounded and defaulted in
+    workbench/sampling_params.py), and whether the model thinks first."""
+
     enable_thinking: bool = False
     return_reasoning: bool = True
 
@@ -111,6 +96,9 @@ class MediaConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
     """Larger images (or decompression bombs declaring them) are refused before decoding."""
     max_audio_seconds: float = Field(120.0, gt=0)
+    """Two minutes is a long voice message, and on a busy 2-core CPU Whisper base takes about as
+    long as the audio (see the speech bench), so a longer clip would hold the one recognizer for
+    minutes; that belongs in a transcription tool."""
 
 
 class CompressionStep(BaseModel):
@@ -122,18 +110,14 @@ class CompressionStep(BaseModel):
     @field_validator("step")
     @classmethod
     def _known_step(cls, name: str) -> str:
-        from workbench.compress import STEPS
-
-        if name not in STEPS:
-            known = ", ".join(sorted(STEPS)) or "none are available in this version"
+        if name not in STEP_OPTIONS:
+            known = ", ".join(sorted(STEP_OPTIONS)) or "none are available in this version"
             raise ValueError(f"unknown compression step {name!r} (known steps: {known})")
         return name
 
     @model_validator(mode="after")
     def _valid_options(self) -> CompressionStep:
-        from workbench.compress import STEPS
-
-        options_model, _ = STEPS[self.step]
+        options_model = STEP_OPTIONS[self.step]
         try:
             options_model.model_validate(self.model_extra or {})
         except ValidationError as exc:
@@ -196,8 +180,6 @@ def parse_config(data: Any, origin: str = "<config>") -> WorkbenchConfig:
 def load_config(path: str | Path) -> WorkbenchConfig:
     """A relative path that is not there is tried against the repository too, so the shipped
     `configs/NAME.yaml` load by that name from anywhere (a notebook runs in notebooks/)."""
-    from workbench.compress.recovery import resolve_path
-
     path = resolve_path(str(path))
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")

@@ -8,17 +8,24 @@ from pathlib import Path
 import torch
 import yaml
 
+from workbench.compress.pipeline import apply
+from workbench.compress.quantization import preflight as quantize_preflight
 from workbench.config import (
     ConfigError,
     MediaConfig,
     ModelConfig,
     WorkbenchConfig,
     load_config,
+    parse_config,
 )
 from workbench.engine import ChatRequest, Engine
 from workbench.engine.events import ChatResult, ReplyBuilder
 from workbench.engine.media import Media
+from workbench.modalities.adapter import VisionAdapter, shipped_adapter_dir
+from workbench.modalities.native import NativeVision
+from workbench.modalities.speech import SpeechRecognizer
 from workbench.models import LoadedModel, load_model
+from workbench.models.loader import resolve_device, resolve_dtype
 
 SAVED_CONFIG = "workbench.yaml"
 
@@ -40,7 +47,9 @@ class Session:
             media=self.media,
         )
         if self.media.native is not None:
-            self.engine.max_batch = 1  # multimodal rotary positions are kept per model, not per row
+            self.engine.limit_batch(
+                1, reason="a vision-language model keeps its multimodal rotary positions per model, not per row"
+            )
         self.reports: list[dict] = []
         """What each compression step applied to this session changed."""
 
@@ -103,14 +112,10 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     no_vision = ""
     processor = getattr(loaded, "processor", None)
     if processor is not None:
-        from workbench.modalities.native import NativeVision
-
         native = NativeVision(processor, dtype=loaded.dtype, device=loaded.device)
     elif config.vision_adapter == "none":
         no_vision = "media.vision_adapter is none in this session's config"
     else:
-        from workbench.modalities.adapter import shipped_adapter_dir
-
         path = shipped_adapter_dir() if config.vision_adapter == "auto" else Path(config.vision_adapter).expanduser()
         adapter, no_vision = _adapter_for(loaded, path, explicit=config.vision_adapter != "auto")
     speech = None
@@ -120,8 +125,6 @@ def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
     else:
 
         def speech():  # faster-whisper loads on the first audio part, not with the session
-            from workbench.modalities.speech import SpeechRecognizer
-
             return SpeechRecognizer(config.speech)
 
     return Media(
@@ -158,8 +161,6 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
         )
     if not explicit and (width != hidden or trained_for != loaded.source):
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
-    from workbench.modalities.adapter import VisionAdapter
-
     weight = loaded.model.get_input_embeddings().weight
     return VisionAdapter.load(path, dtype=weight.dtype, device=weight.device), ""
 
@@ -179,8 +180,6 @@ def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: di
     else:
         config = WorkbenchConfig(model=ModelConfig(source=spec))
     if overrides:
-        from workbench.config import parse_config
-
         data = config.model_dump()
         data["model"].update(overrides)
         config = parse_config(data, origin=f"load(..., {', '.join(overrides)}=...)")
@@ -189,9 +188,6 @@ def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: di
 
 def preflight(config: WorkbenchConfig) -> None:
     """Fail before loading anything when a compression step cannot run on this machine."""
-    from workbench.compress.quantization import preflight as quantize_preflight
-    from workbench.models.loader import resolve_device, resolve_dtype
-
     steps = [s for s in config.compression if s.step == "quantize"]
     if steps:
         device = resolve_device(config.model.device)
@@ -211,8 +207,6 @@ def load(
     preflight(config)
     session = Session(load_model(config.model, quiet=quiet), config)
     if config.compression:
-        from workbench.compress.pipeline import apply
-
         session.reports = apply(session, config.compression)
     if config.model.compile:
         session.engine.compile_decode()

@@ -126,7 +126,7 @@ def measure_column(
                 reachable_error=error,
             )
             return column
-    except Exception as exc:  # a target that fails to load or answer is one bad column, not a lost run
+    except Exception as exc:  # noqa: BLE001 - a target that fails to load or answer is one bad column, not a lost run
         error = f"{type(exc).__name__}: {exc}"
         print(f"compare: {target.name}: {error}", file=sys.stderr)
         return Column(target, Quality(target.name, tasks=failed_tasks(tasks, error), error=error), [], error=error)
@@ -263,7 +263,6 @@ def to_markdown(columns: list[Column], tasks: list[Task], meta: dict) -> str:
 
 
 def figure(columns: list[Column], tasks: list[Task], meta: dict):
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     names = [c.target.name for c in columns]
@@ -306,5 +305,5 @@ def write_results(out: Path, columns: list[Column], tasks: list[Task], meta: dic
     if png:
         try:  # kaleido drives a Chromium; without one the HTML is still there
             fig.write_image(out / "compare.png")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - kaleido fails in many ways; each means no PNG
             print(f"compare: no PNG ({type(exc).__name__}: {exc}); compare.html has the figure", file=sys.stderr)

@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.export.verify import gguf_field
+
 PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for saving battery on a phone.",
@@ -70,7 +72,8 @@ def llamacpp_available() -> bool:
 
 def gguf_variant(kind: str) -> Path:
     """The embedded GGUF re-encoded to `kind`, made once and kept in the workbench cache."""
-    from workbench.models.embedded import cache_root, gguf_path
+    from workbench.models.embedded import gguf_path
+    from workbench.paths import cache_root
 
     if kind.endswith(".gguf"):
         return Path(kind).expanduser()
@@ -129,7 +132,8 @@ class _EngineRunner(_Runner):
         import torch
 
         import workbench
-        from workbench.compress.report import parameter_count, weight_bytes_by_dtype
+        from workbench.compress.report import parameter_count
+        from workbench.models.anatomy import weight_bytes_by_dtype
 
         self.session = workbench.load(
             target.spec, quiet=True, **({"compile": True} if target.path == "engine+compile" else {})
@@ -279,26 +283,24 @@ def _gguf_heads(path: Path) -> int | None:
     """The same count read from a GGUF file (a scalar for uniform models, a per-layer array for deci)."""
     import gguf
 
-    fields = gguf.GGUFReader(path).fields
-    arch = fields.get("general.architecture")
+    reader = gguf.GGUFReader(path)
+    arch = gguf_field(reader, "general.architecture")
     if arch is None:
         return None
-    arch = arch.contents()
-    heads, blocks = fields.get(f"{arch}.attention.head_count"), fields.get(f"{arch}.block_count")
+    heads, blocks = gguf_field(reader, f"{arch}.attention.head_count"), gguf_field(reader, f"{arch}.block_count")
     if heads is None or blocks is None:
         return None
-    heads = heads.contents()
-    return int(sum(heads)) if isinstance(heads, list) else int(heads) * int(blocks.contents())
+    return int(sum(heads)) if isinstance(heads, list) else int(heads) * int(blocks)
 
 
 def _file_type(path: Path) -> str:
     """A GGUF file's encoding (F16, Q8_0, ...) from its general.file_type key."""
     import gguf
 
-    field = gguf.GGUFReader(path).fields.get("general.file_type")
-    if field is None:
+    file_type = gguf_field(gguf.GGUFReader(path), "general.file_type")
+    if file_type is None:
         return "?"
-    return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")
+    return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
 
 
 def _runner(target: Target) -> _Runner:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from workbench.serve.live import free_port
+from workbench.serve.live import free_port, stop_process
 
 SERVER_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -74,10 +74,5 @@ class LlamaCppServer:
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=10)

@@ -18,9 +18,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import workbench
-from workbench.compress.data import evaluation_texts
+from workbench.bench.tasks import _facts, is_correct
 from workbench.compress.pruning import prune_heads
-from workbench.compress.quality import perplexity
+from workbench.compress.recovery import recover, teacher_copy
+from workbench.data import SHORT_ANSWER_PROMPT, evaluation_texts
+from workbench.metrics import perplexity
 
 STAGES = ("none", "compensate", "recover")
 
@@ -28,11 +30,9 @@ STAGES = ("none", "compensate", "recover")
 def facts_correct(session, limit: int | None = None) -> int:
     """Greedy `facts` answers in process (the bench quality task's questions, system prompt
     and checker, without a server)."""
-    from workbench.bench.tasks import SYSTEM_PROMPT, _facts, is_correct
-
     correct = 0
     for item in list(_facts())[:limit]:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}]
+        messages = [{"role": "system", "content": SHORT_ANSWER_PROMPT}, {"role": "user", "content": item.question}]
         correct += is_correct(item, session.chat(messages, temperature=0, max_tokens=16).text)
     return correct
 
@@ -60,8 +60,6 @@ def run_curve(
     """`done`: rows of an earlier run with the same options; a point whose stages are all there is
     taken from them instead of being measured again. `on_point(rows)` is called after every point,
     so a long grid (a recover point is a training run) can be saved as it goes."""
-    from workbench.compress.recovery import recover, teacher_copy
-
     stages = stages or ["none"]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -181,7 +179,7 @@ def to_markdown(summary: list[dict], meta: dict) -> str:
         heads = next(iter(cells.values()))["heads"]
 
         def cell(c, st):
-            s = cells.get((c, st))
+            s = cells.get((c, st))  # noqa: B023 - called within this iteration
             if s is None:
                 return "—"
             return f"{s['perplexity_median']:.2f}" + (f" / {s['facts_median']:g}" if "facts_median" in s else "")

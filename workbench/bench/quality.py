@@ -1,6 +1,6 @@
 """Quality per target: held-out perplexity (local configs) and answer accuracy per task.
 
-Perplexity is the compression pipeline's own measure (`compress.quality.perplexity` on
+Perplexity is the compression pipeline's own measure (`workbench.metrics.perplexity` on
 `data/evaluation.txt`), computed on the loaded model, so it exists only for local targets:
 a chat API returns no prompt log-probabilities to compute it from. Answer accuracy goes
 through the OpenAI HTTP path (`bench.tasks`), the same for a local config and a cloud model.
@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from workbench.bench.targets import Endpoint, Target, open_target, probe
 from workbench.bench.tasks import Answer, Task, TaskResult, mode_name, run_task
-from workbench.compress.data import evaluation_texts
-from workbench.compress.quality import perplexity
+from workbench.data import evaluation_texts
+from workbench.metrics import perplexity
 
 NO_PERPLEXITY = "n/a (endpoint: no log-probabilities over the chat API)"
 
@@ -133,7 +133,7 @@ def run_quality(
                         thinking_tokens=thinking_tokens,
                     )
                 )
-        except Exception as exc:  # a target that fails to load is one bad row, not a lost run
+        except Exception as exc:  # noqa: BLE001 - a target that fails to load is one bad row, not a lost run
             print(f"quality: {target.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             results.append(
                 Quality(

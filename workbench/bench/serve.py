@@ -13,6 +13,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,14 @@ class ServeRun:
     error: str = ""
 
 
+async def event_chunks(response: httpx.Response) -> AsyncIterator[dict]:
+    """A streamed chat completion's chunks: each server-sent `data: {...}` line, parsed
+    (`data: [DONE]`, blank lines and other event fields are skipped)."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, concurrency: int, path: str) -> ServeRun:
     start = time.perf_counter()
     first = None
@@ -54,10 +63,7 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, c
                     0,
                     f"HTTP {response.status_code}: {(await response.aread())[:200]!r}",
                 )
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
+            async for data in event_chunks(response):
                 if "error" in data:
                     return ServeRun(path, concurrency, False, 0.0, time.perf_counter() - start, 0, str(data["error"]))
                 if data.get("usage"):

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import httpx
 
+import workbench
+from workbench.bench.llamacpp_server import LlamaCppServer, missing_modules
 from workbench.config import ConfigError, load_config
+from workbench.serve.live import LiveServer
 
 ENDPOINT_SYNTAX = "NAME=BASE_URL,model=ID[,key_env=VAR][,price_in=USD][,price_out=USD][,context=N]"
 _ENDPOINT_KEYS = {"model", "key_env", "price_in", "price_out", "context"}
@@ -83,8 +86,6 @@ def parse_configs(text: str, *, price_in: float | None = None, price_out: float 
                 raise TargetError(
                     f"--configs: {spec} does not exist (write it with python -m workbench.export CONFIG --to gguf --out {spec})"
                 )
-            from workbench.bench.llamacpp_server import missing_modules
-
             if missing := missing_modules():
                 raise TargetError(
                     f"--configs: serving {spec} needs llama-cpp-python's server; missing {', '.join(missing)} "
@@ -175,14 +176,9 @@ def open_target(target: Target):
         yield Endpoint(target.base_url, target.model, os.environ.get(target.key_env) if target.key_env else None), None
         return
     if target.config.endswith(".gguf"):
-        from workbench.bench.llamacpp_server import LlamaCppServer
-
         with LlamaCppServer(target.config, model_name=target.name) as server:
             yield Endpoint(server.base_url + "/v1", target.name), None
         return
-    import workbench
-    from workbench.serve.live import LiveServer
-
     session = workbench.load(target.config, quiet=True)
     with LiveServer(session, model_name=target.name) as live:
         yield Endpoint(live.base_url + "/v1", target.name), session

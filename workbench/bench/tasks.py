@@ -32,9 +32,9 @@ from functools import cache
 import httpx
 from tqdm.auto import tqdm
 
-from workbench.compress.data import DATA_DIR
-
-SYSTEM_PROMPT = "Answer with only the answer: a word, a name or a number. No explanation."
+from workbench.bench.serve import event_chunks
+from workbench.data import SHORT_ANSWER_PROMPT
+from workbench.paths import DATA_DIR
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Task:
     items: Callable[[], list[Item]] | None = None
     """None while the task cannot run yet; `unavailable` then says why."""
     unavailable: str = ""
-    system: str | None = SYSTEM_PROMPT
+    system: str | None = SHORT_ANSWER_PROMPT
     """The system message sent with every question; None sends none (the model's default)."""
 
 
@@ -314,10 +314,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict
         if response.status_code != 200:
             answer.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
             return {}
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in event_chunks(response):
             if "error" in chunk:
                 answer.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
                 return {}

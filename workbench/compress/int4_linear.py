@@ -23,6 +23,9 @@ class Int4Linear(nn.Linear):
     """`weight` is PyTorch's packed CPU int4 layout (uint8, two weights a byte);
     `scales_and_zeros` one bf16 scale and zero point per `group_size` inputs of each output."""
 
+    qparams = ("scales_and_zeros",)
+    """The buffers beside `weight` that hold its quantization parameters (see Int8Linear.qparams)."""
+
     def __init__(
         self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, shape: tuple[int, int], bias
     ):

@@ -24,6 +24,10 @@ _ACT = torch.bfloat16
 class Int8Linear(nn.Linear):
     """`weight` is int8 (out, in); `scales` one bf16 scale per output channel."""
 
+    qparams = ("scales",)
+    """The buffers beside `weight` that hold its quantization parameters: they count in the
+    layer's storage, and a float export drops them (it writes `dequantized()` instead)."""
+
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape

@@ -17,30 +17,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-
-class KVCacheOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    policy: Literal["dynamic", "sliding_window", "quantized", "offloaded"] = "dynamic"
-    window: int | None = Field(None, ge=16)
-    """sliding_window only: tokens kept"""
-    nbits: Literal[2, 4] = 4
-    """quantized only"""
-    residual_length: int = Field(128, ge=0)
-    """quantized only: newest tokens kept in full precision"""
-
-    @model_validator(mode="after")
-    def _window_iff_sliding(self):
-        if self.policy == "sliding_window" and self.window is None:
-            raise ValueError("sliding_window needs `window`: how many recent tokens the cache keeps")
-        if self.policy != "sliding_window" and self.window is not None:
-            raise ValueError(f"`window` applies to the sliding_window policy, not {self.policy}")
-        return self
+from workbench.engine import CachePolicy
+from workbench.models.anatomy import kv_bytes_per_token
+from workbench.step_options import KVCacheOptions
 
 
 @dataclass
@@ -79,12 +62,6 @@ def cache_factory(opts: KVCacheOptions) -> Callable[[object], Cache]:
     return lambda config: DynamicCache(config=config, offloading=True)
 
 
-def kv_bytes_per_token(model) -> int:
-    layers = model.model.layers
-    width = model.get_input_embeddings().weight.element_size()
-    return sum(2 * layer.self_attn.k_proj.out_features * width for layer in layers)
-
-
 def kv_cache(session, **options) -> KVCacheReport:
     opts = KVCacheOptions.model_validate(options)
     device = session.engine.device
@@ -95,9 +72,10 @@ def kv_cache(session, **options) -> KVCacheReport:
         )
     if opts.policy == "quantized" and importlib.util.find_spec("optimum.quanto") is None:
         raise ValueError("the quantized KV cache needs optimum-quanto: pip install optimum-quanto==0.2.7")
-    session.engine.cache_factory = cache_factory(opts)
-    session.engine.max_batch = None if opts.policy == "dynamic" else 1
-    session.engine.cache_policy = opts.policy
+    one_at_a_time = opts.policy != "dynamic"  # see the module docstring
+    session.engine.set_cache_policy(
+        CachePolicy(opts.policy, cache_factory(opts), max_batch=1 if one_at_a_time else None)
+    )
     return KVCacheReport(
         step="kv_cache",
         policy=opts.policy,

@@ -9,6 +9,10 @@ from dataclasses import asdict, is_dataclass
 from tqdm.auto import tqdm
 
 from workbench.compress import STEPS
+from workbench.compress.recovery import teacher_copy
+from workbench.data import calibration_texts
+from workbench.paths import ADAPTER_RECORD, resolve_path
+from workbench.step_options import PruneOptions
 
 IN_WEIGHTS = {"prune_heads", "recover"}
 """Steps whose result lives in the weights and shapes a checkpoint stores. The others
@@ -24,15 +28,11 @@ def split_steps(steps) -> tuple[list, list]:
 
 
 def calibration_digest() -> str:
-    from workbench.compress.data import calibration_texts
-
     return hashlib.sha256("\f".join(calibration_texts()).encode()).hexdigest()[:16]
 
 
 def prune_record(source: str, options: dict, report: dict) -> dict:
     """What a saved recovery adapter remembers of the prune it was trained after."""
-    from workbench.compress.pruning import PruneOptions
-
     return {
         "source": source,
         "options": PruneOptions.model_validate(options).model_dump(mode="json"),
@@ -46,9 +46,6 @@ def recorded_removal(source: str, options: dict, later_steps) -> dict | None:
     with exactly these options of the same model on the same calibration text: the prune is
     deterministic, so replaying the recorded groups gives the same model without measuring
     importance again (the taylor pass takes minutes on a small CPU). Otherwise None."""
-    from workbench.compress.pruning import PruneOptions
-    from workbench.compress.recovery import ADAPTER_RECORD, resolve_path
-
     adapter = next((s.model_extra.get("adapter") for s in later_steps if s.step == "recover"), None)
     if not adapter or options.get("remove") is not None:
         return None
@@ -69,8 +66,6 @@ def apply(session, steps) -> list[dict]:
 
     A `recover` step that trains gets the model as loaded (copied before the first step) as its
     teacher, and the prune it follows, to record beside a saved adapter."""
-    from workbench.compress.recovery import teacher_copy
-
     steps = list(steps)
     teacher = None
     if any(s.step == "recover" and not (s.model_extra or {}).get("adapter") for s in steps):

@@ -18,51 +18,22 @@ Importance, after Michel et al. 2019 ("Are Sixteen Heads Really Better than One?
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-Criterion = Literal["taylor", "attention_entropy", "weight_norm", "random"]
-CRITERIA: tuple[str, ...] = ("taylor", "attention_entropy", "weight_norm", "random")
-
-
-class PruneOptions(BaseModel):
-    """Options of the `prune_heads` step, checked when the config is read."""
-
-    model_config = ConfigDict(extra="forbid")
-    criterion: Criterion = "taylor"
-    ratio: float | None = Field(None, ge=0.0, lt=1.0)
-    """Fraction of all KV groups (with their query heads) to remove, ranked across layers."""
-    per_layer: int | None = Field(None, ge=0)
-    """Or: this many KV groups removed from every layer."""
-    remove: dict[int, list[int]] | None = None
-    """Or: exactly these KV groups, {layer: [group, ...]} in the unpruned numbering (no
-    importance is measured; e.g. the groups a shipped recovery adapter was trained on)."""
-    min_groups_per_layer: int = Field(1, ge=1)
-    seed: int = 0
-    calibration_texts: int = Field(16, ge=1)
-    calibration_tokens: int = Field(256, ge=16)
-    compensate: bool = False
-    """Refit each pruned layer's o_proj by least squares so its output matches the unpruned
-    layer's on the calibration text (seconds; see compensation.py)."""
-    compensate_ridge: float = Field(1e-3, gt=0.0, le=10.0)
-    """Ridge term of that fit, relative to the mean diagonal of X^T X."""
-
-    @model_validator(mode="after")
-    def _one_budget(self):
-        if sum(b is not None for b in (self.ratio, self.per_layer, self.remove)) != 1:
-            raise ValueError(
-                "give exactly one budget: `ratio` (global fraction), `per_layer` (groups per layer) "
-                "or `remove` (the groups themselves)"
-            )
-        for layer, groups in (self.remove or {}).items():
-            if layer < 0 or any(g < 0 for g in groups) or len(set(groups)) != len(groups):
-                raise ValueError(f"remove: layer {layer} lists {groups}; layers and groups are distinct indices >= 0")
-        return self
+from workbench.compress import compensation
+from workbench.data import calibration_texts as shipped_calibration_texts
+from workbench.models.anatomy import (
+    attention_layers,
+    eager_attention,
+    keep_groups,
+    kv_groups,
+    mask_o_proj_input,
+    record_in_config,
+)
+from workbench.step_options import CRITERIA, PruneOptions
 
 
 @dataclass
@@ -83,84 +54,7 @@ class PruneReport:
     """layer -> relative o_proj output error on the calibration text before/after the refit"""
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"prune_heads needs a decoder with model.layers; {type(model).__name__} has none")
-    attns = []
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
-            raise ValueError(
-                f"prune_heads supports attention with separate q/k/v/o projections (llama, qwen3, glm4, ...); "
-                f"layer {i} of {type(model).__name__} has {type(attn).__name__}"
-            )
-        attns.append(attn)
-    return attns
-
-
-def kv_groups(attn: nn.Module) -> int:
-    return attn.k_proj.out_features // attn.head_dim
-
-
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    weight = linear.weight.detach().index_select(dim, index).clone()
-    out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        bias = linear.bias.detach() if dim == 1 else linear.bias.detach().index_select(0, index)
-        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def keep_groups(attn: nn.Module, keep: Sequence[int]) -> None:
-    """Shrink one attention module to the KV groups in `keep` (and their query heads)."""
-    hd, gs = attn.head_dim, attn.num_key_value_groups
-    device = attn.q_proj.weight.device
-    q_index = torch.tensor([g * gs * hd + i for g in keep for i in range(gs * hd)], device=device)
-    kv_index = torch.tensor([g * hd + i for g in keep for i in range(hd)], device=device)
-    attn.q_proj = _slice_linear(attn.q_proj, q_index, 0)
-    attn.k_proj = _slice_linear(attn.k_proj, kv_index, 0)
-    attn.v_proj = _slice_linear(attn.v_proj, kv_index, 0)
-    attn.o_proj = _slice_linear(attn.o_proj, q_index, 1)
-
-
-def record_in_config(model: nn.Module, attns: list[nn.Module]) -> None:
-    config = model.config
-    if getattr(config, "head_dim", None) is None:
-        config.head_dim = attns[0].head_dim  # never re-derived from hidden_size / heads again
-    config.key_value_heads_per_layer = [kv_groups(a) for a in attns]
-    config.attention_heads_per_layer = [kv_groups(a) * a.num_key_value_groups for a in attns]
-
-
-def restore_pruned_shapes(model: nn.Module) -> None:
-    """Give a freshly built model the per-layer head counts its config records, so a pruned
-    checkpoint's weights fit. Which groups survive is irrelevant: the weights overwrite them."""
-    counts = getattr(model.config, "key_value_heads_per_layer", None)
-    if not counts:
-        return
-    for attn, n in zip(attention_layers(model), counts):
-        if kv_groups(attn) != n:
-            keep_groups(attn, range(n))
-
-
 # --- importance ---------------------------------------------------------------------------
-
-
-def _group_mask_hooks(attns: list[nn.Module], mask: torch.Tensor):
-    """Multiply each group's slice of the attention output (o_proj's input) by mask[layer, group]."""
-    handles = []
-    for layer, attn in enumerate(attns):
-        hd, gs, groups = attn.head_dim, attn.num_key_value_groups, kv_groups(attn)
-
-        def scale(module, args, layer=layer, hd=hd, gs=gs, groups=groups):
-            (x,) = args
-            shaped = x.view(*x.shape[:-1], groups, gs * hd) * mask[layer, :groups, None].to(x.dtype)
-            return (shaped.view_as(x),)
-
-        handles.append(attn.o_proj.register_forward_pre_hook(scale))
-    return handles
 
 
 def _calibration_batches(tokenizer, texts: list[str], n: int, tokens: int, device) -> list[torch.Tensor]:
@@ -177,7 +71,7 @@ def _calibration_batches(tokenizer, texts: list[str], n: int, tokens: int, devic
 def taylor_importance(model, attns, batches) -> torch.Tensor:
     groups = max(kv_groups(a) for a in attns)
     mask = torch.ones(len(attns), groups, device=batches[0].device, requires_grad=True)
-    handles = _group_mask_hooks(attns, mask)
+    handles = [mask_o_proj_input(attn, mask[layer, : kv_groups(attn)]) for layer, attn in enumerate(attns)]
     grads = torch.zeros(len(attns), groups, device=mask.device)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -197,19 +91,14 @@ def taylor_importance(model, attns, batches) -> torch.Tensor:
 
 
 def entropy_importance(model, attns, batches) -> torch.Tensor:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # only eager attention returns probabilities
-    try:
-        groups = max(kv_groups(a) for a in attns)
-        entropy = torch.zeros(len(attns), groups, device=batches[0].device)
-        with torch.inference_mode():
-            for ids in batches:
-                probs = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
-                for layer, (attn, p) in enumerate(zip(attns, probs)):
-                    h = -(p * p.clamp(min=1e-12).log()).sum(-1).mean(dim=(0, 2))  # per query head
-                    entropy[layer, : kv_groups(attn)] += h.view(kv_groups(attn), attn.num_key_value_groups).mean(-1)
-    finally:
-        model.set_attn_implementation(previous)
+    groups = max(kv_groups(a) for a in attns)
+    entropy = torch.zeros(len(attns), groups, device=batches[0].device)
+    with eager_attention(model), torch.inference_mode():
+        for ids in batches:
+            probs = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+            for layer, (attn, p) in enumerate(zip(attns, probs)):
+                h = -(p * p.clamp(min=1e-12).log()).sum(-1).mean(dim=(0, 2))  # per query head
+                entropy[layer, : kv_groups(attn)] += h.view(kv_groups(attn), attn.num_key_value_groups).mean(-1)
     return -entropy / len(batches)
 
 
@@ -249,9 +138,7 @@ def importance(
     if criterion == "weight_norm":
         return weight_norm_importance(attns)
     if texts is None:
-        from workbench.compress.data import calibration_texts as load_texts
-
-        texts = load_texts()
+        texts = shipped_calibration_texts()
     device = attns[0].q_proj.weight.device
     batches = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
     if criterion == "taylor":
@@ -295,7 +182,7 @@ def choose_groups(
             removed[layer] = sorted(order[:per_layer])
         return {k: v for k, v in removed.items() if v}
     budget = math.floor(ratio * sum(counts) + 1e-9)
-    ranked = sorted(((float(scores[l, g]), l, g) for l, n in enumerate(counts) for g in range(n)))
+    ranked = sorted(((float(scores[layer, g]), layer, g) for layer, n in enumerate(counts) for g in range(n)))
     left = list(counts)
     for _, layer, group in ranked:
         if budget == 0:
@@ -356,12 +243,9 @@ def prune_heads(session, **options) -> PruneReport:
         )
     stats = None
     if opts.compensate and removed:
-        from workbench.compress import compensation
-        from workbench.compress.data import calibration_texts
-
         batches = _calibration_batches(
             session.tokenizer,
-            calibration_texts(),
+            shipped_calibration_texts(),
             opts.calibration_texts,
             opts.calibration_tokens,
             attns[0].q_proj.weight.device,

@@ -28,33 +28,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear, kernel_available
+from workbench.models.anatomy import tensor_bytes
+from workbench.step_options import QuantizeOptions
 
-Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    pattern: str
-    """fnmatch glob over module names, e.g. `model.layers.*.mlp.*`"""
-    scheme: Scheme
-
-
-class QuantizeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    scheme: Scheme = "int8_weight_only"
-    rules: list[Rule] = []
-    group_size: int = Field(32, ge=16)
-    """int4 only: weights share a scale and zero point per this many input features. 32,
-    because 64 cost the embedded model 32% perplexity (19.5 against 14.8) and 32 about 0.4%."""
 
 
 @dataclass
@@ -70,17 +53,9 @@ class QuantizeReport:
     modules: dict[str, str] = field(default_factory=dict)
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage of a tensor, looking inside torchao's subclasses (int data + scales)."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
-
-
 def layer_bytes(module: nn.Linear) -> int:
-    """A linear layer's weight storage, its int8 scales included."""
-    extra = [getattr(module, n, None) for n in ("scales", "scales_and_zeros")]  # Int8Linear, Int4Linear
+    """A linear layer's weight storage, its quantization parameters included."""
+    extra = [getattr(module, n) for n in getattr(module, "qparams", ())]  # Int8Linear, Int4Linear
     return tensor_bytes(module.weight) + sum(tensor_bytes(t) for t in extra if isinstance(t, torch.Tensor))
 
 
@@ -144,7 +119,7 @@ def check_supported(scheme: str, group_size: int, device: torch.device, dtype: t
     try:
         _quantize_modules(probe, {"0"}, scheme, group_size, device.type)
         probe(torch.randn(2, group_size * 2, device=device, dtype=dtype))
-    except Exception as exc:  # torchao raises many kinds; all mean "not here"
+    except Exception as exc:  # noqa: BLE001 - torchao raises many kinds; all mean "not here"
         raise ValueError(
             f"{scheme} is not available for {dtype} on {device.type} with this torchao "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); choose another scheme"

@@ -30,125 +30,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
 
-from workbench.compress.data import DATA_DIR
+from workbench.compress import recovery_data as rd
+from workbench.data import calibration_texts, evaluation_texts
+from workbench.models.adapters import load_adapter, save_adapter
+from workbench.models.anatomy import pruned_shape
+from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
+from workbench.step_options import RecoverOptions
 
-ADAPTER_RECORD = "recovery.json"
-LORA_WEIGHTS = "adapter_model.safetensors"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_LORA_ONLY = ("rank", "alpha", "dropout", "targets")
-_TRAINING = (
-    "train",
-    "steps",
-    "batch",
-    "seq_len",
-    "lr",
-    "warmup",
-    "temperature",
-    "calibration_share",
-    "prompts",
-    "reply_tokens",
-    "eval_every",
-    "eval_windows",
-    "keep",
-    "save_adapter",
-    "cache_dir",
-    *_LORA_ONLY,
-)
-
-
-def resolve_path(value: str) -> Path:
-    """A path as given, or relative to the repository (configs say `data/recovery/...`)."""
-    path = Path(value).expanduser()
-    if path.exists() or path.is_absolute():
-        return path
-    repo = DATA_DIR.parent / path
-    return repo if repo.exists() else path
-
-
-class RecoverOptions(BaseModel):
-    """Options of the `recover` step, checked when the config is read."""
-
-    model_config = ConfigDict(extra="forbid")
-    adapter: str | None = None
-    """Load this trained LoRA folder instead of training."""
-    train: Literal["lora", "attention"] = "lora"
-    steps: int = Field(1000, ge=1, le=1_000_000)
-    batch: int = Field(4, ge=1, le=1024)
-    seq_len: int = Field(256, ge=16, le=8192)
-    lr: float | None = Field(None, gt=0.0, lt=1.0)
-    """Peak learning rate; default 5e-4 for lora, 5e-5 for attention."""
-    warmup: int = Field(50, ge=0)
-    temperature: float = Field(1.0, gt=0.0, le=20.0)
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float | None = Field(None, gt=0.0)
-    """LoRA scaling numerator; default 2 x rank."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
-    calibration_share: float = Field(0.5, ge=0.0, le=1.0)
-    """Share of training windows drawn from calibration text; the rest are teacher chats."""
-    prompts: str | None = None
-    """Prompts file for the teacher's replies; default data/recovery/prompts.txt."""
-    reply_tokens: int = Field(128, ge=1, le=4096)
-    eval_every: int = Field(100, ge=1)
-    eval_windows: int = Field(4, ge=1)
-    keep: Literal["perplexity", "kl", "last"] = "perplexity"
-    """Which state to end with: the lowest held-out perplexity, the lowest held-out KL to the
-    teacher, or simply the last step's."""
-    seed: int = 0
-    threads: int | None = Field(None, ge=1, le=1024)
-    """torch CPU threads while recovering (restored afterwards); None leaves torch's setting."""
-    cache_dir: str | None = None
-    """Where teacher replies are cached; default the workbench cache folder."""
-    save_adapter: str | None = None
-    """Write the trained LoRA here (lora only)."""
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        given = self.model_fields_set
-        if self.adapter is not None:
-            clash = sorted(given & set(_TRAINING))
-            if clash:
-                raise ValueError(
-                    f"adapter loads a trained adapter, so the training options {', '.join(clash)} do nothing; "
-                    "drop them, or drop adapter to train"
-                )
-            folder = resolve_path(self.adapter)
-            if not (folder / ADAPTER_RECORD).is_file():
-                raise ValueError(
-                    f"adapter {self.adapter!r}: no {ADAPTER_RECORD} there (not a folder written by save_adapter)"
-                )
-            return self
-        if self.train == "attention":
-            clash = sorted(given & set(_LORA_ONLY))
-            if clash:
-                raise ValueError(f"{', '.join(clash)} only apply to train: lora")
-            if self.save_adapter is not None:
-                raise ValueError(
-                    "save_adapter saves a LoRA; train: attention changes the weights themselves "
-                    "(save the model with --out instead)"
-                )
-        if self.warmup >= self.steps:
-            raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown:
-            raise ValueError(
-                f"targets: {unknown} are not linear layers of a decoder block (known: {', '.join(LORA_TARGETS)})"
-            )
-        if self.prompts is not None and not resolve_path(self.prompts).is_file():
-            raise ValueError(f"prompts file {self.prompts!r} does not exist")
-        if self.save_adapter is not None and resolve_path(self.save_adapter).is_file():
-            raise ValueError(f"save_adapter {self.save_adapter!r} is a file; give a folder")
-        return self
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (5e-4 if self.train == "lora" else 5e-5)
 
 
 @dataclass
@@ -167,73 +60,6 @@ class RecoverReport:
     """[{"step", "loss", "perplexity", "kl"}] at every evaluation"""
     adapter: str | None = None
     trainable_params: int = 0
-
-
-# --- shapes and the adapter record -----------------------------------------------------------
-
-
-def pruned_shape(model) -> list[int]:
-    from workbench.compress.pruning import attention_layers, kv_groups
-
-    return [kv_groups(a) for a in attention_layers(model)]
-
-
-def check_adapter(folder: Path, model) -> dict:
-    """The adapter's record, after checking it was trained on a model of this shape."""
-    record = json.loads((folder / ADAPTER_RECORD).read_text())
-    shape = pruned_shape(model)
-    if record.get("kv_heads_per_layer") != shape:
-        raise ValueError(
-            f"adapter {folder} was trained on a model with KV heads per layer {record.get('kv_heads_per_layer')}, "
-            f"but this model has {shape}: it fits only the exact pruned model it was made for "
-            f"(prune_heads {record.get('prune', {}).get('options')}); prune the same way or train a new adapter"
-        )
-    config = model.config
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "model_type"):
-        if key in record.get("model", {}) and record["model"][key] != getattr(config, key, None):
-            raise ValueError(
-                f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
-                f"this one has {getattr(config, key, None)}"
-            )
-    return record
-
-
-def load_adapter(model, folder: Path) -> None:
-    """Apply a saved LoRA and merge it: the model stays a plain transformers model."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    check_adapter(folder, model)
-    lora = LoraConfig.from_pretrained(str(folder))
-    peft_model = get_peft_model(model, lora)
-    weights = {k: v.to(model.dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
-    result = set_peft_model_state_dict(peft_model, weights)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter {folder} holds weights this model has no place for: {unexpected[:3]}")
-    merged = peft_model.merge_and_unload()
-    assert merged is model  # merged in place: the session's engine keeps its model
-
-
-def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
-    }
-    save_file(state, folder / LORA_WEIGHTS)
-    peft_model.peft_config["default"].save_pretrained(str(folder))
-    config = model.config
-    record = {
-        **record,
-        "kv_heads_per_layer": pruned_shape(model),
-        "model": {
-            k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-        },
-    }
-    (folder / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -333,10 +159,6 @@ def train(
     progress: bool = True,
 ) -> tuple[RecoverReport, object]:
     """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora)."""
-    from tqdm.auto import tqdm
-
-    from workbench.compress import recovery_data as rd
-
     report = RecoverReport(step="recover", mode=opts.train)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
@@ -424,8 +246,6 @@ def train(
 
 
 def _default_cache() -> Path:
-    from workbench.models.embedded import cache_root
-
     return cache_root() / "recovery"
 
 
@@ -456,8 +276,6 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
         raise ValueError(
             "recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first"
         )
-    from workbench.compress.data import calibration_texts, evaluation_texts
-
     with _threads(opts.threads):
         report, peft_model = train(
             model, teacher, session.tokenizer, opts, calibration=calibration_texts(), evaluation=evaluation_texts()

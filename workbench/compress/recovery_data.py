@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from workbench.compress.data import DATA_DIR
+from workbench.data import SHORT_ANSWER_PROMPT
+from workbench.paths import DATA_DIR
 
 PROMPTS = DATA_DIR / "recovery" / "prompts.txt"
 SHORT = "[short] "
-SHORT_SYSTEM = "Answer with only the answer: a word, a name or a number. No explanation."
-"""The facts task's system prompt (workbench.bench.tasks.SYSTEM_PROMPT), repeated here so the
-compression package does not import the bench's HTTP client."""
 
 
 def load_prompts(path: str | Path | None = None) -> list[list[dict]]:
@@ -39,7 +37,9 @@ def load_prompts(path: str | Path | None = None) -> list[list[dict]]:
         if not line or line.startswith("#"):
             continue
         if line.startswith(SHORT):
-            chats.append([{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": line[len(SHORT) :]}])
+            chats.append(
+                [{"role": "system", "content": SHORT_ANSWER_PROMPT}, {"role": "user", "content": line[len(SHORT) :]}]
+            )
         else:
             chats.append([{"role": "user", "content": line}])
     if not chats:

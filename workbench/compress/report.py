@@ -8,7 +8,6 @@ held-out text, and greedy decode speed through the engine.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import psutil
 import torch
 from torch import nn
 
-from workbench.compress.data import evaluation_texts
-from workbench.compress.kvcache import kv_bytes_per_token
-from workbench.compress.pruning import attention_layers, kv_groups
-from workbench.compress.quality import perplexity
-from workbench.compress.quantization import tensor_bytes
+from workbench.compress.int4_linear import Int4Linear
+from workbench.data import evaluation_texts
 from workbench.engine import ChatRequest, Done
+from workbench.metrics import perplexity
+from workbench.models.anatomy import attention_layers, kv_bytes_per_token, kv_groups, weight_bytes_by_dtype
 
 BENCH_PROMPT = "Explain in two sentences what a KV cache is."
 
@@ -41,30 +39,11 @@ class Measurement:
     """CUDA: peak allocated during the measurement; CPU: process resident memory after it"""
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
-        return type(t).__name__
-    return str(t.dtype).removeprefix("torch.")
-
-
 def parameter_count(model: nn.Module) -> int:
     """Weights as the model computes with them: an int4 layer stores two per byte, so its
     packed tensor's numel is half the layer's in x out; counting it would double bits/weight."""
-    from workbench.compress.int4_linear import Int4Linear
-
     packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear)}
     return sum(packed.get(id(p), p.numel()) for p in model.parameters())
-
-
-def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters and buffers per storage type (torchao's quantized tensors by their
-    own name, counted inside), each tied tensor once: what a compressed model really holds."""
-    seen, by_dtype = set(), Counter()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            by_dtype[_dtype_name(tensor)] += tensor_bytes(tensor)
-    return dict(by_dtype)
 
 
 def measure(session, *, windows: int, decode_tokens: int) -> Measurement:

@@ -1,17 +1,18 @@
 """Streaming chat generation: requests in OpenAI's shape, events out, thinking split once."""
 
-from workbench.engine.engine import Engine
-from workbench.engine.errors import (
+from workbench.engine.engine import CachePolicy, Engine
+from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta, TokenLogprob
+from workbench.engine.request import ChatRequest, Message
+from workbench.engine.thinking import ThinkingParser, split_thinking
+from workbench.errors import (
     ContextLengthError,
     MediaInputError,
     RequestError,
     UnsupportedInputError,
 )
-from workbench.engine.events import Done, Event, ReasoningDelta, Stats, TextDelta, TokenLogprob
-from workbench.engine.request import ChatRequest, Message
-from workbench.engine.thinking import ThinkingParser, split_thinking
 
 __all__ = [
+    "CachePolicy",
     "ChatRequest",
     "ContextLengthError",
     "Done",

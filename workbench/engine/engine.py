@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -37,15 +38,37 @@ from transformers.cache_utils import Cache
 
 from workbench.config import GenerationConfig
 from workbench.engine.batch import Batch, can_join, to_dynamic
-from workbench.engine.errors import ContextLengthError
 from workbench.engine.events import Event
 from workbench.engine.media import Media
 from workbench.engine.request import ChatRequest
 from workbench.engine.sampling import penalize
 from workbench.engine.sequence import Plan, Sequence
 from workbench.engine.template import render_prompt
+from workbench.errors import ContextLengthError
+from workbench.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def _dynamic_cache(config) -> Cache:
+    return DynamicCache(config=config)
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How each generation's KV cache is built, and how many requests such a cache can batch.
+
+    The kv_cache compression step makes one (workbench/compress/kvcache.py) and hands it to
+    `Engine.set_cache_policy`; only a `dynamic` one may be swapped for the compiled static path."""
+
+    name: str
+    factory: Callable[[object], Cache]
+    """model config -> a fresh cache for one generate()"""
+    max_batch: int | None = None
+    """None: no limit (plain dynamic layers drop and stack rows); 1 for caches that cannot"""
+
+
+DYNAMIC = CachePolicy("dynamic", _dynamic_cache)
 
 
 class Engine:
@@ -68,15 +91,48 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
-        self.cache_factory: Callable[[object], Cache] = lambda config: DynamicCache(config=config)
-        """Builds each generation's KV cache; the kv_cache compression step swaps it."""
-        self.max_batch: int | None = None
-        """Most requests one generate() may batch; None is no limit (a cache policy may set 1)."""
-        self.cache_policy = "dynamic"
-        """Set by the kv_cache step; only `dynamic` may be replaced by the compiled static path."""
+        self._cache_policy = DYNAMIC
+        self._batch_limits: dict[str, int] = {}
+        """reason -> most requests per generate(), from `limit_batch`"""
         self._compiled_step: Callable | None = None
         self._compiled_lengths: set[int] = set()
         """static cache lengths whose decode graph is compiled already"""
+
+    def set_cache_policy(self, policy: CachePolicy) -> None:
+        """Generate with `policy`'s caches from now on. Its batch limit replaces only the
+        previous policy's: limits from `limit_batch` (a VLM's 1) stay, whatever the policy."""
+        self._cache_policy = policy
+
+    def limit_batch(self, n: int, *, reason: str) -> None:
+        """At most `n` requests per generate() because of `reason` (said when a bigger batch is
+        refused). Limits compose, the smallest wins; a second call with the same reason replaces it."""
+        if n < 1:
+            raise ValueError(f"a batch limit is at least 1 request, not {n}")
+        self._batch_limits[reason] = n
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        return self._cache_policy
+
+    @property
+    def max_batch(self) -> int | None:
+        """Most requests one generate() may batch: the smallest of the cache policy's and every
+        `limit_batch` limit; None is no limit."""
+        limit = self._binding_limit()
+        return limit[0] if limit else None
+
+    def _binding_limit(self) -> tuple[int, str] | None:
+        """The smallest batch limit and its reason, or None when nothing limits the batch."""
+        limits = [(n, reason) for reason, n in self._batch_limits.items()]
+        if self._cache_policy.max_batch is not None:
+            name = self._cache_policy.name
+            limits.append(
+                (
+                    self._cache_policy.max_batch,
+                    f"its {name} KV-cache policy's cache cannot drop a finished row from a batch",
+                )
+            )
+        return min(limits, key=lambda limit: limit[0], default=None)
 
     def compile_decode(self) -> None:
         """Decode single requests through a compiled graph over a static KV cache.
@@ -118,23 +174,17 @@ class Engine:
                 f"{n_prompt + request.max_tokens}, over this session's context limit of "
                 f"{self.context_limit} tokens; lower max_tokens to at most {room} or shorten the conversation"
             )
+        # The session's defaults (the default length cut to fit), then every knob the request sets.
+        knobs = set(SamplingParams.model_fields)
+        chosen = d.model_dump(include=knobs) | {"max_tokens": min(d.max_tokens, room)}
+        chosen |= request.model_dump(include=knobs, exclude_none=True)
         return Plan(
             prompt=prompt,
-            max_new_tokens=request.max_tokens if request.max_tokens is not None else min(d.max_tokens, room),
-            temperature=d.temperature if request.temperature is None else request.temperature,
-            top_p=d.top_p if request.top_p is None else request.top_p,
-            top_k=d.top_k if request.top_k is None else request.top_k,
-            seed=d.seed if request.seed is None else request.seed,
+            sampling=SamplingParams(**chosen),
             stop=request.stop,
             return_reasoning=d.return_reasoning if request.return_reasoning is None else request.return_reasoning,
             ignore_eos=request.ignore_eos,
             started=started,
-            min_p=d.min_p if request.min_p is None else request.min_p,
-            frequency_penalty=d.frequency_penalty if request.frequency_penalty is None else request.frequency_penalty,
-            presence_penalty=d.presence_penalty if request.presence_penalty is None else request.presence_penalty,
-            repetition_penalty=d.repetition_penalty
-            if request.repetition_penalty is None
-            else request.repetition_penalty,
             logprobs=request.logprobs,
         )
 
@@ -182,7 +232,7 @@ class Engine:
 
     def _static_cache_for(self, plans: list[Plan]) -> Callable[[], Cache] | None:
         """A static cache for a lone request when the compiled path may take it, else None."""
-        if not self.compiled or len(plans) != 1 or self.cache_policy != "dynamic":
+        if not self.compiled or len(plans) != 1 or self.cache_policy.name != "dynamic":
             return None
         plan = plans[0]
         if plan.prompt.solo:  # a VLM's multimodal positions: eager only
@@ -202,13 +252,13 @@ class Engine:
         `is_cancelled(index)` turns true is dropped at the next step, with no more events.
         `admit(room)`, asked before each step, may return up to `room` more plans to join the
         running batch (continuous batching); they take the next indices, in order. At most
-        `max_rows` requests decode at once (and at most the cache policy's `max_batch`)."""
-        if self.max_batch is not None and len(plans) > self.max_batch:
-            raise ValueError(f"this engine's KV-cache policy generates at most {self.max_batch} request(s) at a time")
+        `max_rows` requests decode at once (and at most the engine's `max_batch`)."""
+        if (binding := self._binding_limit()) is not None and len(plans) > binding[0]:
+            raise ValueError(f"this engine generates at most {binding[0]} request(s) at a time: {binding[1]}")
         device = self.device
         sequences: list[Sequence] = []
         static = self._static_cache_for(plans)
-        dynamic = lambda: self.cache_factory(self.model.config)  # noqa: E731
+        dynamic = lambda: self.cache_policy.factory(self.model.config)  # noqa: E731
         batch = (
             Batch(self._compiled_forward, static, self.pad_id, device)
             if static

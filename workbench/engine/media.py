@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from workbench.config import MediaConfig
-from workbench.engine.errors import UnsupportedInputError
 from workbench.engine.request import AudioPart, ImagePart, TextPart
+from workbench.errors import UnsupportedInputError
 
 
 class Media:

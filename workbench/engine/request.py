@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from workbench.sampling_params import SamplingOverrides, TopLogprobs
+
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -67,26 +69,19 @@ class Message(BaseModel):
         return {part.type for part in self.content if not isinstance(part, TextPart)}
 
 
-class ChatRequest(BaseModel):
+class _Conversation(BaseModel):
+    messages: list[Message] = Field(min_length=1)
+
+
+class ChatRequest(SamplingOverrides, _Conversation):
+    """The conversation, the sampling knobs (SamplingOverrides: None takes the session's
+    default) and what else shapes the reply. Pydantic orders fields from the last base on, so
+    validation looks at the messages first, then the knobs, then the rest."""
+
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    """Drop tokens less likely than min_p times the most likely one (0 is off)."""
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    """OpenAI's: minus this times a token's count in the reply so far, from its logit."""
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    """OpenAI's: minus this from the logit of every token already in the reply."""
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    """vLLM's / transformers': logits of tokens in the prompt or reply divided (if positive) or
-    multiplied (if negative) by this; 1 is off."""
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: TopLogprobs | None = None
     """None: no logprobs; n: each generated token's logprob and its n most likely alternatives."""
-    seed: int | None = None
     stop: list[str] = []
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None

@@ -5,7 +5,7 @@ The penalties follow the two conventions clients expect, and default to off (Ope
 defaults):
 
 - `frequency_penalty` / `presence_penalty` (OpenAI): subtract `frequency * count` and
-  `presence * (count > 0)` from the logit of every token *generated so far*, in [-2, 2];
+  `presence * (count > 0)` from the logit of every token *generated so far*;
 - `repetition_penalty` (vLLM / transformers): every token seen in the prompt *or* the reply
   so far has a positive logit divided by it and a negative one multiplied by it (> 1
   discourages repeats, 1 is off).
@@ -73,7 +73,8 @@ def penalize(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
 
 class Sampler:
     """One request's sampling: its warpers, its own random generator, and (when it asks for
-    penalties) the counts of the tokens it has produced so far."""
+    penalties) the counts of the tokens it has produced so far. Its arguments are
+    SamplingParams' knobs by name, already within their bounds: all of them but max_tokens."""
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from workbench.engine.sampling import Sampler
 from workbench.engine.stops import StopMatcher
 from workbench.engine.template import Prompt
 from workbench.engine.thinking import ThinkingParser
+from workbench.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -29,39 +30,27 @@ class Plan:
     """A validated request with every default filled in: what the loop will do."""
 
     prompt: Prompt
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
+    sampling: SamplingParams
+    """Each knob as the request set it, else the session's default; max_tokens fits the context."""
     stop: list[str]
     return_reasoning: bool
     ignore_eos: bool
     started: float
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
     logprobs: int | None = None
     """None: no logprobs; n: each token's logprob and its n most likely alternatives."""
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_tokens
 
 
 class Sequence:
     def __init__(self, plan: Plan, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], device: torch.device):
         self.plan = plan
         self.eos_ids = eos_ids
-        self.sampler = Sampler(
-            temperature=plan.temperature,
-            top_p=plan.top_p,
-            top_k=plan.top_k,
-            seed=plan.seed,
-            device=device,
-            min_p=plan.min_p,
-            frequency_penalty=plan.frequency_penalty,
-            presence_penalty=plan.presence_penalty,
-            repetition_penalty=plan.repetition_penalty,
-            prompt_ids=plan.prompt.ids,
-        )
+        # Every knob but the length, which is this sequence's to count.
+        knobs = plan.sampling.model_dump(exclude={"max_tokens"})
+        self.sampler = Sampler(**knobs, device=device, prompt_ids=plan.prompt.ids)
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(plan.stop)
         self.parser = ThinkingParser(start_in_reasoning=plan.prompt.starts_in_reasoning)

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from workbench.engine.errors import UnsupportedInputError
 from workbench.engine.request import Message
 from workbench.engine.thinking import CLOSE_TAG, OPEN_TAG
+from workbench.errors import UnsupportedInputError
 
 if TYPE_CHECKING:
     from workbench.engine.media import Media, MediaReader

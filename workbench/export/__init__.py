@@ -17,7 +17,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.export.errors import ExportError
+from workbench.errors import ExportError
+from workbench.export import to_gguf, to_hf, verify
+from workbench.export.weights import float_state, head_layout, pad_attention
+from workbench.step_options import QuantizeOptions
 
 FORMATS = ("gguf", "hf")
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
@@ -49,8 +52,6 @@ class ExportResult:
 
 def quantized_schemes(steps) -> set[str]:
     """Schemes other than `keep` that `quantize` steps (config steps or session reports) apply."""
-    from workbench.compress.quantization import QuantizeOptions
-
     schemes: set[str] = set()
     for step in steps:
         if isinstance(step, dict):
@@ -126,8 +127,6 @@ def export(
     quiet: bool = True,
 ) -> ExportResult:
     """Write `session`'s model to `path` as `to` (see module doc and docs/export.md)."""
-    from workbench.export.weights import float_state, head_layout, pad_attention
-
     schemes = quantized_schemes(session.reports)
     type = check_request(to, type, path, overwrite=overwrite, schemes=schemes)
     path = Path(path).expanduser()
@@ -139,9 +138,7 @@ def export(
     state = float_state(model)
     padded = False
     if to == "gguf":
-        from workbench.export.to_gguf import choose_arch
-
-        arch, padded = choose_arch(config.model_type, layout, pad=pad)
+        arch, padded = to_gguf.choose_arch(config.model_type, layout, pad=pad)
     else:
         arch = config.model_type
         if not layout.uniform:
@@ -160,18 +157,15 @@ def export(
     try:
         checks: list[str] = []
         if to == "gguf":
-            from workbench.export import verify
-            from workbench.export.to_gguf import GGUFPlan, write_gguf
-
             target = staged / path.name
             eos = model.generation_config.eos_token_id if model.generation_config is not None else None
             eos = eos[0] if isinstance(eos, list) else eos
-            write_gguf(
+            to_gguf.write_gguf(
                 target,
                 state,
                 config,
                 tokenizer,
-                GGUFPlan(arch, type, layout),
+                to_gguf.GGUFPlan(arch, type, layout),
                 name=str(session.loaded.source),
                 eos_token_id=eos,
             )
@@ -182,11 +176,8 @@ def export(
                 checks += _deep_gguf_checks(target, arch, model, tokenizer, layout.head_dim)
             _replace(target, path)
         else:
-            from workbench.export import verify
-            from workbench.export.to_hf import write_hf
-
             target = staged / "checkpoint"
-            write_hf(target, state, config, tokenizer, model.generation_config, layout)
+            to_hf.write_hf(target, state, config, tokenizer, model.generation_config, layout)
             if check:
                 diff, agree = verify.hf_logits(target, model, tokenizer)
                 checks.append(f"stock transformers reload: max |logit diff| {diff:.2e}, argmax agreement {agree:.0%}")
@@ -210,8 +201,6 @@ def export(
 
 
 def _deep_gguf_checks(path: Path, arch: str, model, tokenizer, head_dim: int) -> list[str]:
-    from workbench.export import verify
-
     checks = []
     if arch in ("llama", "qwen3"):
         diff, agree = verify.gguf_logits(path, model, tokenizer, head_dim)

@@ -17,7 +17,7 @@ import json
 
 import gguf
 
-from workbench.export.errors import ExportError
+from workbench.errors import ExportError
 
 _QWEN2_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-from workbench.export.errors import ExportError
+from workbench.errors import ExportError
 from workbench.export.gguf_vocab import add_tokenizer
 from workbench.export.weights import HeadLayout
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from workbench.export.errors import ExportError
+from workbench.errors import ExportError
 from workbench.export.weights import HeadLayout
 
 PROBE = "The capital of France is Paris. A small model on a phone answers questions quickly."
 
 
-def _field(reader, key: str):
+def gguf_field(reader, key: str):
+    """A metadata value of a gguf.GGUFReader (a number, a string or a list), None where the key is absent."""
     field = reader.fields.get(key)
     if field is None:
         return None
@@ -38,15 +39,18 @@ def read_back(path: Path, arch: str, layout: HeadLayout, tensor_count: int) -> l
 
     reader = gguf.GGUFReader(path)
     problems = []
-    if _field(reader, "general.architecture") != arch:
-        problems.append(f"architecture {_field(reader, 'general.architecture')!r}, expected {arch!r}")
-    heads, kv = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.head_count_kv")
+    if gguf_field(reader, "general.architecture") != arch:
+        problems.append(f"architecture {gguf_field(reader, 'general.architecture')!r}, expected {arch!r}")
+    heads, kv = (
+        gguf_field(reader, f"{arch}.attention.head_count"),
+        gguf_field(reader, f"{arch}.attention.head_count_kv"),
+    )
     want_heads = layout.heads if not layout.uniform else layout.heads[0]
     want_kv = layout.kv_heads if not layout.uniform else layout.kv_heads[0]
     if heads != want_heads or kv != want_kv:
         problems.append(f"head counts {heads}/{kv}, expected {want_heads}/{want_kv}")
-    if _field(reader, f"{arch}.block_count") != len(layout.heads):
-        problems.append(f"block_count {_field(reader, f'{arch}.block_count')}, expected {len(layout.heads)}")
+    if gguf_field(reader, f"{arch}.block_count") != len(layout.heads):
+        problems.append(f"block_count {gguf_field(reader, f'{arch}.block_count')}, expected {len(layout.heads)}")
     if len(reader.tensors) != tensor_count:
         problems.append(f"{len(reader.tensors)} tensors, expected {tensor_count}")
     hd = layout.head_dim
@@ -133,7 +137,7 @@ def llamacpp_greedy(
 
 def llamacpp_perplexity(path: Path, tokenizer, texts: list[str], *, window: int = 512, max_windows: int = 4) -> float:
     """Perplexity of the GGUF in llama.cpp over the same windows as
-    workbench.compress.quality.perplexity (same tokenizer, same split), so the two compare."""
+    workbench.metrics.perplexity (same tokenizer, same split), so the two compare."""
     import math
 
     import llama_cpp

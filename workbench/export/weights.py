@@ -19,7 +19,7 @@ from torch import nn
 
 from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear
-from workbench.compress.pruning import attention_layers, kv_groups
+from workbench.models.anatomy import attention_layers, kv_groups
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         if owner in packed:
-            if leaf in ("scales", "scales_and_zeros"):
+            if leaf in packed[owner].qparams:
                 continue
             if leaf == "weight":
                 state[name] = packed[owner].dequantized().cpu().contiguous()

@@ -25,7 +25,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from workbench.compress.pruning import CRITERIA, attention_layers, importance, kv_groups
+from workbench.compress.pruning import importance
+from workbench.models.anatomy import attention_layers, eager_attention, kv_groups, mask_o_proj_input
+from workbench.step_options import CRITERIA
 
 
 def _heads_of(attn) -> int:
@@ -63,17 +65,6 @@ def _ids(session, text: str | list[int], max_tokens: int | None) -> torch.Tensor
     if len(ids) < 2:
         raise ValueError("the text must be at least 2 tokens long")
     return torch.tensor([ids], device=session.model.get_input_embeddings().weight.device)
-
-
-@contextmanager
-def eager_attention(model):
-    """Eager attention for the duration: the only implementation that returns probabilities."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 @dataclass
@@ -202,15 +193,9 @@ def ablate_heads(session, heads: Mapping[int, Iterable[int]] | Iterable[tuple[in
     handles = []
     for layer, hs in chosen.items():
         attn = attns[layer]
-        hd, n = attn.head_dim, _heads_of(attn)
-        mask = torch.ones(n, device=attn.o_proj.weight.device)
+        mask = torch.ones(_heads_of(attn), device=attn.o_proj.weight.device)
         mask[hs] = 0.0
-
-        def zero(module, args, mask=mask, n=n, hd=hd):
-            (x,) = args
-            return ((x.view(*x.shape[:-1], n, hd) * mask[:, None].to(x.dtype)).view_as(x),)
-
-        handles.append(attn.o_proj.register_forward_pre_hook(zero))
+        handles.append(mask_o_proj_input(attn, mask))
     try:
         yield chosen
     finally:

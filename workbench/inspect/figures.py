@@ -17,6 +17,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+import workbench
+from workbench.bench.tasks import arithmetic_items
+from workbench.data import SHORT_ANSWER_PROMPT
+from workbench.inspect.attention import capture_attention, head_stats
+from workbench.inspect.kvcache import memory_curve
+from workbench.inspect.thinking import thinking_timeline as run_timeline
+from workbench.inspect.tradeoffs import pruning_tradeoffs, quantization_tradeoffs
+
 PHASE_COLOURS = {"reasoning": "#8e6bbf", "answer": "#2a9d8f", "end": "#999999"}
 
 
@@ -101,7 +109,7 @@ def ablation_vs_importance(scan: pd.DataFrame, importance: pd.DataFrame) -> go.F
             x=merged["score"],
             y=merged["loss_delta"],
             mode="markers",
-            text=[f"layer {l}, group {g}" for l, g in zip(merged.layer, merged.group)],
+            text=[f"layer {layer}, group {g}" for layer, g in zip(merged.layer, merged.group)],
             marker={
                 "color": merged["layer"],
                 "colorscale": "Viridis",
@@ -242,12 +250,6 @@ ATTENTION_TEXT = (
 def export(out: Path, only: list[str] | None = None) -> list[Path]:
     """Compute each notebook's headline figure at full size, write it as PNG, and print the
     numbers behind it (what the README quotes). `only`: notebook numbers, e.g. ["02", "04"]."""
-    import workbench
-    from workbench.inspect.attention import capture_attention, head_stats
-    from workbench.inspect.kvcache import memory_curve
-    from workbench.inspect.thinking import thinking_timeline as run_timeline
-    from workbench.inspect.tradeoffs import pruning_tradeoffs, quantization_tradeoffs
-
     out.mkdir(parents=True, exist_ok=True)
     session = workbench.load(quiet=True)
     name = "SmolLM2-135M-Instruct"
@@ -285,11 +287,9 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
 
     if wanted("03"):
         started = time.perf_counter()
-        from workbench.bench.tasks import SYSTEM_PROMPT, arithmetic_items
-
         item = arithmetic_items(1)[0]  # held out: the thinking adapter never saw it
         thinker = workbench.load("configs/thinking.yaml", quiet=True)
-        asked = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.question}]
+        asked = [{"role": "system", "content": SHORT_ANSWER_PROMPT}, {"role": "user", "content": item.question}]
         timeline = run_timeline(thinker, asked, max_tokens=160)
         summary = timeline.summary()
         save(

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.compress.kvcache import KVCacheOptions, cache_factory
-from workbench.compress.quantization import tensor_bytes
+from workbench.data import evaluation_texts
+from workbench.models.anatomy import tensor_bytes
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -176,8 +177,6 @@ def cache_bytes(cache) -> int:
 def _token_stream(tokenizer, tokens: int) -> torch.Tensor:
     """`tokens` ids of the shipped held-out text (documents in order, repeated if it is
     shorter); only as many documents are tokenized as the length needs."""
-    from workbench.compress.data import evaluation_texts
-
     pieces, have = [], 0
     documents = evaluation_texts()
     while have < tokens:

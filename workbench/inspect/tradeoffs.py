@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 import workbench
 from workbench.bench.pruning import run_curve, summarise
-from workbench.compress.data import evaluation_texts
-from workbench.compress.kvcache import kv_bytes_per_token
-from workbench.compress.quality import perplexity
-from workbench.compress.quantization import linear_bytes, quantize, tensor_bytes
+from workbench.compress.quantization import linear_bytes, quantize
+from workbench.data import evaluation_texts
+from workbench.metrics import perplexity
+from workbench.models.anatomy import kv_bytes_per_token, tensor_bytes
 
 QUANTIZATION_CONFIGS: dict[str, dict | None] = {
     "float32 (as loaded)": None,

@@ -18,15 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.engine.errors import MediaInputError
+from workbench.errors import MediaInputError
 
 SAMPLE_RATE = 16_000
 """What Whisper (and so every speech model here) is trained on."""
-
-MAX_SECONDS = 120.0
-"""A limit callers may pass as max_seconds for chat: two minutes is a long voice message, and
-on a busy 2-core CPU Whisper base takes about as long as the audio (see the speech bench), so a
-longer clip would hold the one recognizer for minutes; that belongs in a transcription tool."""
 
 SOUNDFILE_FORMATS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "au"})
 """libsndfile reads these itself (Opus only inside Ogg)."""

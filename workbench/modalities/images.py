@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from workbench.engine.errors import MediaInputError
+from workbench.errors import MediaInputError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # What Image.open reports for them: phone cameras write multi-picture JPEGs, which Pillow's

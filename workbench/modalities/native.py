@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from workbench.engine.errors import UnsupportedInputError
-from workbench.modalities.images import ImageInputError, image_from_part
+from workbench.errors import UnsupportedInputError
+from workbench.modalities.images import ImageInputError
 
 
 @dataclass
@@ -50,9 +50,6 @@ class NativePrompt:
     """Extra prefill kwargs: pixel_values, image_grid_thw, mm_token_type_ids, ...; floating
     tensors in the model's dtype."""
     n_images: int = 0
-    thinking_via: str | None = None
-    """'template' (the model's own switch), 'instruction' (our system prompt) or None."""
-    starts_in_reasoning: bool = False
     image_tokens: int = 0
     """How many of `ids` are image placeholder tokens (the rest is text and markers)."""
 
@@ -76,38 +73,6 @@ def count_image_entries(messages: list[dict]) -> int:
         for item in message["content"]
         if _is_image_entry(item)
     )
-
-
-def from_request(messages: list[Any], **image_options: Any) -> tuple[list[dict], list[Image.Image]]:
-    """OpenAI-shaped messages (workbench.engine.request.Message or plain dicts) -> HF multimodal
-    chat messages and the decoded images, in order. `image_options` go to `load_image`
-    (allow_remote=..., max_bytes=..., max_pixels=...). Audio parts are refused."""
-    out: list[dict] = []
-    images: list[Image.Image] = []
-    for message in messages:
-        msg = message if isinstance(message, dict) else message.model_dump(exclude_none=True)
-        role = "system" if msg.get("role") == "developer" else msg.get("role")
-        content = msg.get("content")
-        if isinstance(content, list):
-            items = []
-            for part in content:
-                kind = part.get("type")
-                if kind == "text":
-                    items.append({"type": "text", "text": part.get("text", "")})
-                elif kind == "image_url":
-                    images.append(image_from_part(part, **image_options))
-                    items.append({"type": "image"})
-                else:
-                    raise UnsupportedInputError(f"the loaded vision-language model cannot take {kind} parts")
-            content = items
-        elif content is None:
-            content = ""
-        entry = {"role": role, "content": content}
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        if role == "assistant" and reasoning:
-            entry["reasoning_content"] = reasoning
-        out.append(entry)
-    return out, images
 
 
 class NativeVision:
@@ -136,28 +101,16 @@ class NativeVision:
     ) -> NativePrompt:
         """`messages` are HF multimodal chat messages: content a string or a list of
         `{"type": "image"}` / `{"type": "text", "text": ...}` entries; `images` fill the image
-        entries in order."""
-        from workbench.engine.template import THINK_INSTRUCTION
-        from workbench.engine.thinking import OPEN_TAG
-
+        entries in order. `enable_thinking` reaches the template only where it has that switch
+        (for the others, workbench.engine.template.render_prompt asks in the system message)."""
         if not template_of(self.processor):
             raise UnsupportedInputError("this vision-language model's processor has no chat template")
         expected = count_image_entries(messages)
         if expected != len(images):
             raise ImageInputError(f"the messages hold {expected} image entries but {len(images)} images were given")
-        messages = list(messages)
         kwargs: dict[str, Any] = {}
-        thinking_via = None
-        if self.has_thinking_switch:
-            if enable_thinking is not None:
-                kwargs["enable_thinking"] = enable_thinking
-            thinking_via = "template" if enable_thinking else None
-        elif enable_thinking:
-            if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
-                messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{THINK_INSTRUCTION}".strip()}
-            else:
-                messages.insert(0, {"role": "system", "content": THINK_INSTRUCTION})
-            thinking_via = "instruction"
+        if self.has_thinking_switch and enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         batch = self.processor(text=[text], images=list(images) or None, return_tensors="pt", add_special_tokens=False)
         ids = batch["input_ids"][0].tolist()
@@ -177,8 +130,6 @@ class NativeVision:
             ids=ids,
             inputs=inputs,
             n_images=len(images),
-            thinking_via=thinking_via,
-            starts_in_reasoning=text.rstrip().endswith(OPEN_TAG),
             image_tokens=ids.count(getattr(self.processor, "image_token_id", None)) if images else 0,
         )
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.engine.errors import RequestError
-from workbench.models.embedded import cache_root
-from workbench.models.errors import ModelSourceError
+from workbench.errors import ModelSourceError, RequestError
+from workbench.modalities.audio import SAMPLE_RATE, AudioInputError
+from workbench.paths import cache_root
 
 DEFAULT_MODEL = "tiny.en"
 BEAM_SIZE = 5
@@ -261,8 +261,6 @@ class SpeechRecognizer:
 
     def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
         """Text of 16 kHz mono float32 `audio` (see audio.load_audio), detecting the language if not given."""
-        from workbench.modalities.audio import SAMPLE_RATE, AudioInputError
-
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1 or audio.size == 0:
             raise AudioInputError(

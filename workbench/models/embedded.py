@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
-from workbench.models.errors import ModelSourceError
+from workbench.errors import ModelSourceError
+from workbench.paths import cache_root
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,6 @@ EMBEDDED = {
         description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF de-quantized to float32",
     ),
 }
-
-
-def cache_root() -> Path:
-    """Where converted checkpoints live: $WORKBENCH_CACHE_DIR, else the user cache dir."""
-    override = os.environ.get("WORKBENCH_CACHE_DIR")
-    return Path(override) if override else Path(platformdirs.user_cache_dir("workbench"))
 
 
 def gguf_path(name: str) -> Path:

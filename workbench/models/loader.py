@@ -30,8 +30,10 @@ from transformers import (
 )
 
 from workbench.config import ModelConfig
+from workbench.errors import ModelSourceError
 from workbench.models import embedded, tiny, tiny_vlm
-from workbench.models.errors import ModelSourceError
+from workbench.models.adapters import merge_adapter
+from workbench.models.anatomy import restore_pruned_shapes, weight_bytes
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,18 +75,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return _DTYPES[dtype]
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers, each tied tensor counted once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def classify(source: str) -> str:
@@ -218,8 +208,6 @@ def _load_pruned(path: Path, device: str, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, GenerationConfig
 
-    from workbench.compress.pruning import restore_pruned_shapes
-
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     restore_pruned_shapes(model)
@@ -261,22 +249,6 @@ def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):
         ) from exc
 
 
-def merge_adapter(model, tokenizer, adapter: str) -> None:
-    """Merge a LoRA folder into `model` (it stays a plain transformers model) and take its
-    chat template, which is what carries a thinking adapter's `enable_thinking` switch."""
-    from workbench.compress.recovery import load_adapter, resolve_path
-    from workbench.reasoning.template import TEMPLATE_FILE
-
-    folder = resolve_path(adapter)
-    try:
-        load_adapter(model, folder)
-    except ValueError as exc:
-        raise ModelSourceError(f"model.adapter: {exc}") from None
-    template = folder / TEMPLATE_FILE
-    if template.is_file():
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
-
-
 def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
     start = time.perf_counter()
     kind = classify(cfg.source)
@@ -286,6 +258,9 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
         model, tokenizer = _load_local(embedded.converted_dir(cfg.source.split(":", 1)[1]), cfg, device, dtype)
     elif kind == "tiny":
         arch = cfg.source.split(":", 1)[1]
+        if arch not in tiny.FAMILIES and arch not in tiny_vlm.FAMILIES:
+            known = ", ".join(f"tiny:{a}" for a in [*tiny.FAMILIES, *tiny_vlm.FAMILIES])
+            raise ModelSourceError(f"unknown tiny model 'tiny:{arch}' (known: {known})")
         builder = tiny_vlm.build_tiny_vlm if arch in tiny_vlm.FAMILIES else tiny.build_tiny
         model, tokenizer = builder(arch)
         model = model.to(device=device, dtype=dtype)

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from workbench.models.errors import ModelSourceError
+from workbench.errors import ModelSourceError
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. A small model on a phone answers questions.",
@@ -119,9 +119,7 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
 def build_tiny(arch: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny random `arch` model and its tokenizer: 2 layers, 4 query heads over 2 KV heads."""
     if arch not in FAMILIES:
-        from workbench.models import tiny_vlm
-
-        known = ", ".join(f"tiny:{a}" for a in [*FAMILIES, *tiny_vlm.FAMILIES])
+        known = ", ".join(f"tiny:{a}" for a in FAMILIES)
         raise ModelSourceError(f"unknown tiny model 'tiny:{arch}' (known: {known})")
     from transformers import AutoConfig
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from workbench.models.errors import ModelSourceError
+from workbench.errors import ModelSourceError
 from workbench.models.tiny import _THINK_TOKENS, byte_level_tokenizer
 
 # Images are resized so that pixels fall within these bounds (a multiple of 28 = patch 14

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from workbench.bench.tasks import arithmetic_items, draw_operands
+
 TIMES = "\u00d7"
 
 
@@ -133,8 +135,6 @@ def make(op: str, a: int, b: int, c: int | None = None, *, rng: random.Random | 
 def held_out_keys() -> set[tuple]:
     """The operands of the bench's arithmetic questions (workbench.bench.tasks, seed 9, the
     first 100, a superset of the 20 the task asks), which training never shows."""
-    from workbench.bench.tasks import arithmetic_items
-
     keys = set()
     for item in arithmetic_items(100):
         parts = item.question.removeprefix("What is ").removesuffix("?").split()
@@ -147,8 +147,6 @@ def generate(
     count: int, seed: int = 0, *, exclude: set[tuple] | None = None, three_terms: float = 0.15
 ) -> list[Problem]:
     """`count` distinct problems; none whose (operator, operands) is in `exclude`."""
-    from workbench.bench.tasks import draw_operands
-
     rng = random.Random(seed)
     exclude = held_out_keys() if exclude is None else exclude
     seen: set[tuple] = set()

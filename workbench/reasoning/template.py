@@ -17,7 +17,6 @@ from workbench.engine.thinking import OPEN_TAG
 SWITCH = (
     "{% if add_generation_prompt and enable_thinking is defined and enable_thinking %}" + OPEN_TAG + "\n{% endif %}"
 )
-TEMPLATE_FILE = "chat_template.jinja"
 
 
 def with_thinking_switch(template: str) -> str:

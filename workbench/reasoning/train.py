@@ -33,17 +33,23 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
+from workbench.bench.tasks import arithmetic_items, is_correct
+from workbench.compress import recovery_data as rd
+from workbench.compress.recovery import _default_cache, _schedule, _threads, kl_loss
+from workbench.compress.recovery_data import greedy_replies
+from workbench.data import SHORT_ANSWER_PROMPT, calibration_texts, evaluation_texts
+from workbench.engine.thinking import split_thinking
+from workbench.metrics import perplexity
+from workbench.models.adapters import TEMPLATE_FILE, save_adapter
+from workbench.paths import ADAPTER_RECORD
 from workbench.reasoning import problems as pb
-from workbench.reasoning.template import TEMPLATE_FILE, with_thinking_switch
+from workbench.reasoning.template import with_thinking_switch
+from workbench.step_options import LORA_TARGETS
 
 GENERAL_THOUGHT = "There is nothing to calculate here, so I answer directly."
-SYSTEMS = (
-    None,
-    "Answer with only the answer: a word, a name or a number. No explanation.",
-    "You are a helpful assistant.",
-    "You are a careful math tutor.",
-)
+SYSTEMS = (None, SHORT_ANSWER_PROMPT, "You are a helpful assistant.", "You are a careful math tutor.")
 """System messages the arithmetic examples are asked under (None: the template's default);
 the second is the bench's short-answer prompt, which the arithmetic task sends."""
 
@@ -163,17 +169,13 @@ def held_out_accuracy(
 ) -> dict:
     """Greedy replies to the bench's held-out arithmetic questions (asked as the bench asks
     them: its short-answer system prompt), scored by the bench's checker on the answer part."""
-    from workbench.bench.tasks import SYSTEM_PROMPT, arithmetic_items, is_correct
-    from workbench.compress.recovery_data import greedy_replies
-    from workbench.engine.thinking import split_thinking
-
     items = arithmetic_items(count)
     correct, closed, replies = 0, 0, []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         texts = [
             tokenizer.apply_chat_template(
-                [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": i.question}],
+                [{"role": "system", "content": SHORT_ANSWER_PROMPT}, {"role": "user", "content": i.question}],
                 tokenize=False,
                 add_generation_prompt=True,
                 enable_thinking=thinking,
@@ -212,20 +214,6 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
     """Train the adapter on `session`'s model, save it to `out` with its chat template, and
     leave it merged into the session's model."""
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
-
-    from workbench.compress import recovery_data as rd
-    from workbench.compress.data import calibration_texts, evaluation_texts
-    from workbench.compress.quality import perplexity
-    from workbench.compress.recovery import (
-        ADAPTER_RECORD,
-        LORA_TARGETS,
-        _default_cache,
-        _schedule,
-        _threads,
-        kl_loss,
-        save_adapter,
-    )
 
     model, tokenizer = session.model, session.tokenizer
     report = TrainReport()

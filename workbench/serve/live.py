@@ -17,9 +17,22 @@ from workbench.serve import ServerSettings, create_app
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on now (the system picks it): where these servers, the
+    chat page a browser drives (workbench.ui.browser) and the bench's llama.cpp server start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (a server shuts down gracefully), then SIGKILL if it is still running after `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class LiveServer:
@@ -80,11 +93,5 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()  # SIGTERM: the server shuts down gracefully
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, timeout_s=30)
         self._log.close()

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workbench.engine.events import Stats, TokenLogprob
 from workbench.engine.request import ChatRequest, Message
+from workbench.sampling_params import MaxTokens, SamplingOverrides, TopLogprobs
 
 
 class StreamOptions(BaseModel):
@@ -30,24 +31,22 @@ class ChatTemplateKwargs(BaseModel):
     enable_thinking: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Addressed(BaseModel):
     model: str
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+
+
+class ChatCompletionRequest(SamplingOverrides, _Addressed):
+    """The model and messages, every sampling knob (SamplingOverrides), then the other fields.
+    Pydantic orders fields from the last base on, so a body's 400 names a missing model or
+    messages before a bad knob."""
+
+    model_config = ConfigDict(extra="ignore")
+
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: TopLogprobs | None = None
+    max_completion_tokens: MaxTokens | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -66,18 +65,13 @@ class ChatCompletionRequest(BaseModel):
         thinking = self.enable_thinking
         if thinking is None and self.chat_template_kwargs is not None:
             thinking = self.chat_template_kwargs.enable_thinking
+        knobs = {name: getattr(self, name) for name in SamplingOverrides.model_fields}
+        if self.max_completion_tokens is not None:  # OpenAI's newer name wins
+            knobs["max_tokens"] = self.max_completion_tokens
         return ChatRequest(
             messages=self.messages,
-            max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-            repetition_penalty=self.repetition_penalty,
+            **knobs,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-            seed=self.seed,
             stop=self.stop,
             enable_thinking=thinking,
             return_reasoning=self.return_reasoning,

@@ -196,8 +196,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                 with gr.Accordion("Generation settings", open=True):
                     thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
                     temperature = gr.Slider(
-                        0.0,
-                        2.0,
+                        *Settings.slider_range("temperature"),
                         value=gen.temperature,
                         step=0.05,
                         label="Temperature (0 = greedy)",
@@ -212,7 +211,11 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                     )
                     with gr.Accordion("Repetition and filtering", open=False):
                         min_p = gr.Slider(
-                            0.0, 1.0, value=gen.min_p, step=0.01, label="Min-p (0 = off)", elem_id="min_p"
+                            *Settings.slider_range("min_p"),
+                            value=gen.min_p,
+                            step=0.01,
+                            label="Min-p (0 = off)",
+                            elem_id="min_p",
                         )
                         repetition_penalty = gr.Slider(
                             0.5,
@@ -223,16 +226,14 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                             label="Repetition penalty (1 = off; prompt and reply tokens)",
                         )
                         frequency_penalty = gr.Slider(
-                            -2.0,
-                            2.0,
+                            *Settings.slider_range("frequency_penalty"),
                             value=gen.frequency_penalty,
                             step=0.1,
                             elem_id="frequency_penalty",
                             label="Frequency penalty (0 = off; per repeat in the reply)",
                         )
                         presence_penalty = gr.Slider(
-                            -2.0,
-                            2.0,
+                            *Settings.slider_range("presence_penalty"),
                             value=gen.presence_penalty,
                             step=0.1,
                             elem_id="presence_penalty",

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
 import time
 from pathlib import Path
+
+from workbench.serve.live import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -27,12 +28,6 @@ def find_browser() -> tuple[str, str]:
             "headless Chromium and chromedriver are needed (Debian/Ubuntu: apt-get install chromium chromium-driver)"
         )
     return browser, driver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(app) -> str:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gradio as gr
 
 from workbench.engine import Done, ReasoningDelta, Stats, TextDelta
+from workbench.sampling_params import SamplingParams
 from workbench.session import Session
 from workbench.ui import media
 from workbench.ui.models import kv_cache_bytes, megabytes, weight_bytes
@@ -20,6 +21,9 @@ THOUGHT_TITLE = "Thought"
 
 @dataclass
 class Settings:
+    """The generation panel's controls. Those named for a SamplingParams knob go into the
+    request under that name, where validation holds them to the knob's bounds."""
+
     thinking: bool
     temperature: float
     top_p: float
@@ -31,19 +35,16 @@ class Settings:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 
+    @staticmethod
+    def slider_range(knob: str) -> tuple[float, float]:
+        """A knob's lowest and highest values (SamplingParams'), for a slider offering all of them."""
+        bounds = SamplingParams.model_fields[knob].metadata
+        return next(b.ge for b in bounds if hasattr(b, "ge")), next(b.le for b in bounds if hasattr(b, "le"))
+
     def request(self, messages: list[dict]) -> dict:
-        return {
-            "min_p": float(self.min_p),
-            "repetition_penalty": float(self.repetition_penalty),
-            "frequency_penalty": float(self.frequency_penalty),
-            "presence_penalty": float(self.presence_penalty),
-            "messages": messages,
-            "enable_thinking": bool(self.thinking),
-            "temperature": float(self.temperature),
-            "top_p": float(self.top_p),
-            "max_tokens": int(self.max_tokens),
-            "seed": None if self.seed is None or self.seed < 0 else int(self.seed),
-        }
+        knobs = {f.name: getattr(self, f.name) for f in fields(self) if f.name in SamplingParams.model_fields}
+        seed = None if self.seed is None or self.seed < 0 else int(self.seed)
+        return knobs | {"seed": seed, "messages": messages, "enable_thinking": bool(self.thinking)}
 
 
 def _pieces(content) -> tuple[str, list[str]]:

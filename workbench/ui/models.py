@@ -17,9 +17,9 @@ import torch
 import yaml
 
 import workbench
-from workbench.compress.kvcache import kv_bytes_per_token
-from workbench.compress.report import weight_bytes_by_dtype
 from workbench.config import ConfigError, WorkbenchConfig, parse_config
+from workbench.models.anatomy import kv_bytes_per_token, weight_bytes_by_dtype
+from workbench.models.loader import resolve_device, resolve_dtype
 from workbench.session import Session, preflight
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -65,8 +65,6 @@ def free_memory() -> None:
 
 def _identity(config: WorkbenchConfig) -> tuple:
     """What makes two configs load the same original weights (a merged adapter changes them)."""
-    from workbench.models.loader import resolve_device, resolve_dtype
-
     device = resolve_device(config.model.device)
     return config.model.source, config.model.adapter, device, resolve_dtype(config.model.dtype, device)
 

@@ -1,11 +1,15 @@
-"""The text the workbench ships for calibration and held-out evaluation (see data/README.md)."""
+"""The text the workbench ships for calibration and held-out evaluation (see data/README.md),
+and the short-answer system prompt its answer checks ask under."""
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+from workbench.paths import DATA_DIR
+
+SHORT_ANSWER_PROMPT = "Answer with only the answer: a word, a name or a number. No explanation."
+"""The system prompt of the bench's answer tasks (workbench.bench.tasks), so that its checker
+can read a reply; the recover step's `[short]` prompts and the thinking examples ask under it too."""
 
 
 @cache

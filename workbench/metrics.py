@@ -1,4 +1,4 @@
-"""Perplexity on held-out text: the quality number every compression step is judged by."""
+"""Quality numbers of a model on text: perplexity now, the one every compression step is judged by."""
 
 from __future__ import annotations
 

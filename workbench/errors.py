@@ -1,0 +1,54 @@
+"""The errors a user can cause, as one family.
+
+Each carries the OpenAI error `type`, `code` and `param` it is answered with over HTTP, so
+the server maps any of them to a 400 without a table of its own, and a notebook user who
+catches `WorkbenchError` catches every one. All are ValueErrors: the value given was wrong,
+and the message says what to change.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(ValueError):
+    """Something the user asked for that the workbench cannot do as asked."""
+
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+
+class ConfigError(WorkbenchError):
+    """A config file or value the workbench cannot use; the message says what to change."""
+
+
+class ModelSourceError(WorkbenchError):
+    """The model source cannot be resolved or loaded; the message says why and what to do."""
+
+
+class ExportError(WorkbenchError):
+    """The export cannot be written as asked; the message says why and what to do instead."""
+
+
+class RequestError(WorkbenchError):
+    """The request cannot be served as sent; raised before any generation work starts."""
+
+
+class ContextLengthError(RequestError):
+    """Prompt plus requested reply do not fit the session's context limit."""
+
+    code = "context_length_exceeded"
+    param = "messages"
+
+
+class UnsupportedInputError(RequestError):
+    """The request asks for something the loaded model cannot take (an image, audio, ...)."""
+
+    code = "unsupported_content"
+    param = "messages"
+
+
+class MediaInputError(RequestError):
+    """An image or audio part that cannot be read: corrupt, unsupported, too large or too long."""
+
+    code = "invalid_media"
+    param = "messages"

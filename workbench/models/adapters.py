@@ -1,0 +1,95 @@
+"""The LoRA adapter folder the workbench writes and reads: save, check, load and merge.
+
+A folder holds peft's `adapter_config.json`, the LoRA weights in fp16 safetensors, a
+`recovery.json` record of the model and the pruned shape it was trained on (so it refuses
+any other), and optionally the chat template it was trained with. Recovery after pruning and
+the thinking adapter both write this format; `model.adapter` in a config merges one at load.
+The merge leaves a plain transformers model, so nothing downstream knows an adapter was used.
+
+peft is imported inside the functions that use it: it costs a second of start-up that a
+session without an adapter should not pay.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workbench.errors import ModelSourceError
+from workbench.models.anatomy import pruned_shape
+from workbench.paths import ADAPTER_RECORD, resolve_path
+
+LORA_WEIGHTS = "adapter_model.safetensors"
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def check_adapter(folder: Path, model) -> dict:
+    """The adapter's record, after checking it was trained on a model of this shape."""
+    record = json.loads((folder / ADAPTER_RECORD).read_text())
+    shape = pruned_shape(model)
+    if record.get("kv_heads_per_layer") != shape:
+        raise ValueError(
+            f"adapter {folder} was trained on a model with KV heads per layer {record.get('kv_heads_per_layer')}, "
+            f"but this model has {shape}: it fits only the exact pruned model it was made for "
+            f"(prune_heads {record.get('prune', {}).get('options')}); prune the same way or train a new adapter"
+        )
+    config = model.config
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "model_type"):
+        if key in record.get("model", {}) and record["model"][key] != getattr(config, key, None):
+            raise ValueError(
+                f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
+                f"this one has {getattr(config, key, None)}"
+            )
+    return record
+
+
+def load_adapter(model, folder: Path) -> None:
+    """Apply a saved LoRA and merge it: the model stays a plain transformers model."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    check_adapter(folder, model)
+    lora = LoraConfig.from_pretrained(str(folder))
+    peft_model = get_peft_model(model, lora)
+    weights = {k: v.to(model.dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
+    result = set_peft_model_state_dict(peft_model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {folder} holds weights this model has no place for: {unexpected[:3]}")
+    merged = peft_model.merge_and_unload()
+    assert merged is model  # merged in place: the session's engine keeps its model
+
+
+def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
+    from peft import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
+    }
+    save_file(state, folder / LORA_WEIGHTS)
+    peft_model.peft_config["default"].save_pretrained(str(folder))
+    config = model.config
+    record = {
+        **record,
+        "kv_heads_per_layer": pruned_shape(model),
+        "model": {
+            k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        },
+    }
+    (folder / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def merge_adapter(model, tokenizer, adapter: str) -> None:
+    """Merge a LoRA folder into `model` (it stays a plain transformers model) and take its
+    chat template, which is what carries a thinking adapter's `enable_thinking` switch."""
+    folder = resolve_path(adapter)
+    try:
+        load_adapter(model, folder)
+    except ValueError as exc:
+        raise ModelSourceError(f"model.adapter: {exc}") from None
+    template = folder / TEMPLATE_FILE
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
