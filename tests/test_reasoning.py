@@ -77,13 +77,12 @@ def test_the_switch_opens_the_think_block_on_and_leaves_the_prompt_alone_off(emb
     messages = [{"role": "user", "content": "What is 47 + 38?"}]
     stock = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     switched = with_thinking_switch(tokenizer.chat_template)
-    render = lambda **kw: tokenizer.apply_chat_template(
-        messages,
-        tokenize=False,
-        add_generation_prompt=True,  # noqa: E731
-        chat_template=switched,
-        **kw,
-    )
+
+    def render(**kw):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=switched, **kw
+        )
+
     assert render(enable_thinking=True) == stock + "<think>\n"
     assert render(enable_thinking=False) == render() == stock
     with pytest.raises(ValueError, match="already has an enable_thinking switch"):
@@ -256,13 +255,12 @@ def test_the_chat_page_shows_the_real_models_reasoning_as_a_thought(thinker):
     finally:
         app.close()
     thought, answer = history[-2], history[-1]
-    text = lambda m: (
-        m["content"]
-        if isinstance(m["content"], str)
-        else "".join(  # noqa: E731
-            p if isinstance(p, str) else p.get("text", "") for p in m["content"]
-        )
-    )
+
+    def text(m):
+        if isinstance(m["content"], str):
+            return m["content"]
+        return "".join(p if isinstance(p, str) else p.get("text", "") for p in m["content"])
+
     assert thought["metadata"]["title"].startswith("Thought (") and "58 + 27 = " in text(thought)
     assert text(answer).strip() and "<think>" not in text(answer) and "</think>" not in text(answer)
     assert "0 reasoning tokens" not in stats

@@ -111,3 +111,16 @@ def test_a_plan_takes_each_knob_from_the_request_else_the_sessions_default(llama
         sampling = llama.engine.plan(ChatRequest.from_prompt("hi", **{name: value})).sampling
         assert getattr(sampling, name) == value
         assert all(getattr(sampling, other) == getattr(defaults, other) for other in ASKED if other != name)
+
+
+def test_the_type_checkers_view_of_the_overrides_lists_every_knob():
+    """SamplingOverrides is generated at run time; its TYPE_CHECKING stand-in must not drift."""
+    import ast
+    from pathlib import Path
+
+    import workbench.sampling_params as module
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    stub = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "SamplingOverrides")
+    names = [n.target.id for n in stub.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    assert names == list(SamplingParams.model_fields)

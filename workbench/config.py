@@ -20,8 +20,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError as ConfigError  # re-exported: configs raise it, users catch it from here
 from workbench.paths import ADAPTER_RECORD, resolve_path
 from workbench.sampling_params import SamplingParams
 from workbench.step_options import STEP_OPTIONS
@@ -158,7 +159,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
     return error["msg"].removeprefix("Value error, ")

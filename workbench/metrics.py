@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def perplexity(model, tokenizer, texts: list[str], *, window: int = 512, max_windows: int | None = 16) -> float:
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    *,
+    window: int = 512,
+    max_windows: int | None = 16,
+) -> float:
     """exp(mean next-token loss) over non-overlapping windows of the concatenated texts.
 
     The same texts, window and count give the same token set for any model that shares the

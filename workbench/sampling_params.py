@@ -21,7 +21,7 @@ Imports nothing from workbench: config.py, on the ground floor, builds on it.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -65,13 +65,30 @@ def _optional(name: str) -> tuple[object, None]:
     """`name`'s type with its bounds, or None (the default): a create_model field."""
     field = SamplingParams.model_fields[name]
     kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-    return kind | None, None
+    return kind | None, None  # type: ignore[operator]  # a runtime type built from the field's
 
 
-SamplingOverrides = create_model(
-    "SamplingOverrides",
-    __doc__="Every knob of SamplingParams, bounds kept, each None unless a request sets it: "
-    "None takes the session's default.",
-    __module__=__name__,
-    **{name: _optional(name) for name in SamplingParams.model_fields},
-)
+if TYPE_CHECKING:
+
+    class SamplingOverrides(BaseModel):
+        """What a type checker sees of the generated model below, which it cannot follow: the knobs'
+        names and types only (tests/test_sampling_params.py checks they match SamplingParams)."""
+
+        max_tokens: int | None = None
+        temperature: float | None = None
+        top_p: float | None = None
+        top_k: int | None = None
+        min_p: float | None = None
+        frequency_penalty: float | None = None
+        presence_penalty: float | None = None
+        repetition_penalty: float | None = None
+        seed: int | None = None
+
+else:
+    SamplingOverrides = create_model(
+        "SamplingOverrides",
+        __doc__="Every knob of SamplingParams, bounds kept, each None unless a request sets it: "
+        "None takes the session's default.",
+        __module__=__name__,
+        **{name: _optional(name) for name in SamplingParams.model_fields},
+    )

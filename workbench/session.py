@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 import yaml
@@ -153,7 +154,7 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
         return None, f"no vision adapter is installed at {path}; {train}"
     trained = json.loads(config_file.read_text(encoding="utf-8"))
     trained_for, width = trained.get("lm", "?"), trained.get("lm_hidden_size")
-    hidden = loaded.model.get_input_embeddings().weight.shape[1]
+    hidden = cast(torch.Tensor, loaded.model.get_input_embeddings().weight).shape[1]
     if explicit and width != hidden:
         raise ConfigError(
             f"media.vision_adapter: {path} was trained for {trained_for} (embedding width {width}); "
@@ -161,7 +162,7 @@ def _adapter_for(loaded: LoadedModel, path: Path, *, explicit: bool):
         )
     if not explicit and (width != hidden or trained_for != loaded.source):
         return None, f"the shipped vision adapter was trained for {trained_for}, not {loaded.source}; {train}"
-    weight = loaded.model.get_input_embeddings().weight
+    weight = cast(torch.Tensor, loaded.model.get_input_embeddings().weight)
     return VisionAdapter.load(path, dtype=weight.dtype, device=weight.device), ""
 
 

@@ -8,7 +8,7 @@ training stack. `compress/` maps each name in `STEP_OPTIONS` to the function tha
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,7 +43,7 @@ class PruneOptions(BaseModel):
     """Ridge term of that fit, relative to the mean diagonal of X^T X."""
 
     @model_validator(mode="after")
-    def _one_budget(self):
+    def _one_budget(self) -> Self:
         if sum(b is not None for b in (self.ratio, self.per_layer, self.remove)) != 1:
             raise ValueError(
                 "give exactly one budget: `ratio` (global fraction), `per_layer` (groups per layer) "
@@ -117,7 +117,7 @@ class RecoverOptions(BaseModel):
     """Write the trained LoRA here (lora only)."""
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> Self:
         given = self.model_fields_set
         if self.adapter is not None:
             clash = sorted(given & set(_TRAINING))
@@ -194,7 +194,7 @@ class KVCacheOptions(BaseModel):
     """quantized only: newest tokens kept in full precision"""
 
     @model_validator(mode="after")
-    def _window_iff_sliding(self):
+    def _window_iff_sliding(self) -> Self:
         if self.policy == "sliding_window" and self.window is None:
             raise ValueError("sliding_window needs `window`: how many recent tokens the cache keeps")
         if self.policy != "sliding_window" and self.window is not None:

@@ -95,7 +95,7 @@ def _serve(args) -> None:
             if not args.model:
                 raise SystemExit("--model is required with --base-url (the model id that endpoint serves)")
             servers = {"endpoint": (args.base_url, args.model)}
-            target, warmup = args.base_url, {}
+            target, warmup = args.base_url, dict[str, float]()
         else:
             from workbench.serve.live import ServerProcess
 

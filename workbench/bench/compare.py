@@ -36,7 +36,7 @@ class Column:
     context_length: int | None = None
     context_source: str = ""
     error: str = ""
-    load_avg: tuple[float, float] | None = None
+    load_avg: tuple[float, float | None] | None = None
     """This machine's 1-minute load average before and after timing: on a shared machine,
     the first thing to look at when two columns' latencies differ."""
 
@@ -176,7 +176,7 @@ def machine() -> str:
 
 
 def _what(target: Target) -> str:
-    if target.local and target.config.endswith(".gguf"):
+    if target.config is not None and target.config.endswith(".gguf"):
         return f"llama.cpp (llama-cpp-python server) `{target.config}`"
     return f"workbench `{target.config}`" if target.local else f"`{target.model}` at {target.base_url}"
 

@@ -200,7 +200,7 @@ class _GenerateRunner(_EngineRunner):
         input_ids = torch.tensor([ids], device=session.engine.device)
         clock = Clock()
         with torch.inference_mode():
-            out = session.model.generate(
+            out = session.model.generate(  # type: ignore[operator]  # a transformers model
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=tokens,

@@ -59,7 +59,7 @@ class LlamaCppServer:
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.process.poll() is not None:
-                err = (self.process.stderr.read() or "").strip().splitlines()[-3:]
+                err = ((self.process.stderr.read() if self.process.stderr else "") or "").strip().splitlines()[-3:]
                 raise RuntimeError(f"llama.cpp's server for {self.path} exited: {' | '.join(err)}")
             try:
                 if httpx.get(self.base_url + "/v1/models", timeout=2).status_code == 200:

@@ -296,7 +296,7 @@ def summarise(results: list[Result], info: dict) -> list[dict]:
         languages = {}
         for lang in dict.fromkeys(r.language for r in mine):
             these = [r for r in mine if r.language == lang]
-            detected = {}
+            detected: dict[str | None, int] = {}
             for r in these:
                 detected[r.detected_language] = detected.get(r.detected_language, 0) + 1
             languages[lang] = {
@@ -385,12 +385,12 @@ def to_markdown(rows: list[dict], results: list[Result], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     voices = meta.get("clip_voices", {})
-    for r in results:
-        v = voices.get(r.clip, {})
+    for res in results:
+        v = voices.get(res.clip, {})
         lines.append(
-            f"| {r.model} | {r.clip} | {v.get('voice', '')} | {v.get('speed', '')} | {r.audio_seconds:.1f} "
-            f"| {r.real_time_factor:.3f} | {r.wer:.0%} | {r.detected_language} ({r.language_probability:.2f}) "
-            f"| {r.transcript.replace('|', '/')} |"
+            f"| {res.model} | {res.clip} | {v.get('voice', '')} | {v.get('speed', '')} | {res.audio_seconds:.1f} "
+            f"| {res.real_time_factor:.3f} | {res.wer:.0%} | {res.detected_language} ({res.language_probability:.2f}) "
+            f"| {res.transcript.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
 

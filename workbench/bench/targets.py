@@ -172,7 +172,8 @@ def parse_targets(configs: str | None, endpoints: list[str] | None, *, local_pri
 def open_target(target: Target):
     """(endpoint, session): a local target is loaded and served on loopback until the block
     ends; an endpoint target has no session."""
-    if not target.local:
+    if target.config is None:  # not local
+        assert target.base_url is not None and target.model is not None  # an endpoint target has both
         yield Endpoint(target.base_url, target.model, os.environ.get(target.key_env) if target.key_env else None), None
         return
     if target.config.endswith(".gguf"):

@@ -202,7 +202,7 @@ def arithmetic_items(count: int = 20, seed: int = 9) -> list[Item]:
     """Two-digit sums, differences and small products; a fixed seed makes the set the same
     everywhere. No answer equals an operand, so an echoed question is never right."""
     rng = random.Random(seed)
-    items = []
+    items: list[Item] = []
     while len(items) < count:
         op, a, b = draw_operands(rng)
         answer = {"+": a + b, "-": a - b, "x": a * b}[op]
@@ -332,7 +332,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict
 async def _ask(
     client: httpx.AsyncClient, endpoint, item: Item, max_tokens: int, system: str | None, thinking: bool | None = None
 ) -> tuple[Answer, dict]:
-    question = item.question
+    question: str | list[dict] = item.question
     if item.parts:
         question = [*item.parts, *([] if item.spoken else [{"type": "text", "text": item.question}])]
     body = {
@@ -394,7 +394,7 @@ async def _ask_all(
         return await asyncio.gather(*(one(item) for item in items))
 
 
-def mode_name(thinking: bool) -> str:
+def mode_name(thinking: bool | None) -> str:
     return "on" if thinking else "off"
 
 

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from workbench.models.anatomy import Attention
 
-def query_index(attn: nn.Module, groups: Sequence[int]) -> torch.Tensor:
+
+def query_index(attn: Attention, groups: Sequence[int]) -> torch.Tensor:
     """o_proj input columns (query-head channels) that belong to the given KV groups."""
     hd, gs = attn.head_dim, attn.num_key_value_groups
     return torch.tensor([g * gs * hd + i for g in groups for i in range(gs * hd)], dtype=torch.long)
@@ -39,7 +41,7 @@ class OProjStatistics:
         self.tokens = 0
         self._handle = linear.register_forward_hook(self._add)
 
-    def _add(self, module, args, output):
+    def _add(self, module: nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = args[0].detach().reshape(-1, module.in_features).to(torch.float64).cpu()
         y = output.detach().reshape(-1, module.out_features).to(torch.float64).cpu()
         if module.bias is not None:
@@ -54,7 +56,7 @@ class OProjStatistics:
 
 
 def collect(
-    attns: list[nn.Module], layers: Sequence[int], model: nn.Module, batches: list[torch.Tensor]
+    attns: list[Attention], layers: Sequence[int], model: nn.Module, batches: list[torch.Tensor]
 ) -> dict[int, OProjStatistics]:
     """Run the (unpruned) model over `batches` and gather o_proj statistics of `layers`."""
     stats = {layer: OProjStatistics(attns[layer].o_proj) for layer in layers}
@@ -74,7 +76,8 @@ def solve(stats: OProjStatistics, keep: torch.Tensor, ridge: float) -> torch.Ten
     b = stats.xty.index_select(0, keep)
     scale = a.diagonal().mean().clamp(min=1e-12)
     a = a + ridge * scale * torch.eye(a.shape[0], dtype=a.dtype)
-    return torch.linalg.solve(a, b).T
+    solution: torch.Tensor = torch.linalg.solve(a, b)
+    return solution.T
 
 
 def relative_error(stats: OProjStatistics, keep: torch.Tensor, weight: torch.Tensor) -> float:
@@ -88,11 +91,11 @@ def relative_error(stats: OProjStatistics, keep: torch.Tensor, weight: torch.Ten
 
 
 def refit(
-    attns: list[nn.Module], kept: dict[int, list[int]], stats: dict[int, OProjStatistics], ridge: float
+    attns: list[Attention], kept: dict[int, list[int]], stats: dict[int, OProjStatistics], ridge: float
 ) -> dict[int, dict[str, float]]:
     """Replace each pruned layer's o_proj weight (already sliced to the kept heads) with the
     least-squares fit; return {layer: {"error_before", "error_after"}} on the calibration text."""
-    summary = {}
+    summary: dict[int, dict[str, float]] = {}
     for layer, groups in kept.items():
         s, attn = stats[layer], attns[layer]
         o_proj = attn.o_proj

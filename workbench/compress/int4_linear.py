@@ -13,6 +13,8 @@ bf16 on the way in and the output back to the caller's dtype on the way out.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -25,16 +27,24 @@ class Int4Linear(nn.Linear):
 
     qparams = ("scales_and_zeros",)
     """The buffers beside `weight` that hold its quantization parameters (see Int8Linear.qparams)."""
+    scales_and_zeros: torch.Tensor
 
     def __init__(
-        self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, shape: tuple[int, int], bias
+        self,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        group_size: int,
+        shape: tuple[int, int],
+        bias: torch.Tensor | None,
     ):
         nn.Module.__init__(self)
         self.out_features, self.in_features = shape
         self.group_size = group_size
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # nn.Linear types bias as a Parameter; it is None in a layer without one
+        bias_param = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = bias_param  # type: ignore[assignment]
 
     @classmethod
     @torch.no_grad()
@@ -44,11 +54,13 @@ class Int4Linear(nn.Linear):
         w = linear.weight.detach().to(_ACT)
         # tinygemm qparams (asymmetric, min/max), from_hp's default: HQQ's took 505 s on the embedded model here
         q = Int4OpaqueTensor.from_hp(w, [1, group_size])
-        return cls(q.qdata, q.scale_and_zero, group_size, tuple(w.shape), linear.bias)
+        return cls(q.qdata, q.scale_and_zero, group_size, cast(tuple[int, int], tuple(w.shape)), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_ACT).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.weight, self.group_size, self.scales_and_zeros
+        )
         y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias.to(_ACT)
@@ -59,7 +71,9 @@ class Int4Linear(nn.Linear):
         """The float32 (out, in) weight: the kernel applied to the identity, so exactly the
         values the layer multiplies with (bf16-rounded, as the kernel's output is)."""
         eye = torch.eye(self.in_features, dtype=_ACT, device=self.weight.device)
-        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros)
+        w_t: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.weight, self.group_size, self.scales_and_zeros
+        )
         return w_t[:, : self.out_features].t().float().contiguous()
 
     def extra_repr(self) -> str:

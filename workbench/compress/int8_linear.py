@@ -27,13 +27,16 @@ class Int8Linear(nn.Linear):
     qparams = ("scales",)
     """The buffers beside `weight` that hold its quantization parameters: they count in the
     layer's storage, and a float export drops them (it writes `dequantized()` instead)."""
+    scales: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # nn.Linear types bias as a Parameter; it is None in a layer without one
+        bias_param = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = bias_param  # type: ignore[assignment]
 
     @classmethod
     @torch.no_grad()

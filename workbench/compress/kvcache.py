@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
@@ -36,7 +37,8 @@ class KVCacheReport:
     """tokens the cache holds at most (sliding_window), else None: it grows"""
 
 
-def cache_factory(opts: KVCacheOptions) -> Callable[[object], Cache]:
+def cache_factory(opts: KVCacheOptions) -> Callable[[Any], Cache]:
+    """A model config (a transformers PretrainedConfig) -> a fresh cache of the policy."""
     if opts.policy == "dynamic":
         return lambda config: DynamicCache(config=config)
     if opts.policy == "sliding_window":

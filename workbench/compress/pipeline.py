@@ -89,5 +89,6 @@ def apply(session, steps) -> list[dict]:
             report = run(session, teacher=teacher, prune=prune, **options)
         else:
             report = run(session, **options)
-        reports.append(asdict(report) if is_dataclass(report) else dict(report))
+        # a step's report is a dataclass instance (is_dataclass also admits a dataclass type)
+        reports.append(asdict(report) if is_dataclass(report) else dict(report))  # type: ignore[arg-type]
     return reports

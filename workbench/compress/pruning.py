@@ -168,6 +168,7 @@ def choose_groups(
                     f"at least {min_groups_per_layer} must stay (lower per_layer)"
                 )
     else:
+        assert ratio is not None  # PruneOptions gives exactly one budget
         removable = sum(max(n - min_groups_per_layer, 0) for n in counts)
         wanted = math.floor(ratio * sum(counts) + 1e-9)
         if wanted > removable:
@@ -181,6 +182,7 @@ def choose_groups(
             order = sorted(range(n), key=lambda g: float(scores[layer, g]))
             removed[layer] = sorted(order[:per_layer])
         return {k: v for k, v in removed.items() if v}
+    assert ratio is not None
     budget = math.floor(ratio * sum(counts) + 1e-9)
     ranked = sorted(((float(scores[layer, g]), layer, g) for layer, n in enumerate(counts) for g in range(n)))
     left = list(counts)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear, kernel_available
 from workbench.models.anatomy import tensor_bytes
 from workbench.step_options import QuantizeOptions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,7 +68,7 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
-    plan = {}
+    plan: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -104,7 +108,7 @@ def _quantize_modules(model: nn.Module, names: set[str], scheme: str, group_size
 
     if scheme == "int4_weight_only" and device_type == "cpu":
         for name in names:
-            _replace(model, name, Int4Linear.from_linear(model.get_submodule(name), group_size))
+            _replace(model, name, Int4Linear.from_linear(cast(nn.Linear, model.get_submodule(name)), group_size))
         return
     quantize_(model, _torchao_config(scheme, group_size), filter_fn=lambda m, fqn: fqn in names)
 
@@ -133,15 +137,15 @@ def preflight(options: dict, device: torch.device, dtype: torch.dtype) -> None:
         check_supported(scheme, opts.group_size, device, dtype)
 
 
-def untie_from_embedding(model: nn.Module, name: str) -> bool:
+def untie_from_embedding(model: PreTrainedModel, name: str) -> bool:
     """Give layer `name` its own copy of a weight it shares with the input embedding.
 
     Every scheme replaces or recasts the layer's weight; on a tied weight `fp16`/`bf16`
     would recast the embedding table with it (one Parameter, two modules). Returns whether
     the layer was tied. The config says the model is untied from now on, so nothing ties
     the two back together (transformers' `tie_weights`)."""
-    module = model.get_submodule(name)
-    embedding = model.get_input_embeddings().weight
+    module = cast(nn.Linear, model.get_submodule(name))  # a layer of the plan
+    embedding = cast(torch.Tensor, model.get_input_embeddings().weight)
     if module.weight is not embedding and module.weight.data_ptr() != embedding.data_ptr():
         return False
     module.weight = nn.Parameter(embedding.detach().clone(), requires_grad=False)
@@ -172,7 +176,7 @@ def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
         raise TypeError(f"cannot cast the input and output of a {type(module).__name__}; only plain nn.Linear layers")
     module.to(dtype)
     module.__class__ = CastIOLinear
-    module.io_dtype = dtype
+    cast(CastIOLinear, module).io_dtype = dtype
 
 
 def quantize(session, **options) -> QuantizeReport:

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -118,7 +119,7 @@ def _trainable(model, opts: RecoverOptions):
 
         lora = LoraConfig(
             r=opts.rank,
-            lora_alpha=opts.alpha or 2 * opts.rank,
+            lora_alpha=opts.alpha or 2 * opts.rank,  # type: ignore[arg-type]  # peft says int; a float scales alike
             lora_dropout=opts.dropout,
             target_modules=list(opts.targets),
             bias="none",
@@ -157,8 +158,8 @@ def train(
     calibration: list[str],
     evaluation: list[str],
     progress: bool = True,
-) -> tuple[RecoverReport, object]:
-    """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora)."""
+) -> tuple[RecoverReport, Any]:
+    """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora; else None)."""
     report = RecoverReport(step="recover", mode=opts.train)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)

@@ -116,6 +116,7 @@ def teacher_replies(
             partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
     if cached is not None:
         cached.write_text(json.dumps(replies, indent=1, ensure_ascii=False), encoding="utf-8")
+        assert partial is not None  # set whenever `cached` is
         partial.unlink(missing_ok=True)
     return replies
 

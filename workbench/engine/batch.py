@@ -9,6 +9,7 @@ the batch's length and stacked under it. Rows that finish leave the batch and th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +68,11 @@ class Batch:
         if self.cache is None:
             self.cache, self.mask, self.logits, self.padded = cache, mask, logits, padded
         else:
+            assert self.mask is not None and self.logits is not None
             width = max(self.mask.shape[1], mask.shape[1])
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                old.keys = torch.cat([_pad_seq(old.keys, width), _pad_seq(new.keys, width)])
-                old.values = torch.cat([_pad_seq(old.values, width), _pad_seq(new.values, width)])
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):  # DynamicLayers: can_join
+                old.keys = torch.cat([_pad_seq(old.keys, width), _pad_seq(new.keys, width)])  # type: ignore[union-attr,arg-type]
+                old.values = torch.cat([_pad_seq(old.values, width), _pad_seq(new.values, width)])  # type: ignore[union-attr,arg-type]
             self.mask = torch.cat(
                 [F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))]
             )
@@ -82,6 +84,7 @@ class Batch:
         """Keep only these batch rows (finished and cancelled ones leave)."""
         if len(rows) == len(self.rows):
             return
+        assert self.cache is not None and self.mask is not None, "keep() before add()"
         index = torch.tensor(rows, device=self._device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
@@ -89,6 +92,7 @@ class Batch:
 
     def step(self, tokens: list[int]) -> None:
         """Feed each remaining row its sampled token; the next logits are ready after."""
+        assert self.mask is not None, "step() before add()"
         step = torch.tensor(tokens, device=self._device).view(-1, 1)
         # The mask grows every step, padded or not: it must span the whole cache, or a request
         # that joins later is padded against a stale width and the earlier rows' keys misalign.
@@ -109,9 +113,11 @@ def to_dynamic(batch: Batch, forward: Callable, new_cache: Callable[[], Cache]) 
     """Hand a lone request's compiled decode over to the eager path so that others can join:
     the filled part of its static cache (the mask's width: the mask grows every step) moves
     into a fresh dynamic cache, and later steps run through `forward`."""
+    assert batch.cache is not None and batch.mask is not None, "to_dynamic() before add()"
     width = batch.mask.shape[1]
     cache = new_cache()
     for index, layer in enumerate(batch.cache.layers):
         # copies: a CUDA graph's static buffers are overwritten by its next replay
-        cache.update(layer.keys[:, :, :width].clone(), layer.values[:, :, :width].clone(), index)
+        keys, values = cast(torch.Tensor, layer.keys), cast(torch.Tensor, layer.values)  # type: ignore[union-attr]
+        cache.update(keys[:, :, :width].clone(), values[:, :, :width].clone(), index)
     batch.cache, batch._forward, batch._new_cache = cache, forward, new_cache

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import (
@@ -148,7 +149,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return cast(torch.device, self.model.get_input_embeddings().weight.device)
 
     def stream(self, request: ChatRequest | dict) -> Iterator[Event]:
         """Validate `request` now (raising RequestError before any work), then generate lazily."""
@@ -247,7 +248,7 @@ class Engine:
         is_cancelled: Callable[[int], bool] | None = None,
         admit: Callable[[int], list[Plan]] | None = None,
         max_rows: int | None = None,
-    ) -> Iterator[tuple[int, Event]]:
+    ) -> Generator[tuple[int, Event], None, None]:
         """Generate every plan in one batch; yields (plan index, event). A plan whose
         `is_cancelled(index)` turns true is dropped at the next step, with no more events.
         `admit(room)`, asked before each step, may return up to `room` more plans to join the
@@ -284,6 +285,7 @@ class Engine:
         join(plans)
         limit = min(n for n in (self.max_batch, max_rows, 1 << 30) if n is not None)
         while batch.rows:
+            assert batch.cache is not None and batch.logits is not None  # rows are only added prefilled
             room = limit - len(batch.rows)
             if admit is not None and room > 0 and (can_join(batch.cache) or static is not None):
                 new = admit(room)[:room]
@@ -325,7 +327,7 @@ def _on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def _events_of(batch: Iterator[tuple[int, Event]]) -> Iterator[Event]:
+def _events_of(batch: Generator[tuple[int, Event], None, None]) -> Iterator[Event]:
     try:
         for _, event in batch:
             yield event

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Stats:
     decode_tokens_per_s: float
     """Tokens after the first, divided by the time they took."""
     total_s: float
-    media: tuple[dict, ...] = ()
+    media: tuple[dict[str, Any], ...] = ()
     """One record per image seen or audio heard (a transcript, its language and timings)."""
     media_s: float = 0.0
     """Of ttft_s, the seconds spent decoding, transcribing and encoding media."""
@@ -77,7 +77,7 @@ class ChatResult:
 class ReplyBuilder:
     """Collects a stream's events into a ChatResult; for sync and async consumers alike."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._stats: Stats | None = None

@@ -20,13 +20,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workbench.config import MediaConfig
 from workbench.engine.request import AudioPart, ImagePart, TextPart
 from workbench.errors import UnsupportedInputError
+
+if TYPE_CHECKING:  # modalities/ loads PIL, soundfile and ViT code: imported where a request first needs it
+    from workbench.modalities.speech import Transcript
 
 
 class Media:
@@ -54,7 +57,7 @@ class Media:
         self._speech_factory = speech
         self._speech = None
         self._speech_lock = threading.Lock()
-        self._heard: dict[str, object] = {}
+        self._heard: dict[str, Transcript] = {}
         """Transcripts by audio payload: a chat re-sends its earlier recordings every turn."""
         self.speech_name = speech_name
         self.limits = limits or MediaConfig()
@@ -198,6 +201,7 @@ class MediaReader:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **template_kwargs
             )
+            assert self.media.embed_tokens is not None  # Media requires it with an adapter
             with torch.inference_mode():
                 embeds = self.media.adapter.encode(flat)
                 ids, inputs_embeds = build_inputs(tokenizer, self.media.embed_tokens, text, list(embeds))

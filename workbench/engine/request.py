@@ -8,7 +8,7 @@ config defaults.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -90,7 +90,7 @@ class ChatRequest(SamplingOverrides, _Conversation):
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, value):
+    def _stop_list(cls, value: Any) -> Any:
         if value is None:
             return []
         if isinstance(value, str):
@@ -100,5 +100,5 @@ class ChatRequest(SamplingOverrides, _Conversation):
         return value
 
     @classmethod
-    def from_prompt(cls, prompt: str, **fields) -> ChatRequest:
+    def from_prompt(cls, prompt: str, **fields: Any) -> ChatRequest:
         return cls(messages=[Message(role="user", content=prompt)], **fields)

@@ -18,6 +18,7 @@ temperature, as transformers orders its warpers. Penalties apply to greedy decod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers.generation.logits_process import (
@@ -28,7 +29,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-_NO_IDS = torch.empty((1, 0), dtype=torch.long)
+_NO_IDS = cast(torch.LongTensor, torch.empty((1, 0), dtype=torch.long))
 
 
 def apply_penalties(
@@ -62,8 +63,8 @@ def penalize(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
     out = logits.float().clone()
     out[index] = apply_penalties(
         out[index],
-        torch.stack([s.counts for s in active]),
-        torch.stack([s.seen for s in active]),
+        torch.stack([cast(torch.Tensor, s.counts) for s in active]),  # set by start_counting above
+        torch.stack([cast(torch.Tensor, s.seen) for s in active]),
         torch.tensor([s.frequency_penalty for s in active], device=logits.device),
         torch.tensor([s.presence_penalty for s in active], device=logits.device),
         torch.tensor([s.repetition_penalty for s in active], device=logits.device),
@@ -129,6 +130,7 @@ class Sampler:
         self._pending.clear()
 
     def _count(self, token: int) -> None:
+        assert self.counts is not None and self.seen is not None, "counted before start_counting()"
         self.counts[token] += 1
         self.seen[token] = True
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from workbench.engine.engine import Engine
 from workbench.engine.events import Done, Event
@@ -65,10 +66,10 @@ class GenerationQueue:
     async def events(self, plan: Plan) -> AsyncIterator[Event]:
         """`plan`'s events, as the worker generates them; an error in generation is raised here."""
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
 
-        def put(item) -> None:
+        def put(item: object) -> None:
             try:
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
             except RuntimeError:  # the event loop has closed: the server is shutting down
@@ -79,7 +80,7 @@ class GenerationQueue:
             while (item := await inbox.get()) is not _END:
                 if isinstance(item, Exception):
                     raise item
-                yield item
+                yield cast(Event, item)
         finally:
             cancelled.set()
 
@@ -103,7 +104,7 @@ class GenerationQueue:
 
     def _admit(self, batch: list[_Job], room: int) -> list[Plan]:
         """Requests that arrived while the batch runs join it at the next step."""
-        joined = []
+        joined: list[Plan] = []
         while len(joined) < room:
             try:
                 job = self._pending.get_nowait()

@@ -10,8 +10,9 @@ through exactly the same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -58,7 +59,7 @@ class Sequence:
         self.reasoning_tokens = 0
         self.first_token_at = 0.0
         self.last_token_at = 0.0
-        self.finish_reason: str | None = None
+        self.finish_reason: Literal["stop", "length"] | None = None
 
     @property
     def finished(self) -> bool:
@@ -106,7 +107,7 @@ class Sequence:
         decode_s = self.last_token_at - self.first_token_at
         yield Done(
             Stats(
-                finish_reason=self.finish_reason,
+                finish_reason=cast(Literal["stop", "length"], self.finish_reason),  # set before _finish runs
                 prompt_tokens=len(self.plan.prompt.ids),
                 completion_tokens=self.generated,
                 reasoning_tokens=self.reasoning_tokens,
@@ -118,7 +119,7 @@ class Sequence:
             )
         )
 
-    def _events(self, parts: list[tuple[str, str]]) -> Iterator[Event]:
+    def _events(self, parts: Iterable[tuple[str, str]]) -> Iterator[Event]:
         for channel, text in parts:
             if channel == "text":
                 yield TextDelta(text)

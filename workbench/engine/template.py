@@ -90,7 +90,11 @@ def render_prompt(
     plain, images = _plain_messages(messages, reader)
     kwargs: dict = {}
     thinking_via = None
-    if media.native.has_thinking_switch if native else has_thinking_switch(tokenizer):
+    if media is not None and media.native is not None and native:
+        switch = media.native.has_thinking_switch
+    else:
+        switch = has_thinking_switch(tokenizer)
+    if switch:
         kwargs["enable_thinking"] = enable_thinking
         thinking_via = "template" if enable_thinking else None
     elif enable_thinking:
@@ -102,6 +106,7 @@ def render_prompt(
         thinking_via = "instruction"
     inputs, solo = None, False
     if any(images) or native:  # a VLM's own processor renders all its prompts
+        assert reader is not None  # images or a native processor come with the session's media
         text, ids, inputs, solo = reader.render(tokenizer, plain, images, kwargs)
     else:
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def quantized_schemes(steps) -> set[str]:
 
 
 def check_request(
-    to: str, type: str | None, path: str | Path, *, overwrite: bool = False, schemes: set[str] = frozenset()
+    to: str, type: str | None, path: str | Path, *, overwrite: bool = False, schemes: AbstractSet[str] = frozenset()
 ) -> str | None:
     """Refuse what cannot be exported, before any work; returns the GGUF type (default f16)."""
     if to not in FORMATS:
@@ -158,6 +159,7 @@ def export(
         checks: list[str] = []
         if to == "gguf":
             target = staged / path.name
+            assert type is not None  # check_request gives a GGUF export its type
             eos = model.generation_config.eos_token_id if model.generation_config is not None else None
             eos = eos[0] if isinstance(eos, list) else eos
             to_gguf.write_gguf(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -140,11 +140,11 @@ class VisionAdapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.projector[0].weight.dtype
+        return cast(nn.Linear, self.projector[0]).weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.projector[0].weight.device
+        return cast(nn.Linear, self.projector[0]).weight.device
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Any PIL images (any size or mode) -> normalised pixels (n, 3, size, size).
@@ -161,7 +161,7 @@ class VisionAdapter(nn.Module):
                 raise TypeError(f"image {i} is a {type(image).__name__}, not a PIL image")
             if image.width < 1 or image.height < 1:
                 raise ValueError(f"image {i} is empty ({image.width}x{image.height})")
-            rgb = to_rgb(image).resize((size, size), Image.BILINEAR)
+            rgb = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
             pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
             tensors.append(pixels.view(size, size, 3).permute(2, 0, 1))
         if not tensors:
@@ -290,7 +290,7 @@ def build_inputs(
         raise ValueError(
             f"the prompt has {len(pieces) - 1} image sentinel(s) but {len(image_embeds)} image embedding(s) were given"
         )
-    weight = embed_tokens.weight
+    weight = cast(torch.Tensor, embed_tokens.weight)  # an embedding table
     fill = placeholder_id(tokenizer)
     ids: list[int] = []
     parts: list[torch.Tensor] = []

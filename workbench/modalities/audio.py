@@ -15,6 +15,7 @@ import binascii
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def load_audio(
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def audio_from_part(part, max_seconds: float) -> np.ndarray:
+def audio_from_part(part: Any, max_seconds: float) -> np.ndarray:
     """An OpenAI `input_audio` part -> 16 kHz samples.
 
     Takes the inner object ({"data": base64, "format": "wav"}, or the request model's

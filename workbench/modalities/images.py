@@ -201,7 +201,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             # Only the four accepted decoders ever see the bytes.
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except UnidentifiedImageError as exc:
             known = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
             if data[4:8] == b"ftyp":

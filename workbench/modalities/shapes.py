@@ -97,7 +97,7 @@ class Item:
 
 
 @lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     # Pillow's bundled scalable font: no system font needed, same glyphs everywhere.
     return ImageFont.load_default(size=size)
 

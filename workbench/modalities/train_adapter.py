@@ -31,6 +31,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -137,10 +138,13 @@ def train_vision(
                 group["lr"] = _lr(step, total, lr, warmup=max(1, total // 20))
             with _autocast(bf16):
                 logits = probe(adapter.features(pixels[index].float()))
-            loss = sum(
-                F.cross_entropy(logits[name].float(), labels[name][index], ignore_index=-100)
-                for name in HEADS
-                if (labels[name][index] != -100).any()
+            loss = cast(
+                torch.Tensor,
+                sum(
+                    F.cross_entropy(logits[name].float(), labels[name][index], ignore_index=-100)
+                    for name in HEADS
+                    if (labels[name][index] != -100).any()
+                ),
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -207,7 +211,7 @@ def warm_start_projector(
 
     n_tokens = adapter.n_tokens
     targets = torch.stack([torch.stack([word_embedding(w) for w in caption_words(item, n_tokens)]) for item in items])
-    scale = embed.weight.float().std().item()
+    scale = cast(torch.Tensor, embed.weight).float().std().item()
     optimiser = torch.optim.AdamW(adapter.projector.parameters(), lr=2e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
@@ -503,10 +507,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     load_start = _loadavg()
-    config = AdapterConfig(
-        lm_hidden_size=lm_hidden,
-        **({"image_size": 32, "vit_layers": 1, "image_tokens": 1} if quick else {}),
-    )
+    sizes: dict[str, Any] = {"image_size": 32, "vit_layers": 1, "image_tokens": 1} if quick else {}
+    config = AdapterConfig(lm_hidden_size=lm_hidden, **sizes)
     adapter = VisionAdapter(config)
     _match_embedding_scale(adapter, session.model)
 
@@ -601,8 +603,9 @@ def _match_embedding_scale(adapter: VisionAdapter, model) -> None:
     target = weight.float().std().item()
     with torch.no_grad():
         probe = adapter.project(torch.randn(256, adapter.config.vit_hidden_size))
-        adapter.projector[2].weight.mul_(target / max(probe.std().item(), 1e-6))
-        adapter.projector[2].bias.zero_()
+        last = cast(nn.Linear, adapter.projector[2])
+        last.weight.mul_(target / max(probe.std().item(), 1e-6))
+        last.bias.zero_()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +19,12 @@ from torch.utils.hooks import RemovableHandle
 
 # --- layers, heads and pruned shapes -------------------------------------------------------
 
+Attention = Any
+"""A transformers attention module (q/k/v/o_proj Linears, head_dim, num_key_value_groups): its
+attributes are set by each architecture, so they are not typed."""
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
+
+def attention_layers(model: nn.Module) -> list[Attention]:
     """Every decoder layer's attention module; refuses a model whose attention is not separate
     q/k/v/o projections (the only kind head pruning and head inspection know how to cut)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -37,9 +42,10 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return attns
 
 
-def kv_groups(attn: nn.Module) -> int:
+def kv_groups(attn: Attention) -> int:
     """KV heads of one attention module as it is now (pruning lowers it layer by layer)."""
-    return attn.k_proj.out_features // attn.head_dim
+    groups: int = attn.k_proj.out_features // attn.head_dim
+    return groups
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -53,7 +59,7 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
-def keep_groups(attn: nn.Module, keep: Sequence[int]) -> None:
+def keep_groups(attn: Attention, keep: Sequence[int]) -> None:
     """Shrink one attention module to the KV groups in `keep` (and their query heads)."""
     hd, gs = attn.head_dim, attn.num_key_value_groups
     device = attn.q_proj.weight.device
@@ -65,8 +71,8 @@ def keep_groups(attn: nn.Module, keep: Sequence[int]) -> None:
     attn.o_proj = _slice_linear(attn.o_proj, q_index, 1)
 
 
-def record_in_config(model: nn.Module, attns: list[nn.Module]) -> None:
-    config = model.config
+def record_in_config(model: nn.Module, attns: list[Attention]) -> None:
+    config: Any = model.config  # a transformers PretrainedConfig: new fields are set on it
     if getattr(config, "head_dim", None) is None:
         config.head_dim = attns[0].head_dim  # never re-derived from hidden_size / heads again
     config.key_value_heads_per_layer = [kv_groups(a) for a in attns]
@@ -92,7 +98,7 @@ def pruned_shape(model: nn.Module) -> list[int]:
 # --- hooks and attention implementation ----------------------------------------------------
 
 
-def mask_o_proj_input(attn: nn.Module, mask: torch.Tensor) -> RemovableHandle:
+def mask_o_proj_input(attn: Attention, mask: torch.Tensor) -> RemovableHandle:
     """Multiply o_proj's input, cut into len(mask) equal slices (query heads or whole KV
     groups), slice by slice by `mask`: zero ablates a head, a mask that requires grad
     measures a head's importance. The weights never change; remove the handle to undo."""
@@ -102,12 +108,14 @@ def mask_o_proj_input(attn: nn.Module, mask: torch.Tensor) -> RemovableHandle:
         (x,) = args
         return ((x.view(*x.shape[:-1], slices, -1) * mask[:, None].to(x.dtype)).view_as(x),)
 
-    return attn.o_proj.register_forward_pre_hook(scale)
+    handle: RemovableHandle = attn.o_proj.register_forward_pre_hook(scale)
+    return handle
 
 
 @contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Eager attention for the duration: the only implementation that returns probabilities."""
+def eager_attention(model: Any) -> Iterator[None]:
+    """Eager attention for the duration: the only implementation that returns probabilities.
+    `model`: a transformers PreTrainedModel."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -136,7 +144,8 @@ def _dtype_name(t: torch.Tensor) -> str:
 def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     """Bytes of parameters and buffers per storage type (torchao's quantized tensors by their
     own name, counted inside), each tied tensor once: what a compressed model really holds."""
-    seen, by_dtype = set(), Counter()
+    seen: set[int] = set()
+    by_dtype: Counter[str] = Counter()
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
@@ -149,8 +158,9 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(weight_bytes_by_dtype(model).values())
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
-    """Full-precision bytes one cached token costs, keys and values of every layer."""
+def kv_bytes_per_token(model: Any) -> int:
+    """Full-precision bytes one cached token costs, keys and values of every layer.
+    `model`: a transformers PreTrainedModel."""
     layers = model.get_decoder().layers  # a vision-language model keeps its decoder inside
     width = model.get_input_embeddings().weight.element_size()
     return sum(2 * layer.self_attn.k_proj.out_features * width for layer in layers)

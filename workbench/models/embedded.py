@@ -95,7 +95,7 @@ def _convert(source: Path, target: Path) -> None:
     model.config.quantization_config = None
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = str(target)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # an instance attribute transformers does not declare
     # Write to a private directory and rename, so a crash or a second process converting
     # at the same time never leaves a half-written checkpoint at the target.
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))

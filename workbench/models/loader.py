@@ -263,7 +263,8 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
             raise ModelSourceError(f"unknown tiny model 'tiny:{arch}' (known: {known})")
         builder = tiny_vlm.build_tiny_vlm if arch in tiny_vlm.FAMILIES else tiny.build_tiny
         model, tokenizer = builder(arch)
-        model = model.to(device=device, dtype=dtype)
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): typed as unbound
+        model = model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     elif kind == "local":
         model, tokenizer = _load_local(Path(cfg.source).expanduser(), cfg, device, dtype)
     else:

@@ -31,9 +31,10 @@ same arch, same weights, in every test and run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from workbench.errors import ModelSourceError
 from workbench.models.tiny import _THINK_TOKENS, byte_level_tokenizer
@@ -226,8 +227,11 @@ def _tokenizer(family: _VlmFamily) -> PreTrainedTokenizerFast:
     )
 
 
-def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int, eos):
-    text = {
+def _configs(
+    arch: str, vocab_size: int, ids: dict[str, Any], pad_token_id: int, eos: int | list[int] | None
+) -> tuple[PreTrainedConfig, type[PreTrainedModel], type[Any], type[ProcessorMixin]]:
+    """`ids`: model config field -> special token id (config keyword arguments)."""
+    text: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -251,7 +255,7 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
 
         text.update(model_type="llama", head_dim=16, tie_word_embeddings=False)
         # 56-pixel tiles of 4x4 patches, pixel-shuffled 2x2: 4 image tokens per tile.
-        vision = {
+        vision: dict[str, Any] = {
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 1,
@@ -259,7 +263,7 @@ def _configs(arch: str, vocab_size: int, ids: dict[str, int], pad_token_id: int,
             "image_size": SMOLVLM_TILE,
             "patch_size": 14,
         }
-        config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, **ids)
+        config: PreTrainedConfig = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, **ids)
         return config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
     if arch == "glm4v":
         from transformers import Glm4vConfig, Glm4vForConditionalGeneration

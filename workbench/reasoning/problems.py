@@ -150,7 +150,7 @@ def generate(
     rng = random.Random(seed)
     exclude = held_out_keys() if exclude is None else exclude
     seen: set[tuple] = set()
-    out = []
+    out: list[Problem] = []
     while len(out) < count:
         op, a, b = draw_operands(rng)
         if (op, a, b) in exclude or a - b == 0:

@@ -30,10 +30,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from workbench.bench.tasks import arithmetic_items, is_correct
 from workbench.compress import recovery_data as rd
@@ -215,12 +217,13 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
     leave it merged into the session's model."""
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = session.model, session.tokenizer
+    model: PreTrainedModel = session.model
+    tokenizer = session.tokenizer
     report = TrainReport()
     start = time.perf_counter()
     rng = random.Random(opts.seed)
     torch.manual_seed(opts.seed)
-    device = model.get_input_embeddings().weight.device
+    device = cast(torch.device, model.get_input_embeddings().weight.device)
     with _threads(opts.threads):
         chats = rd.load_prompts()
         began = time.perf_counter()
@@ -253,7 +256,10 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         pools = {**arithmetic_examples(pb.generate(opts.problems, opts.seed), rng), **general_examples(chats, replies)}
         report.examples = {k: len(v) for k, v in pools.items()}
         lora = LoraConfig(
-            r=opts.rank, lora_alpha=opts.alpha or 2 * opts.rank, target_modules=list(LORA_TARGETS), bias="none"
+            r=opts.rank,
+            lora_alpha=opts.alpha or 2 * opts.rank,  # type: ignore[arg-type]  # peft takes a float
+            target_modules=list(LORA_TARGETS),
+            bias="none",
         )
         for p in model.parameters():
             p.requires_grad_(False)
@@ -261,14 +267,14 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
         params = [p for p in peft_model.parameters() if p.requires_grad]
         report.trainable_params = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))  # reads warmup, steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))  # type: ignore[arg-type]  # reads warmup, steps
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         running: list[float] = []
         peft_model.train()
         bar = tqdm(range(opts.steps), desc="thinking lora", disable=not progress, file=sys.stderr)
         for step in bar:
             rows = [encode(tokenizer, rng.choice(pools[kind])) for kind in _kinds(pools, opts.shares, opts.batch, rng)]
-            loss = 0.0
+            loss: torch.Tensor | float = 0.0  # a tensor once the first part adds to it
             for part, weight in micro_batches(rows):
                 batch = {k: v.to(device) for k, v in collate(part, pad).items()}
                 with (
@@ -288,7 +294,7 @@ def train(session, opts: ThinkingOptions, out: Path, *, progress: bool = True) -
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            running.append(loss.item())
+            running.append(float(loss))
             if (step + 1) % 25 == 0 or step + 1 == opts.steps:
                 mean = sum(running) / len(running)
                 report.history.append(

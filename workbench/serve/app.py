@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import psutil
 from fastapi import FastAPI, Request
@@ -140,7 +141,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         return req
 
     def token_text(token_id: int) -> str:
-        return session.tokenizer.decode([token_id])
+        return cast(str, session.tokenizer.decode([token_id]))
 
     def _plan(req: protocol.ChatCompletionRequest) -> Plan:
         try:
@@ -263,6 +264,7 @@ async def _sse(
                 yield frame(protocol.chunk(completion_id, model, created, delta=delta, logprobs=logprobs()))
             elif isinstance(event, Done):
                 stats = event.stats
+        assert stats is not None  # the engine ends every stream with Done
         finish = protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason, logprobs=logprobs())
         yield frame(finish | protocol.media_field(stats))
         if include_usage:

@@ -28,9 +28,9 @@ class ServerMetrics:
     """One registry per app, so several servers in one process (tests) never share counts."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    recent: deque = field(default_factory=lambda: deque(maxlen=25))
+    recent: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=25))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter("workbench_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
         self.prompt_tokens = Counter("workbench_prompt_tokens", "Prompt tokens processed", registry=r)

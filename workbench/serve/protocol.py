@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -56,7 +56,7 @@ class ChatCompletionRequest(SamplingOverrides, _Addressed):
     ignore_eos: bool = False
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
+    def _top_logprobs_need_logprobs(self) -> Self:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -79,7 +79,7 @@ class ChatCompletionRequest(SamplingOverrides, _Addressed):
         )
 
 
-def _set(value) -> bool:
+def _set(value: object) -> bool:
     return value not in (None, False, [], {}, "")
 
 

@@ -46,7 +46,9 @@ def _refuse(exc: Exception) -> gr.Error:
 
 def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.Blocks:
     slots = session if isinstance(session, ModelSlots) else ModelSlots(session, label)
-    first = (slots.compressed or slots.original).session
+    first_loaded = slots.compressed or slots.original
+    assert first_loaded is not None  # ModelSlots always holds one model
+    first = first_loaded.session
     gen = first.config.generation
     configs = config_files()
     start_config = label if label in configs else None

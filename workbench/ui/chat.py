@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import cast
 
 import gradio as gr
 
@@ -129,10 +130,10 @@ def stream_messages(events: Iterator, started: float) -> Iterator[tuple[list[gr.
     for event in events:
         stats = None
         if isinstance(event, ReasoningDelta):
-            thought.content += event.text
+            thought.content = cast(str, thought.content) + event.text
             thought_s = time.perf_counter() - started
         elif isinstance(event, TextDelta):
-            answer.content += event.text
+            answer.content = cast(str, answer.content) + event.text
         elif isinstance(event, Done):
             stats = event.stats
             thought.metadata = {

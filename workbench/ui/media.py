@@ -57,7 +57,7 @@ def image_part(path: str | Path) -> dict:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"could not read the image {path.name}: damaged or cut short ({exc}).") from None
-    mime = Image.MIME.get(fmt, "image/png")
+    mime = Image.MIME.get(fmt or "", "image/png")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 

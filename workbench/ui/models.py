@@ -81,6 +81,8 @@ class ModelSlots:
         label = label or session.loaded.source
         self._lock = threading.Lock()
         self.base: WorkbenchConfig = session.config.model_copy(update={"compression": []})
+        self.original: Loaded | None
+        self.compressed: Loaded | None
         if session.reports:
             self.original, self.compressed = None, Loaded(session, label)
         else:
