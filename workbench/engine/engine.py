@@ -41,11 +41,12 @@ from workbench.config import GenerationConfig
 from workbench.engine.batch import Batch, can_join, to_dynamic
 from workbench.engine.events import Event
 from workbench.engine.media import Media
-from workbench.engine.request import ChatRequest
+from workbench.engine.request import ChatRequest, PromptRequest
 from workbench.engine.sampling import penalize
+from workbench.engine.scoring import PromptLogprobs, score_prompts
 from workbench.engine.sequence import Plan, Sequence
-from workbench.engine.template import render_prompt
-from workbench.errors import ContextLengthError
+from workbench.engine.template import Prompt, render_prompt
+from workbench.errors import ContextLengthError, RequestError
 from workbench.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -155,25 +156,33 @@ class Engine:
         """Validate `request` now (raising RequestError before any work), then generate lazily."""
         return _events_of(self.generate([self.plan(request)]))
 
-    def plan(self, request: ChatRequest | dict) -> Plan:
+    def plan(self, request: ChatRequest | PromptRequest | dict) -> Plan:
+        """What the loop will do for `request`: a chat through the model's template, or a raw
+        prompt's token ids (PromptRequest) continued as they are, with no thinking split."""
         started = time.perf_counter()
-        if not isinstance(request, ChatRequest):
-            request = ChatRequest.model_validate(request)
         d = self.defaults
-        enable_thinking = d.enable_thinking if request.enable_thinking is None else request.enable_thinking
-        prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media)
+        if isinstance(request, PromptRequest):
+            prompt = self.raw_prompt(request.prompt_ids)
+            split_thinking, return_reasoning, what = False, False, "the prompt"
+        else:
+            if not isinstance(request, ChatRequest):
+                request = ChatRequest.model_validate(request)
+            enable_thinking = d.enable_thinking if request.enable_thinking is None else request.enable_thinking
+            prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media)
+            split_thinking, what = True, "the conversation"
+            return_reasoning = d.return_reasoning if request.return_reasoning is None else request.return_reasoning
         n_prompt = len(prompt.ids)
         room = self.context_limit - n_prompt
         if room < 1:
             raise ContextLengthError(
                 f"the prompt has {n_prompt} tokens, which leaves no room for a reply within this "
-                f"session's context limit of {self.context_limit} tokens; shorten the conversation"
+                f"session's context limit of {self.context_limit} tokens; shorten {what}"
             )
         if request.max_tokens is not None and request.max_tokens > room:
             raise ContextLengthError(
                 f"the prompt has {n_prompt} tokens and max_tokens is {request.max_tokens}: together "
                 f"{n_prompt + request.max_tokens}, over this session's context limit of "
-                f"{self.context_limit} tokens; lower max_tokens to at most {room} or shorten the conversation"
+                f"{self.context_limit} tokens; lower max_tokens to at most {room} or shorten {what}"
             )
         # The session's defaults (the default length cut to fit), then every knob the request sets.
         knobs = set(SamplingParams.model_fields)
@@ -183,11 +192,44 @@ class Engine:
             prompt=prompt,
             sampling=SamplingParams(**chosen),
             stop=request.stop,
-            return_reasoning=d.return_reasoning if request.return_reasoning is None else request.return_reasoning,
+            return_reasoning=return_reasoning,
             ignore_eos=request.ignore_eos,
             started=started,
             logprobs=request.logprobs,
+            split_thinking=split_thinking,
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: its embedding rows (at least the tokenizer's ids)."""
+        return int(cast(torch.Tensor, self.model.get_input_embeddings().weight).shape[0])
+
+    def raw_prompt(self, ids: list[int]) -> Prompt:
+        """A prompt of token ids as given, no template; refused (RequestError) when empty, when
+        an id is outside the vocabulary or when it does not fit the context limit."""
+        if not ids:
+            raise RequestError("the prompt is empty: send at least one token")
+        vocab = self.vocab_size
+        for position, token in enumerate(ids):
+            if not 0 <= token < vocab:
+                raise RequestError(
+                    f"token id {token} at position {position} is outside the vocabulary (0 to {vocab - 1})"
+                )
+        if len(ids) > self.context_limit:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens, over this session's context limit of "
+                f"{self.context_limit} tokens; shorten the prompt"
+            )
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return Prompt(text=cast(str, text), ids=list(ids), thinking_via=None, starts_in_reasoning=False)
+
+    def score(self, prompts: list[list[int]], top: int = 0) -> list[PromptLogprobs]:
+        """Each prompt's own per-token logprobs (each given the tokens before it; the first has
+        none) and `top` alternatives per position: one forward per batch of prompts, no reply.
+        Checks every prompt first (`raw_prompt`), so a bad one refuses the lot before any work."""
+        for ids in prompts:
+            self.raw_prompt(ids)
+        return score_prompts(self.model, prompts, top=top, pad_id=self.pad_id, device=self.device)
 
     def _forward(
         self, input_ids, cache, attention_mask=None, position_ids=None, forward=None, inputs=None

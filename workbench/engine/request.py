@@ -1,4 +1,5 @@
-"""A chat request in OpenAI's message shape, as the server receives it and the UI builds it.
+"""A chat request in OpenAI's message shape, as the server receives it and the UI builds it;
+and a raw prompt's token ids to continue with no chat template (the completions API).
 
 Content is a string or a list of parts (`text`, `image_url`, `input_audio`). Assistant
 messages may carry their earlier reasoning under either name clients use
@@ -91,14 +92,40 @@ class ChatRequest(SamplingOverrides, _Conversation):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if any(isinstance(s, str) and s == "" for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
+        return _stop_list(value)
 
     @classmethod
     def from_prompt(cls, prompt: str, **fields: Any) -> ChatRequest:
         return cls(messages=[Message(role="user", content=prompt)], **fields)
+
+
+def _stop_list(value: Any) -> Any:
+    """A stop field as a list: None is none, a string is one; empty strings are refused."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if any(isinstance(s, str) and s == "" for s in value):
+        raise ValueError("stop strings must not be empty")
+    return value
+
+
+class _PromptIds(BaseModel):
+    prompt_ids: list[int] = Field(min_length=1)
+
+
+class PromptRequest(SamplingOverrides, _PromptIds):
+    """A raw prompt, as token ids, that the reply continues: no chat template, no thinking split
+    (the completions API). The same sampling knobs as a chat request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    logprobs: TopLogprobs | None = None
+    """None: no logprobs; n: each generated token's logprob and its n most likely alternatives."""
+    stop: list[str] = []
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return _stop_list(value)

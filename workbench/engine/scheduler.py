@@ -9,6 +9,10 @@ drops that row from the batch at the next token and the others go on.
 How many requests may decode at once is the engine's to say (`Engine.max_batch`: the cache
 policy's and the model's limits); the queue's own `max_batch` is the front end's ceiling on
 top of it.
+
+Other work on the model (scoring prompts: `call`) goes through the same queue and runs on the
+same thread, in arrival order: between batches, or between two decode steps of a running
+batch that takes new requests, so nobody's reply waits for a whole batch to end.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from workbench.engine.engine import Engine
 from workbench.engine.events import Done, Event
@@ -29,11 +33,30 @@ _END = object()
 """Put after a request's last event (or its error): its stream ends."""
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class _Job:
     plan: Plan
     put: Callable[[object], None]
     cancelled: threading.Event
+
+
+@dataclass
+class _Call:
+    """Work for the generation thread other than a reply (scoring prompts): run, then answered."""
+
+    work: Callable[[], object]
+    answer: Callable[[object, BaseException | None], None]
+
+    def run(self) -> None:
+        try:
+            result = self.work()
+        except Exception as exc:  # noqa: BLE001 - answered to the caller, not lost in the thread
+            self.answer(None, exc)
+        else:
+            self.answer(result, None)
 
 
 class GenerationQueue:
@@ -47,7 +70,7 @@ class GenerationQueue:
         self._engine = engine
         self._max_batch = max_batch
         self._gather_s = gather_s
-        self._pending: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: queue.Queue[_Job | _Call | None] = queue.Queue()
         if own_thread:
             self._worker = threading.Thread(target=self._work, name="workbench-generate", daemon=True)
             self._worker.start()
@@ -84,6 +107,28 @@ class GenerationQueue:
         finally:
             cancelled.set()
 
+    async def call(self, work: Callable[[], T]) -> T:
+        """`work()`'s result, run on the generation thread (the model's), in turn with replies."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: object, error: BaseException | None) -> None:
+            if done.done():  # the caller went away
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(cast(T, result))
+
+        def answer(result: object, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
+        self._pending.put(_Call(work, answer))
+        return await done
+
     def _gather(self, first: _Job) -> list[_Job]:
         batch = [first]
         deadline = time.monotonic() + self._gather_s
@@ -96,6 +141,9 @@ class GenerationQueue:
             if job is None:
                 self._pending.put(None)
                 break
+            if isinstance(job, _Call):
+                job.run()
+                continue
             batch.append(job)
         for job in batch:
             if job.cancelled.is_set():
@@ -113,6 +161,9 @@ class GenerationQueue:
             if job is None:
                 self._pending.put(None)
                 break
+            if isinstance(job, _Call):  # between two decode steps: the batch's cache is untouched
+                job.run()
+                continue
             if job.cancelled.is_set():
                 job.put(_END)
                 continue
@@ -122,6 +173,9 @@ class GenerationQueue:
 
     def _work(self) -> None:
         while (first := self._pending.get()) is not None:
+            if isinstance(first, _Call):
+                first.run()
+                continue
             batch = self._gather(first)
             if not batch:
                 continue

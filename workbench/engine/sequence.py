@@ -39,6 +39,8 @@ class Plan:
     started: float
     logprobs: int | None = None
     """None: no logprobs; n: each token's logprob and its n most likely alternatives."""
+    split_thinking: bool = True
+    """False for a raw prompt's continuation: `<think>` tags are text like any other."""
 
     @property
     def max_new_tokens(self) -> int:
@@ -80,7 +82,7 @@ class Sequence:
         events: list[Event] = (
             [] if self.plan.logprobs is None else [self._logprob(token, logits if raw is None else raw)]
         )
-        events += list(self._events(self.parser.feed(self.stops.feed(self.detokenizer.add(token)))))
+        events += list(self._events(self._parse(self.stops.feed(self.detokenizer.add(token)))))
         if was_reasoning or self.parser.channel == "reasoning":
             self.reasoning_tokens += 1
         if self.stops.stopped:
@@ -103,7 +105,8 @@ class Sequence:
         tail = self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         if self.stops.stopped:
             self.finish_reason = "stop"
-        yield from self._events(self.parser.feed(tail) + self.parser.flush())
+        flushed: list[tuple[str, str]] = list(self.parser.flush()) if self.plan.split_thinking else []
+        yield from self._events(self._parse(tail) + flushed)
         decode_s = self.last_token_at - self.first_token_at
         yield Done(
             Stats(
@@ -118,6 +121,9 @@ class Sequence:
                 media_s=self.plan.prompt.media_s,
             )
         )
+
+    def _parse(self, text: str) -> list[tuple[str, str]]:
+        return list(self.parser.feed(text)) if self.plan.split_thinking else [("text", text)] if text else []
 
     def _events(self, parts: Iterable[tuple[str, str]]) -> Iterator[Event]:
         for channel, text in parts:

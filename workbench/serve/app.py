@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP app on top of the one engine: HTTP in, engine calls, HTTP out.
 
+Chat completions are served here; the completions API in completions.py; vLLM's tokenizer
+endpoints (/tokenize, /detokenize, /tokenizer_info) at the root, as vLLM serves them.
+
 The event loop accepts connections, validates requests (errors come back at once, without
 waiting for generation) and streams tokens out; the engine's scheduler
 (workbench/engine/scheduler.py) decodes waiting requests together on one generation thread.
@@ -14,13 +17,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import psutil
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workbench.engine import (
@@ -37,10 +41,21 @@ from workbench.engine.events import ReplyBuilder
 from workbench.engine.scheduler import GenerationQueue
 from workbench.engine.sequence import Plan
 from workbench.errors import MediaInputError
-from workbench.serve import protocol
+from workbench.serve import completions, protocol
 from workbench.serve.metrics import ServerMetrics
 from workbench.serve.status_page import render_status
 from workbench.session import Session
+
+M = TypeVar("M", bound=BaseModel)
+
+REQUEST_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": protocol.ChatCompletionRequest,
+    "/v1/completions": protocol.CompletionRequest,
+    "/tokenize": protocol.TokenizeRequest,
+    "/detokenize": protocol.DetokenizeRequest,
+}
+"""The bodies the POST endpoints read, for /openapi.json: they parse them themselves (the body
+limit, then OpenAI-shaped 400s), so FastAPI does not see them by itself."""
 
 
 class APIError(Exception):
@@ -118,27 +133,33 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
                 ).response()
         return await call_next(request)
 
-    def _parse(body: bytes) -> protocol.ChatCompletionRequest:
+    def _parse_as(
+        body: bytes, model: type[M], refused: dict[str, Any] | None = None, *, model_required: bool = True
+    ) -> M:
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        if (refused := protocol.unsupported_field(data)) is not None:
-            raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
+        if refused is not None and (field := protocol.unsupported_field(data, refused)) is not None:
+            raise APIError(400, field[1], param=field[0], code="unsupported_parameter")
         try:
-            req = protocol.ChatCompletionRequest.model_validate(data)
+            req = model.model_validate(data)
         except ValidationError as exc:
             raise _validation_error(exc) from None
-        if req.model not in served_names:
+        name = getattr(req, "model", None)
+        if (model_required or name is not None) and name not in served_names:
             raise APIError(
                 404,
-                f"model {req.model!r} is not served here; this server serves {settings.model_name!r}",
+                f"model {name!r} is not served here; this server serves {settings.model_name!r}",
                 param="model",
                 code="model_not_found",
             )
         return req
+
+    def _parse(body: bytes) -> protocol.ChatCompletionRequest:
+        return _parse_as(body, protocol.ChatCompletionRequest, protocol.UNSUPPORTED)
 
     def token_text(token_id: int) -> str:
         return cast(str, session.tokenizer.decode([token_id]))
@@ -187,6 +208,81 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats, logprobs)
         )
 
+    def _prepare(req: protocol.CompletionRequest) -> list[completions.PreparedPrompt]:
+        try:
+            return completions.prepare(session, req)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        except ContextLengthError as exc:
+            raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
+        except RequestError as exc:
+            raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
+
+    @app.post("/v1/completions", response_model=protocol.CompletionResponse)
+    async def text_completions(request: Request):
+        req = _parse_as(
+            await _read_body(request, settings.max_body_bytes),
+            protocol.CompletionRequest,
+            protocol.COMPLETIONS_UNSUPPORTED,
+        )
+        if not req.generates and not req.echo:
+            raise APIError(
+                400,
+                "max_tokens 0 generates nothing: with echo: true it scores the prompt",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        prepared = await asyncio.to_thread(_prepare, req)  # tokenizing a batch takes real time
+        if req.stream:
+            return StreamingResponse(
+                completions.stream(generation, session, req, prepared, token_text, metrics),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        body = await completions.reply(generation, session, req, prepared, token_text, metrics)
+        return JSONResponse(body.model_dump())
+
+    @app.post("/tokenize", response_model=protocol.TokenizeResponse)
+    async def tokenize(request: Request):
+        req = _parse_as(
+            await _read_body(request, settings.max_body_bytes), protocol.TokenizeRequest, model_required=False
+        )
+        ids = list(session.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        strs = session.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return protocol.TokenizeResponse(
+            count=len(ids), max_model_len=session.engine.context_limit, tokens=ids, token_strs=strs
+        )
+
+    @app.post("/detokenize", response_model=protocol.DetokenizeResponse)
+    async def detokenize(request: Request):
+        body = await _read_body(request, settings.max_body_bytes)
+        req = _parse_as(body, protocol.DetokenizeRequest, model_required=False)
+        vocab = session.engine.vocab_size
+        if (bad := next((t for t in req.tokens if not 0 <= t < vocab), None)) is not None:
+            raise APIError(
+                400,
+                f"token id {bad} is outside the vocabulary (0 to {vocab - 1})",
+                param="tokens",
+                code="invalid_value",
+            )
+        return protocol.DetokenizeResponse(prompt=cast(str, session.tokenizer.decode(req.tokens)))
+
+    @app.get("/tokenizer_info", response_model=protocol.TokenizerInfoResponse)
+    async def tokenizer_info():
+        tokenizer = session.tokenizer
+        template = tokenizer.chat_template
+        if isinstance(template, dict):
+            template = template.get("default")
+        return protocol.TokenizerInfoResponse(
+            tokenizer_class=type(tokenizer).__name__,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            pad_token=tokenizer.pad_token,
+            unk_token=tokenizer.unk_token,
+            chat_template=template,
+            model_max_length=session.engine.context_limit,
+        )
+
     @app.get("/v1/models")
     async def models():
         return {
@@ -223,7 +319,28 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
     async def status():
         return render_status(session, settings.model_name, metrics, started, process.memory_info().rss)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_bodies(get_openapi(title=app.title, version=app.version, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _document_bodies(schema: dict[str, Any]) -> dict[str, Any]:
+    """/openapi.json with each POST endpoint's request body (REQUEST_BODIES) in its components."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in REQUEST_BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}},
+        }
+    return schema
 
 
 async def _sse(
