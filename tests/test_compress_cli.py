@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from workbench.compress.__main__ import main
 
 
@@ -17,7 +19,15 @@ def test_compress_command_measures_before_and_after_and_saves_a_loadable_model(t
     assert report["after"]["params"] < report["before"]["params"]
     assert report["before"]["perplexity"] > 1 and report["after"]["perplexity"] > 1
     assert (out / "report.html").read_text().count("plotly") > 0
-    assert "| KV-cache bytes per token |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| KV-cache bytes per token |" in markdown
+    assert "## Divergence from the original" in markdown and "| p99 KL |" in markdown
+    drift = report["divergence"]
+    assert drift["windows"] == 2 and drift["tokens"] > 0
+    assert 0 < drift["kl_mean"] <= drift["kl_p99"] <= drift["kl_max"]  # two heads of four gone per layer
+    assert 0 <= drift["top1_agreement"] <= 1
+    assert drift["original_perplexity"] == pytest.approx(report["before"]["perplexity"], rel=1e-5)
+    assert drift["compressed_perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-5)
 
     import workbench
 
@@ -42,6 +52,8 @@ def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, caps
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["after"]["weight_bytes"] < report["before"]["weight_bytes"]
     assert report["after"]["bytes_by_dtype"]["int8"] > 0  # packed int8 layers (int8_linear.py)
+    assert report["divergence"]["windows"] == 1 and report["divergence"]["kl_mean"] >= 0
+    assert 0 <= report["divergence"]["top1_agreement"] <= 1
     assert "re-applies quantize, kv_cache" in capsys.readouterr().out
 
     reloaded = workbench.load(str(tmp_path / "out" / "model"), quiet=True)

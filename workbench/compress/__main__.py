@@ -1,7 +1,11 @@
 """`python -m workbench.compress CONFIG --out DIR`: apply a config's compression steps to its
 model and measure before and after in one run; writes report.json, report.md, report.html
 and the compressed model: pruned weights as a checkpoint, quantization and the KV-cache
-policy recorded in its workbench.yaml and re-applied by `workbench.load(DIR/model)`."""
+policy recorded in its workbench.yaml and re-applied by `workbench.load(DIR/model)`.
+
+The divergence from the original needs the model as loaded once the compressed one is
+measured: it is loaded again then (from the cache), not kept through the run, so that neither
+measurement's memory figure carries a second model."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 from pathlib import Path
 
 from workbench.compress.pipeline import apply, split_steps
-from workbench.compress.report import measure, to_markdown, write_report
+from workbench.compress.report import divergence_from_original, measure, to_markdown, write_report
 from workbench.config import load_config
 from workbench.models import load_model
 from workbench.session import Session, preflight
@@ -20,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.compress", description=__doc__)
     parser.add_argument("config", help="a config with a `compression:` list, e.g. configs/pruned-25.yaml")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report and the compressed model")
-    parser.add_argument("--windows", type=int, default=8, help="512-token windows of held-out text for perplexity")
+    parser.add_argument(
+        "--windows", type=int, default=8, help="512-token windows of held-out text for perplexity and divergence"
+    )
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode-speed figure")
     args = parser.parse_args(argv)
 
@@ -38,12 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     session.reports += apply(session, reapplied)
     print("Measuring the compressed model ...", file=sys.stderr, flush=True)
     after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
-    write_report(args.out, args.config, before, after, session.reports)
+    print("Comparing it with the original ...", file=sys.stderr, flush=True)
+    original = load_model(config.model, quiet=True).model
+    drift = divergence_from_original(original, session, windows=args.windows)
+    del original
+    write_report(args.out, args.config, before, after, session.reports, drift)
     print(
         f"Compressed model saved to {model_dir}: workbench.load('{model_dir}')"
         + (f" re-applies {', '.join(s.step for s in reapplied)}" if reapplied else "")
     )
-    print(to_markdown(args.config, before, after, session.reports))
+    print(to_markdown(args.config, before, after, session.reports, drift))
     print(f"Report in {args.out}/report.md, report.json, report.html")
 
 

@@ -2,7 +2,9 @@
 
 Both models are measured in the same run, the same way: parameters, weight bytes per
 dtype, KV-cache bytes per token, attention heads per layer, perplexity on the shipped
-held-out text, and greedy decode speed through the engine.
+held-out text, and greedy decode speed through the engine. Then the compressed model is
+compared with the original on that held-out text: KL divergence of its next-token
+distributions and top-1 agreement (workbench.metrics.divergence).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from workbench.compress.int4_linear import Int4Linear
 from workbench.data import evaluation_texts
 from workbench.engine import ChatRequest, Done
-from workbench.metrics import perplexity
+from workbench.metrics import Divergence, divergence, perplexity
 from workbench.models.anatomy import attention_layers, kv_bytes_per_token, kv_groups, weight_bytes_by_dtype
 
 BENCH_PROMPT = "Explain in two sentences what a KV cache is."
@@ -74,7 +76,13 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
     )
 
 
-def to_markdown(config_path: str, before: Measurement, after: Measurement, steps: list[dict]) -> str:
+def divergence_from_original(original, session, *, windows: int) -> Divergence:
+    """The compressed session's model against `original` (the model as loaded) on the windows
+    of held-out text the perplexity figures are measured on."""
+    return divergence(original, session.model, session.tokenizer, evaluation_texts(), max_windows=windows)
+
+
+def to_markdown(config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: Divergence) -> str:
     def row(name, b, a, fmt="{:,}"):
         ratio = f"{a / b:.3f}x" if isinstance(b, (int, float)) and b else ""
         return f"| {name} | {fmt.format(b)} | {fmt.format(a)} | {ratio} |"
@@ -99,6 +107,21 @@ def to_markdown(config_path: str, before: Measurement, after: Measurement, steps
         + ", ".join(f"{k} {v:,}" for k, v in after.bytes_by_dtype.items()),
         "",
         "Steps: " + ", ".join(s["step"] for s in steps),
+        "",
+        "## Divergence from the original",
+        "",
+        f"KL(original || compressed) of the next-token distribution, nats per token, over {drift.tokens:,} "
+        f"positions of {drift.windows} held-out windows (the perplexity's); top-1 agreement is the share "
+        "of positions where both models' most likely next token is the same (llama.cpp's `--kl-divergence` "
+        "figures: Mean / Median / 99.0% / Maximum KLD, Same top p).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| mean KL | {drift.kl_mean:.4g} |",
+        f"| median KL | {drift.kl_median:.4g} |",
+        f"| p99 KL | {drift.kl_p99:.4g} |",
+        f"| max KL | {drift.kl_max:.4g} |",
+        f"| top-1 agreement | {drift.top1_agreement:.2%} |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -120,10 +143,17 @@ def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
     fig.write_html(path, include_plotlyjs="cdn")
 
 
-def write_report(out: Path, config_path: str, before: Measurement, after: Measurement, steps: list[dict]) -> None:
+def write_report(
+    out: Path, config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: Divergence
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(
-        json.dumps({"config": config_path, "before": asdict(before), "after": asdict(after), "steps": steps}, indent=2)
-    )
-    (out / "report.md").write_text(to_markdown(config_path, before, after, steps))
+    report = {
+        "config": config_path,
+        "before": asdict(before),
+        "after": asdict(after),
+        "divergence": asdict(drift),
+        "steps": steps,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(to_markdown(config_path, before, after, steps, drift))
     write_plots(out / "report.html", before, after)
