@@ -119,6 +119,21 @@ def test_lm_evals_loglikelihood_request_scores_the_context_and_one_more_token(se
     assert logprobs["top_logprobs"][: len(IDS)] == scored["top_logprobs"]
 
 
+def test_a_reply_that_ends_at_once_still_lists_its_end_token(server, session, monkeypatch):
+    """lm-eval reads token_logprobs[ctxlen:-1], taking the last entry for the generated token. When
+    the model's first token is its end token the entry must still be there (as vLLM lists it), or
+    the continuation's last token is dropped and scored as 0 (seen with the embedded model on MMLU)."""
+    with torch.no_grad():
+        first = int(session.model(torch.tensor([IDS])).logits[0, -1].argmax())
+    monkeypatch.setattr(session.engine, "eos_ids", {first})  # the greedy first token now ends the reply
+    body = ok(server, prompt=[IDS], echo=True, max_tokens=1, logprobs=1, temperature=0)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    scored = ok(server, prompt=[IDS], echo=True, max_tokens=0, logprobs=1)["choices"][0]["logprobs"]
+    assert len(choice["logprobs"]["token_logprobs"]) == len(IDS) + 1
+    assert choice["logprobs"]["token_logprobs"][: len(IDS)] == scored["token_logprobs"]
+
+
 # --- batches ------------------------------------------------------------------------------------
 
 

@@ -77,7 +77,13 @@ class Sequence:
             self.first_token_at = self.last_token_at
         if token in self.eos_ids and not self.plan.ignore_eos:
             self.finish_reason = "stop"
-            return token, list(self._finish())
+            end: list[Event] = []
+            if self.plan.logprobs is not None and not self.plan.split_thinking:
+                # A raw completion lists the end token among its logprobs, as vLLM does: lm-eval
+                # drops the last listed token as the generated one, so without it a reply that
+                # ends at once would lose the prompt's last token instead.
+                end = [self._logprob(token, logits if raw is None else raw)]
+            return token, end + list(self._finish())
         was_reasoning = self.parser.channel == "reasoning"
         events: list[Event] = (
             [] if self.plan.logprobs is None else [self._logprob(token, logits if raw is None else raw)]
