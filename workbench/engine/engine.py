@@ -163,13 +163,13 @@ class Engine:
         d = self.defaults
         if isinstance(request, PromptRequest):
             prompt = self.raw_prompt(request.prompt_ids)
-            split_thinking, return_reasoning, what = False, False, "the prompt"
+            completion, return_reasoning, what = True, False, "the prompt"
         else:
             if not isinstance(request, ChatRequest):
                 request = ChatRequest.model_validate(request)
             enable_thinking = d.enable_thinking if request.enable_thinking is None else request.enable_thinking
             prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media)
-            split_thinking, what = True, "the conversation"
+            completion, what = False, "the conversation"
             return_reasoning = d.return_reasoning if request.return_reasoning is None else request.return_reasoning
         n_prompt = len(prompt.ids)
         room = self.context_limit - n_prompt
@@ -196,7 +196,7 @@ class Engine:
             ignore_eos=request.ignore_eos,
             started=started,
             logprobs=request.logprobs,
-            split_thinking=split_thinking,
+            completion=completion,
         )
 
     @property

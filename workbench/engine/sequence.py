@@ -39,8 +39,9 @@ class Plan:
     started: float
     logprobs: int | None = None
     """None: no logprobs; n: each token's logprob and its n most likely alternatives."""
-    split_thinking: bool = True
-    """False for a raw prompt's continuation: `<think>` tags are text like any other."""
+    completion: bool = False
+    """A raw prompt's continuation (the completions API), not a chat reply: `<think>` tags are
+    text like any other, and the end token is listed among the logprobs, as vLLM lists it."""
 
     @property
     def max_new_tokens(self) -> int:
@@ -78,10 +79,9 @@ class Sequence:
         if token in self.eos_ids and not self.plan.ignore_eos:
             self.finish_reason = "stop"
             end: list[Event] = []
-            if self.plan.logprobs is not None and not self.plan.split_thinking:
-                # A raw completion lists the end token among its logprobs, as vLLM does: lm-eval
-                # drops the last listed token as the generated one, so without it a reply that
-                # ends at once would lose the prompt's last token instead.
+            if self.plan.logprobs is not None and self.plan.completion:
+                # lm-eval drops the last listed token as the generated one, so without the end
+                # token a reply that ends at once would lose the prompt's last token instead.
                 end = [self._logprob(token, logits if raw is None else raw)]
             return token, end + list(self._finish())
         was_reasoning = self.parser.channel == "reasoning"
@@ -111,7 +111,7 @@ class Sequence:
         tail = self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         if self.stops.stopped:
             self.finish_reason = "stop"
-        flushed: list[tuple[str, str]] = list(self.parser.flush()) if self.plan.split_thinking else []
+        flushed: list[tuple[str, str]] = list(self.parser.flush()) if not self.plan.completion else []
         yield from self._events(self._parse(tail) + flushed)
         decode_s = self.last_token_at - self.first_token_at
         yield Done(
@@ -129,7 +129,7 @@ class Sequence:
         )
 
     def _parse(self, text: str) -> list[tuple[str, str]]:
-        return list(self.parser.feed(text)) if self.plan.split_thinking else [("text", text)] if text else []
+        return list(self.parser.feed(text)) if not self.plan.completion else [("text", text)] if text else []
 
     def _events(self, parts: Iterable[tuple[str, str]]) -> Iterator[Event]:
         for channel, text in parts:

@@ -55,12 +55,12 @@ def prepare(session: Session, req: protocol.CompletionRequest) -> list[PreparedP
         try:
             if isinstance(prompt, str):
                 ids = list(session.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens))
-                text = prompt
                 if not ids:
                     raise RequestError("the prompt is empty: it has no tokens")
             else:
-                ids, text = prompt, session.engine.raw_prompt(prompt).text
-            session.engine.raw_prompt(ids)
+                ids = prompt
+            checked = session.engine.raw_prompt(ids)  # ids in the vocabulary, within the context limit
+            text = prompt if isinstance(prompt, str) else checked.text
             plan = session.engine.plan(req.to_engine(ids)) if req.generates else None
         except RequestError as exc:
             if len(prompts) == 1:
