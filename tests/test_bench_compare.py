@@ -164,6 +164,9 @@ def test_configs_are_named_by_file_stem_or_given_name():
         (["--configs", "tiny:llama", "--tasks", "facts,poetry"], "unknown task(s) poetry"),
         (["--configs", "tiny:llama", "--local-price", "0.1"], "expected IN,OUT"),
         (["--configs", "tiny:llama", "--concurrency", "1,four"], "expected client counts"),
+        (["--configs", "tiny:llama", "--harness", "workbench_mmlu,workbench_nope"], "no shipped task workbench_nope"),
+        (["--configs", "tiny:llama", "--harness-limit", "0"], "--harness-limit must be at least 1"),
+        (["--configs", "tiny:llama", "--windows", "-1"], "--windows must be 0"),
     ],
 )
 def test_bad_command_lines_fail_before_anything_runs_with_what_to_fix(argv, message, tmp_path):
@@ -276,8 +279,9 @@ def oracle():
 
 def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_over_http(tmp_path, capsys):
     import workbench
-    from workbench.data import evaluation_texts
+    from workbench.data import evaluation_texts, prose_texts
     from workbench.metrics import perplexity
+    from workbench.models.anatomy import weight_bytes
 
     main(
         [
@@ -290,6 +294,10 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
             "3",
             "--windows",
             "1",
+            "--harness",
+            "workbench_arithmetic",
+            "--harness-limit",
+            "2",
             "--out",
             str(tmp_path),
         ]
@@ -297,9 +305,17 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
     data = json.loads((tmp_path / "quality.json").read_text())
     (result,) = data["results"]
     session = workbench.load("tiny:llama", quiet=True)
-    assert result["perplexity"] == pytest.approx(
+    assert result["perplexity"]["reference"] == pytest.approx(
         perplexity(session.model, session.tokenizer, evaluation_texts(), max_windows=1)
     )
+    assert result["perplexity"]["prose"] == pytest.approx(
+        perplexity(session.model, session.tokenizer, prose_texts(), max_windows=1)
+    )
+    # tiny:llama is its own original: no divergence to measure, and the table says why
+    assert result["original"] and result["divergence"] == {}
+    assert result["harness"]["workbench_arithmetic"]["samples"] == 2
+    assert result["footprint"]["weight_bytes"] == weight_bytes(session.model)
+    assert result["footprint"]["rss_bytes"] > result["footprint"]["weight_bytes"]
     for name in ("facts", "arithmetic"):
         task = result["tasks"][name]
         assert task["asked"] == 3 and task["failed"] == 0 and len(task["answers"]) == 3
@@ -312,7 +328,37 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
     spoken = result["tasks"]["speech"]  # but it hears: Whisper transcribes, the tiny model babbles
     assert spoken["asked"] == 3 and spoken["failed"] == 0
     assert (tmp_path / "quality.html").exists()
-    assert "| tiny:llama |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| tiny:llama |" in printed and "0 (the original)" in printed
+
+
+def test_quality_of_a_compressed_config_measures_its_divergence_from_the_original(tmp_path):
+    config = tmp_path / "int8.yaml"
+    config.write_text("model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int8_weight_only\n")
+    main(
+        [
+            "quality",
+            "--configs",
+            str(config),
+            "--tasks",
+            "facts",
+            "--limit",
+            "1",
+            "--windows",
+            "1",
+            "--harness",
+            "none",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    (result,) = json.loads((tmp_path / "out" / "quality.json").read_text())["results"]
+    assert not result["original"] and result["harness"] == {}
+    for text in ("reference", "prose"):
+        drift = result["divergence"][text]
+        assert 0 < drift["kl_mean"] <= drift["kl_max"] and 0 < drift["top1_agreement"] <= 1
+        assert result["perplexity"][text] == drift["compressed_perplexity"]
+    assert "KL mean / p99, prose" in (tmp_path / "out" / "quality.md").read_text()
 
 
 def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tmp_path, monkeypatch):
@@ -330,7 +376,7 @@ def test_quality_of_a_foreign_endpoint_counts_right_and_wrong_answers(oracle, tm
     )
     (result,) = json.loads((tmp_path / "quality.json").read_text())["results"]
     capitals = sum("capital" in item.question for item in TASKS["facts"].items())
-    assert result["perplexity"] is None
+    assert result["perplexity"] == {} and result["harness"] == {} and result["footprint"] == {}
     assert (result["tasks"]["facts"]["correct"], result["tasks"]["facts"]["asked"]) == (capitals, 32)
     assert result["tasks"]["arithmetic"]["correct"] == 0
     assert "no log-probabilities" in (tmp_path / "quality.md").read_text()
@@ -395,6 +441,10 @@ def compared(oracle, tmp_path_factory):
                 "4",
                 "--windows",
                 "1",
+                "--harness",
+                "workbench_arithmetic",
+                "--harness-limit",
+                "2",
                 "--concurrency",
                 "1,2",
                 "--requests",
@@ -423,7 +473,7 @@ def test_compare_measures_local_configs_through_the_workbench_server(compared):
         )
         # /v1/models of this workbench's server reports the context limit (tiny models: 2048 positions)
         assert (column["context_length"], column["context_source"]) == (2048, "reported by /v1/models")
-        assert column["quality"]["perplexity"] > 1
+        assert column["quality"]["perplexity"]["reference"] > 1 and column["quality"]["perplexity"]["prose"] > 1
         assert column["quality"]["tasks"]["facts"]["asked"] == 4
         assert len(column["load_avg_1min_before_after"]) == 2 and min(column["load_avg_1min_before_after"]) >= 0
 
@@ -458,6 +508,10 @@ def test_compare_reports_failing_endpoints_in_their_column(compared):
     assert table["context length, tokens"]["refused"] == "1,000 (given)"
     assert table["load average on this machine while timing (1 min, before / after)"]["refused"] == "n/a"
     assert table["status"]["tiny:llama"] == "ok"
+    assert table["workbench_arithmetic (acc)"]["tiny:llama"].count("±") == 1
+    assert table["workbench_arithmetic (acc)"]["oracle"].startswith("n/a (endpoint")
+    assert table["KL mean / p99, prose (1 x 512 tokens)"]["qwen"] == "0 (the original)"
+    assert table["weights"]["tiny:llama"].endswith(" MB")
 
 
 def test_compare_writes_markdown_and_html_with_every_column(compared):

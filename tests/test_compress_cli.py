@@ -12,22 +12,30 @@ def test_compress_command_measures_before_and_after_and_saves_a_loadable_model(t
         "    per_layer: 1\n    calibration_texts: 2\n    calibration_tokens: 64\n"
     )
     out = tmp_path / "out"
-    main([str(config), "--out", str(out), "--windows", "2", "--decode-tokens", "4"])
+    main(
+        [str(config), "--out", str(out), "--windows", "2", "--decode-tokens", "4", "--harness", "workbench_arithmetic"]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["before"]["heads_per_layer"] == [4, 4] and report["after"]["heads_per_layer"] == [2, 2]
     assert report["after"]["kv_bytes_per_token"] * 2 == report["before"]["kv_bytes_per_token"]
     assert report["after"]["params"] < report["before"]["params"]
-    assert report["before"]["perplexity"] > 1 and report["after"]["perplexity"] > 1
+    for text in ("reference", "prose"):
+        assert report["before"]["perplexity"][text] > 1 and report["after"]["perplexity"][text] > 1
+    for side in ("before", "after"):
+        score = report[side]["harness"]["workbench_arithmetic"]
+        assert score["samples"] == 20 and score["metric"] == "acc" and score["stderr"] is not None
     assert (out / "report.html").read_text().count("plotly") > 0
     markdown = (out / "report.md").read_text()
     assert "| KV-cache bytes per token |" in markdown
     assert "## Divergence from the original" in markdown and "| p99 KL |" in markdown
-    drift = report["divergence"]
-    assert drift["windows"] == 2 and drift["tokens"] > 0
-    assert 0 < drift["kl_mean"] <= drift["kl_p99"] <= drift["kl_max"]  # two heads of four gone per layer
-    assert 0 <= drift["top1_agreement"] <= 1
-    assert drift["original_perplexity"] == pytest.approx(report["before"]["perplexity"], rel=1e-5)
-    assert drift["compressed_perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-5)
+    assert "| perplexity, held-out prose text |" in markdown and "| lm-eval workbench_arithmetic (acc" in markdown
+    for text in ("reference", "prose"):
+        drift = report["divergence"][text]
+        assert drift["windows"] == 2 and drift["tokens"] > 0
+        assert 0 < drift["kl_mean"] <= drift["kl_p99"] <= drift["kl_max"]  # two heads of four gone per layer
+        assert 0 <= drift["top1_agreement"] <= 1
+        assert drift["original_perplexity"] == pytest.approx(report["before"]["perplexity"][text], rel=1e-5)
+        assert drift["compressed_perplexity"] == pytest.approx(report["after"]["perplexity"][text], rel=1e-5)
 
     import workbench
 
@@ -48,12 +56,14 @@ def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, caps
         "  - step: quantize\n    scheme: int8_weight_only\n"
         "  - step: kv_cache\n    policy: sliding_window\n    window: 64\n"
     )
-    main([str(config), "--out", str(tmp_path / "out"), "--windows", "1", "--decode-tokens", "3"])
+    main([str(config), "--out", str(tmp_path / "out"), "--windows", "1", "--decode-tokens", "3", "--harness", "none"])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["after"]["weight_bytes"] < report["before"]["weight_bytes"]
     assert report["after"]["bytes_by_dtype"]["int8"] > 0  # packed int8 layers (int8_linear.py)
-    assert report["divergence"]["windows"] == 1 and report["divergence"]["kl_mean"] >= 0
-    assert 0 <= report["divergence"]["top1_agreement"] <= 1
+    assert report["before"]["harness"] == {} == report["after"]["harness"]
+    drift = report["divergence"]["prose"]
+    assert drift["windows"] == 1 and drift["kl_mean"] >= 0
+    assert 0 <= drift["top1_agreement"] <= 1
     assert "re-applies quantize, kv_cache" in capsys.readouterr().out
 
     reloaded = workbench.load(str(tmp_path / "out" / "model"), quiet=True)

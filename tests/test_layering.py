@@ -33,6 +33,7 @@ FEATURES = (
     "workbench.bench",
     "workbench.inspect",
     "workbench.export",
+    "workbench.harness",
     "workbench.session",
 )
 

@@ -158,7 +158,7 @@ def test_a_saved_recovered_model_reloads_with_identical_logits(tmp_path):
 
     path = tmp_path / "recover.yaml"
     path.write_text(yaml.safe_dump(recover_config(tmp_path, arch="qwen3").model_dump(mode="json")))
-    main([str(path), "--out", str(tmp_path / "out"), "--windows", "1", "--decode-tokens", "2"])
+    main([str(path), "--out", str(tmp_path / "out"), "--windows", "1", "--decode-tokens", "2", "--harness", "none"])
     recovered = workbench.load(recover_config(tmp_path, arch="qwen3"), quiet=True)
     reloaded = workbench.load(str(tmp_path / "out" / "model"), quiet=True)
     assert reloaded.model.config.key_value_heads_per_layer == [1, 1]

@@ -184,7 +184,34 @@ def _targets_and_tasks(args):
         raise SystemExit(f"error: {exc}") from None
     if args.limit is not None and args.limit < 1:
         raise SystemExit("error: --limit must be at least 1")
+    if args.harness_limit is not None and args.harness_limit < 1:
+        raise SystemExit("error: --harness-limit must be at least 1")
+    if args.windows < 0:
+        raise SystemExit("error: --windows must be 0 (skip) or more")
+    args.harness = _harness_tasks(args.harness)
     return targets, tasks
+
+
+def _harness_tasks(names: str) -> tuple[str, ...]:
+    """`--harness`: the shipped task names are checked here, before any model loads; lm-eval's
+    own are checked by lm-eval."""
+    from workbench.harness import TASKS
+
+    tasks = tuple(t.strip() for t in names.split(",") if t.strip())
+    if tasks in ((), ("none",)):
+        return ()
+    unknown = [t for t in tasks if t.startswith("workbench_") and t not in TASKS]
+    if unknown:
+        raise SystemExit(
+            f"error: --harness: no shipped task {', '.join(unknown)}; the shipped ones: {', '.join(TASKS)}"
+        )
+    return tasks
+
+
+def _cpu() -> dict:
+    from workbench.bench.cpu import cpu_identity
+
+    return cpu_identity()
 
 
 def _quality(args) -> None:
@@ -205,6 +232,8 @@ def _quality(args) -> None:
         max_tokens=args.max_tokens,
         thinking=thinking,
         thinking_tokens=args.thinking_tokens,
+        harness=args.harness,
+        harness_limit=args.harness_limit,
     )
     meta = {
         "targets": [t.name for t in targets],
@@ -214,6 +243,9 @@ def _quality(args) -> None:
         "max_tokens": args.max_tokens,
         "thinking": modes,
         "thinking_tokens": args.thinking_tokens,
+        "harness": list(args.harness),
+        "harness_limit": args.harness_limit,
+        "cpu": _cpu(),
     }
     out = _out(args.out, "quality")
     quality_bench.write_results(out, results, targets, tasks, meta)
@@ -240,10 +272,14 @@ def _compare(args) -> None:
         windows=args.windows,
         limit=args.limit,
         max_tokens=args.max_tokens,
+        harness=args.harness,
+        harness_limit=args.harness_limit,
     )
     meta = {
         "targets": [t.name for t in targets],
         "tasks": [t.name for t in tasks],
+        "harness": list(args.harness),
+        "harness_limit": args.harness_limit,
         "levels": list(levels),
         "requests": args.requests,
         "tokens": args.tokens,
@@ -251,6 +287,7 @@ def _compare(args) -> None:
         "limit": args.limit,
         "max_tokens": args.max_tokens,
         "machine": compare_bench.machine(),
+        "cpu": _cpu(),
     }
     out = _out(args.out, "compare")
     compare_bench.write_results(out, columns, tasks, meta, png=args.png)
@@ -301,7 +338,19 @@ def _target_options(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="ask only the first N questions of each task")
     parser.add_argument("--max-tokens", type=int, default=16, help="reply budget per question")
     parser.add_argument(
-        "--windows", type=int, default=4, help="512-token windows of held-out text per perplexity (0: skip)"
+        "--windows",
+        type=int,
+        default=4,
+        help="512-token windows of each held-out text for perplexity and KL to the original (0: skip)",
+    )
+    parser.add_argument(
+        "--harness",
+        default="workbench_mmlu_subset",
+        help="comma-separated lm-eval tasks scored on each local config's weights (python -m workbench.harness "
+        "ls tasks; the shipped ones start with workbench_), or none",
+    )
+    parser.add_argument(
+        "--harness-limit", type=int, default=None, help="score only the first N questions of each lm-eval task"
     )
 
 

@@ -23,7 +23,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from workbench.bench import serve as serve_bench
-from workbench.bench.quality import Quality, failed_tasks, measure
+from workbench.bench.quality import Quality, failed_tasks, local_columns, measure
 from workbench.bench.targets import Target, open_target, probe
 from workbench.bench.tasks import Task
 
@@ -95,6 +95,8 @@ def measure_column(
     windows: int,
     limit: int | None,
     max_tokens: int,
+    harness: tuple[str, ...] = (),
+    harness_limit: int | None = None,
 ) -> Column:
     try:
         with open_target(target) as (endpoint, session):
@@ -124,6 +126,8 @@ def measure_column(
                 limit=limit,
                 max_tokens=max_tokens,
                 reachable_error=error,
+                harness=harness,
+                harness_limit=harness_limit,
             )
             return column
     except Exception as exc:  # noqa: BLE001 - a target that fails to load or answer is one bad column, not a lost run
@@ -142,6 +146,8 @@ def run_compare(
     windows: int = 4,
     limit: int | None = None,
     max_tokens: int = 16,
+    harness: tuple[str, ...] = (),
+    harness_limit: int | None = None,
 ) -> list[Column]:
     return [
         measure_column(
@@ -153,6 +159,8 @@ def run_compare(
             windows=windows,
             limit=limit,
             max_tokens=max_tokens,
+            harness=harness,
+            harness_limit=harness_limit,
         )
         for t in tqdm(targets, desc="compare")
     ]
@@ -234,12 +242,10 @@ def table(columns: list[Column], tasks: list[Task], meta: dict) -> list[tuple[st
         )
     )
     rows.append(("context length, tokens", [_context_cell(c) for c in columns]))
-    rows.append(
-        (
-            f"perplexity ({meta['windows']} x 512 held-out tokens)",
-            [c.quality.perplexity_cell(c.target.local) for c in columns],
-        )
-    )
+    for label, cell in local_columns(list(meta.get("harness") or []), meta):
+        if label.startswith(("perplexity", "KL", "top-1")):
+            label += f" ({meta['windows']} x 512 tokens)"
+        rows.append((label, [cell(c.quality, c.target.local) for c in columns]))
     for task in tasks:
         rows.append((f"accuracy: {task.title}", [c.quality.tasks[task.name].cell() for c in columns]))
     rows.append(("price per 1K tokens in / out, USD", [_price_cell(c.target) for c in columns]))

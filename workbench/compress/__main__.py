@@ -16,6 +16,7 @@ from pathlib import Path
 from workbench.compress.pipeline import apply, split_steps
 from workbench.compress.report import divergence_from_original, measure, to_markdown, write_report
 from workbench.config import load_config
+from workbench.harness import TASKS
 from workbench.models import load_model
 from workbench.session import Session, preflight
 
@@ -28,7 +29,18 @@ def main(argv: list[str] | None = None) -> None:
         "--windows", type=int, default=8, help="512-token windows of held-out text for perplexity and divergence"
     )
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode-speed figure")
+    parser.add_argument(
+        "--harness",
+        default="workbench_mmlu_subset",
+        help="comma-separated lm-eval tasks scored before and after (python -m workbench.harness ls tasks), or none",
+    )
     args = parser.parse_args(argv)
+    harness = tuple(t.strip() for t in args.harness.split(",") if t.strip() and t.strip() != "none")
+    unknown = [t for t in harness if t.startswith("workbench_") and t not in TASKS]
+    if unknown:
+        raise SystemExit(
+            f"error: --harness: no shipped task {', '.join(unknown)}; the shipped ones: {', '.join(TASKS)}"
+        )
 
     config = load_config(args.config)  # a bad config fails here, before any model is loaded
     if not config.compression:
@@ -36,14 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     preflight(config)
     session = Session(load_model(config.model), config)
     print("Measuring the original model ...", file=sys.stderr, flush=True)
-    before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
+    before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens, harness=harness)
     in_weights, reapplied = split_steps(config.compression)
     session.reports = apply(session, in_weights)
     model_dir = args.out / "model"
     session.save(model_dir, reapply=reapplied)
     session.reports += apply(session, reapplied)
     print("Measuring the compressed model ...", file=sys.stderr, flush=True)
-    after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens)
+    after = measure(session, windows=args.windows, decode_tokens=args.decode_tokens, harness=harness)
     print("Comparing it with the original ...", file=sys.stderr, flush=True)
     original = load_model(config.model, quiet=True).model
     drift = divergence_from_original(original, session, windows=args.windows)

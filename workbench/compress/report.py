@@ -1,10 +1,12 @@
 """Before/after measurements of a compression config, written as JSON, Markdown and plotly HTML.
 
 Both models are measured in the same run, the same way: parameters, weight bytes per
-dtype, KV-cache bytes per token, attention heads per layer, perplexity on the shipped
-held-out text, and greedy decode speed through the engine. Then the compressed model is
-compared with the original on that held-out text: KL divergence of its next-token
-distributions and top-1 agreement (workbench.metrics.divergence).
+dtype, KV-cache bytes per token, attention heads per layer, perplexity on both shipped
+held-out texts (workbench.data.HELD_OUT: the CPython reference text, from the calibration
+text's source, and out-of-domain prose), lm-eval tasks on the weights (MMLU's stratified
+subset by default, with standard errors), and greedy decode speed through the engine. Then the
+compressed model is compared with the original on each held-out text: KL divergence of its
+next-token distributions and top-1 agreement (workbench.metrics.divergence).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 
 from workbench.compress.int4_linear import Int4Linear
-from workbench.data import evaluation_texts
+from workbench.data import HELD_OUT, held_out_texts
 from workbench.engine import ChatRequest, Done
+from workbench.harness import evaluate
 from workbench.metrics import Divergence, divergence, perplexity
 from workbench.models.anatomy import attention_layers, kv_bytes_per_token, kv_groups, weight_bytes_by_dtype
 
@@ -34,7 +37,10 @@ class Measurement:
     heads_per_layer: list[int]
     kv_heads_per_layer: list[int]
     kv_bytes_per_token: int
-    perplexity: float
+    perplexity: dict[str, float]
+    """held-out text name -> perplexity"""
+    harness: dict[str, dict]
+    """lm-eval task -> its headline score (workbench.harness.Score as a dict)"""
     decode_tokens_per_s: float
     ttft_s: float
     memory_bytes: int
@@ -48,7 +54,7 @@ def parameter_count(model: nn.Module) -> int:
     return sum(packed.get(id(p), p.numel()) for p in model.parameters())
 
 
-def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
+def measure(session, *, windows: int, decode_tokens: int, harness: tuple[str, ...] = ()) -> Measurement:
     model = session.model
     params = parameter_count(model)
     by_dtype = weight_bytes_by_dtype(model)
@@ -60,7 +66,8 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
         torch.cuda.reset_peak_memory_stats(device)
     request = ChatRequest.from_prompt(BENCH_PROMPT, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     stats = [e.stats for e in session.engine.stream(request) if isinstance(e, Done)][0]
-    ppl = perplexity(model, session.tokenizer, evaluation_texts(), max_windows=windows)
+    ppl = {name: perplexity(model, session.tokenizer, held_out_texts(name), max_windows=windows) for name in HELD_OUT}
+    scores = {s.task: s.to_dict() for s in evaluate(session, list(harness))} if harness else {}
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
     return Measurement(
         params=params,
@@ -70,19 +77,34 @@ def measure(session, *, windows: int, decode_tokens: int) -> Measurement:
         kv_heads_per_layer=kv_heads,
         kv_bytes_per_token=kv_bytes_per_token(model),
         perplexity=ppl,
+        harness=scores,
         decode_tokens_per_s=stats.decode_tokens_per_s,
         ttft_s=stats.ttft_s,
         memory_bytes=memory,
     )
 
 
-def divergence_from_original(original, session, *, windows: int) -> Divergence:
+def divergence_from_original(original, session, *, windows: int) -> dict[str, Divergence]:
     """The compressed session's model against `original` (the model as loaded) on the windows
-    of held-out text the perplexity figures are measured on."""
-    return divergence(original, session.model, session.tokenizer, evaluation_texts(), max_windows=windows)
+    of each held-out text the perplexity figures are measured on."""
+    return {
+        name: divergence(original, session.model, session.tokenizer, held_out_texts(name), max_windows=windows)
+        for name in HELD_OUT
+    }
 
 
-def to_markdown(config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: Divergence) -> str:
+def _score(score: dict | None) -> str:
+    if score is None:
+        return "-"
+    if score["metric"].startswith("acc"):
+        spread = f" ± {100 * score['stderr']:.1f}" if score["stderr"] is not None else ""
+        return f"{100 * score['value']:.1f}{spread}"
+    return f"{score['value']:.3f}"
+
+
+def to_markdown(
+    config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: dict[str, Divergence]
+) -> str:
     def row(name, b, a, fmt="{:,}"):
         ratio = f"{a / b:.3f}x" if isinstance(b, (int, float)) and b else ""
         return f"| {name} | {fmt.format(b)} | {fmt.format(a)} | {ratio} |"
@@ -96,7 +118,15 @@ def to_markdown(config_path: str, before: Measurement, after: Measurement, steps
         row("weight bytes", before.weight_bytes, after.weight_bytes),
         row("KV-cache bytes per token", before.kv_bytes_per_token, after.kv_bytes_per_token),
         row("attention heads (all layers)", sum(before.heads_per_layer), sum(after.heads_per_layer)),
-        row("perplexity (held-out)", before.perplexity, after.perplexity, "{:.3f}"),
+        *(
+            row(f"perplexity, held-out {name} text", before.perplexity[name], after.perplexity[name], "{:.3f}")
+            for name in HELD_OUT
+        ),
+        *(
+            f"| lm-eval {task} ({score['metric']}, % ± stderr, {score['samples']} questions) | {_score(score)} | "
+            f"{_score(after.harness.get(task))} | |"
+            for task, score in before.harness.items()
+        ),
         row("decode tok/s", before.decode_tokens_per_s, after.decode_tokens_per_s, "{:.1f}"),
         row("time to first token, s", before.ttft_s, after.ttft_s, "{:.3f}"),
         row("memory (CUDA peak, or CPU process resident)", before.memory_bytes, after.memory_bytes),
@@ -110,18 +140,20 @@ def to_markdown(config_path: str, before: Measurement, after: Measurement, steps
         "",
         "## Divergence from the original",
         "",
-        f"KL(original || compressed) of the next-token distribution, nats per token, over {drift.tokens:,} "
-        f"positions of {drift.windows} held-out windows (the perplexity's); top-1 agreement is the share "
-        "of positions where both models' most likely next token is the same (llama.cpp's `--kl-divergence` "
+        "KL(original || compressed) of the next-token distribution, nats per token, over every position "
+        "of the held-out windows the perplexities are measured on; top-1 agreement is the share of "
+        "positions where both models' most likely next token is the same (llama.cpp's `--kl-divergence` "
         "figures: Mean / Median / 99.0% / Maximum KLD, Same top p).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| mean KL | {drift.kl_mean:.4g} |",
-        f"| median KL | {drift.kl_median:.4g} |",
-        f"| p99 KL | {drift.kl_p99:.4g} |",
-        f"| max KL | {drift.kl_max:.4g} |",
-        f"| top-1 agreement | {drift.top1_agreement:.2%} |",
+        "| measure | "
+        + " | ".join(f"{name} ({d.windows} windows, {d.tokens:,} positions)" for name, d in drift.items())
+        + " |",
+        "|---|" + "---|" * len(drift),
+        "| mean KL | " + " | ".join(f"{d.kl_mean:.4g}" for d in drift.values()) + " |",
+        "| median KL | " + " | ".join(f"{d.kl_median:.4g}" for d in drift.values()) + " |",
+        "| p99 KL | " + " | ".join(f"{d.kl_p99:.4g}" for d in drift.values()) + " |",
+        "| max KL | " + " | ".join(f"{d.kl_max:.4g}" for d in drift.values()) + " |",
+        "| top-1 agreement | " + " | ".join(f"{d.top1_agreement:.2%}" for d in drift.values()) + " |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -144,14 +176,19 @@ def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
 
 
 def write_report(
-    out: Path, config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: Divergence
+    out: Path,
+    config_path: str,
+    before: Measurement,
+    after: Measurement,
+    steps: list[dict],
+    drift: dict[str, Divergence],
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "config": config_path,
         "before": asdict(before),
         "after": asdict(after),
-        "divergence": asdict(drift),
+        "divergence": {name: asdict(d) for name, d in drift.items()},
         "steps": steps,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
