@@ -191,8 +191,31 @@ def test_pruning_curve_covers_every_ratio_and_criterion(tmp_path, capsys):
     }
     heads = {(s["ratio"], s["criterion"]): s["heads"] for s in data["summary"]}
     assert heads[(0.0, "taylor")] == 8 and heads[(0.5, "taylor")] == 4
-    assert (tmp_path / "pruning.html").exists()
-    assert "| 50% | 4 |" in capsys.readouterr().out
+    html = (tmp_path / "pruning.html").read_text()
+    assert "perplexity, held-out reference text" in html and "perplexity, held-out prose text" in html
+    out = capsys.readouterr().out
+    assert "| 50% | 4 |" in out
+    assert "held-out reference text (data/evaluation.txt)" in out and "held-out prose text (data/prose.txt)" in out
+
+
+def test_pruning_curve_measures_perplexity_on_both_held_out_texts(tmp_path):
+    import workbench
+    from workbench.bench.pruning import run_curve, summarise
+    from workbench.data import held_out_texts
+    from workbench.metrics import perplexity
+
+    rows = run_curve("tiny:llama", [0.0, 0.5], ["taylor"], [0], 1, calibration_texts=2)
+    assert all(r["perplexity"] > 1 and r["perplexity_prose"] > 1 for r in rows)
+    base = next(r for r in rows if r["ratio"] == 0.0)
+    session = workbench.load("tiny:llama", quiet=True)
+    for name, key in (("reference", "perplexity"), ("prose", "perplexity_prose")):
+        # the same first window of each text the bench measured, on the same (seeded) tiny model
+        assert base[key] == pytest.approx(
+            perplexity(session.model, session.tokenizer, held_out_texts(name), max_windows=1)
+        )
+    assert base["perplexity_prose"] != base["perplexity"]
+    pruned = next(s for s in summarise(rows) if s["ratio"] == 0.5)
+    assert pruned["perplexity_prose_median"] == next(r for r in rows if r["ratio"] == 0.5)["perplexity_prose"]
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for():
@@ -311,10 +334,13 @@ def test_pruning_curve_with_recovery_stages_measures_each_stage_on_the_same_remo
     }
     pruned = {r["recovery"]: r for r in data["rows"] if r["ratio"] == 0.5}
     assert pruned["compensate"]["perplexity"] != pruned["none"]["perplexity"]
+    assert pruned["compensate"]["perplexity_prose"] != pruned["none"]["perplexity_prose"]
+    assert all(r["perplexity_prose"] > 1 for r in data["rows"])
     assert all(0 <= r["facts"] <= 32 for r in data["rows"])
-    assert "taylor (compensate)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "taylor (compensate)" in out and "facts: correct of 32" in out
     html = (tmp_path / "pruning.html").read_text()
-    assert "facts correct of 32" in html and "taylor (recover)" in html  # the second panel, one line per stage
+    assert "facts correct of 32" in html and "taylor (recover)" in html  # the last panel, one line per stage
 
 
 def test_pruning_grid_is_saved_per_point_and_resumes_without_measuring_again(tmp_path, monkeypatch, capsys):
@@ -344,6 +370,21 @@ def test_pruning_grid_is_saved_per_point_and_resumes_without_measuring_again(tmp
     main(args)
     first = json.loads((tmp_path / "pruning.json").read_text())
     assert saved[:2] == [1, 2]  # after each point, before the run ends
+
+    # A point measured before the prose text was is measured again, and only that point.
+    legacy = json.loads((tmp_path / "pruning.json").read_text())
+    for row in legacy["rows"]:
+        if row["ratio"] == 0.5:
+            del row["perplexity_prose"]
+    (tmp_path / "pruning.json").write_text(json.dumps(legacy))
+    real_load, loads = workbench.load, []
+    monkeypatch.setattr(workbench, "load", lambda *a, **k: (loads.append(a), real_load(*a, **k))[1])
+    main(args + ["--resume"])
+    assert len(loads) == 1
+    again = json.loads((tmp_path / "pruning.json").read_text())["rows"]
+    assert [r.keys() for r in again] == [r.keys() for r in first["rows"]]
+    assert [r["perplexity_prose"] for r in again] == pytest.approx([r["perplexity_prose"] for r in first["rows"]])
+    (tmp_path / "pruning.json").write_text(json.dumps(first))
 
     def no_load(*a, **k):
         raise AssertionError("a resumed point was measured again")

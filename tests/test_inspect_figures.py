@@ -1,6 +1,7 @@
 """The plotly layer draws what the library returns (no static export: that needs a browser)."""
 
 import pandas as pd
+import pytest
 
 import workbench
 from workbench.inspect import figures
@@ -39,12 +40,49 @@ def test_every_figure_draws_from_library_data():
             "ratio": [0, 0.2, 0, 0.2],
             "criterion": ["taylor", "taylor", "random", "random"],
             "perplexity": [15.0, 30.0, 15.0, 80.0],
+            "perplexity_prose": [25.0, 60.0, 25.0, 200.0],
         }
     )
-    quantization = pd.DataFrame({"config": ["fp32", "int8"], "weight_MB": [538.0, 220.0], "perplexity": [15.0, 15.1]})
-    assert [t.name for t in figures.compression_tradeoffs(pruning, quantization).data] == [
-        "random",
-        "taylor",
-        "fp32",
-        "int8",
-    ]
+    quantization = pd.DataFrame(
+        {
+            "config": ["fp32", "int8"],
+            "weight_MB": [538.0, 220.0],
+            "perplexity": [15.0, 15.1],
+            "perplexity_prose": [25.0, 25.3],
+        }
+    )
+    traces = figures.compression_tradeoffs(pruning, quantization).data
+    # a row of panels per held-out text: the reference text's, then the prose text's
+    assert [t.name for t in traces] == ["random", "taylor", "fp32", "int8"] * 2
+    assert list(traces[1].y) == [15.0, 30.0] and list(traces[5].y) == [25.0, 60.0]
+    assert [t.showlegend for t in traces] == [True] * 4 + [False] * 4
+    assert list(traces[7].y) == [25.3]
+    # a frame from before the prose text was measured draws the reference row alone
+    assert len(figures.compression_tradeoffs(pruning.drop(columns="perplexity_prose"), quantization).data) == 4
+
+
+def test_tradeoff_frames_hold_perplexity_on_both_held_out_texts():
+    from workbench.data import held_out_texts
+    from workbench.inspect.tradeoffs import pruning_tradeoffs, quantization_tradeoffs
+    from workbench.metrics import perplexity
+
+    session = workbench.load("tiny:llama", quiet=True)
+    expected = {
+        key: perplexity(session.model, session.tokenizer, held_out_texts(name), max_windows=1)
+        for name, key in (("reference", "perplexity"), ("prose", "perplexity_prose"))
+    }
+    assert expected["perplexity_prose"] > 1 and expected["perplexity_prose"] != expected["perplexity"]
+
+    configs = {"float32": None, "int8 weight-only": {"scheme": "int8_weight_only"}}
+    quantization = quantization_tradeoffs("tiny:llama", configs, windows=1)
+    assert (quantization.perplexity_prose > 1).all()
+    for key, value in expected.items():
+        assert quantization[key].iloc[0] == pytest.approx(value)  # float32: the model as loaded
+
+    pruning = pruning_tradeoffs(
+        "tiny:llama", ratios=(0.0, 0.5), criteria=("taylor",), seeds=(0,), windows=1, calibration_texts=2
+    )
+    assert list(pruning.columns) == ["ratio", "criterion", "heads", "perplexity", "perplexity_prose", "runs"]
+    for key, value in expected.items():
+        assert pruning[pruning.ratio == 0][key].iloc[0] == pytest.approx(value)
+    assert (pruning.perplexity_prose > 1).all()

@@ -130,6 +130,27 @@ def test_training_writes_an_adapter_with_the_switched_template_and_a_record(tiny
     assert set(report.examples) == {"think", "plain", "general", "general-think"}
 
 
+def test_the_report_gives_perplexity_on_both_held_out_texts_before_and_after(tiny_trained):
+    from workbench.data import held_out_texts
+    from workbench.metrics import perplexity
+
+    session, out, report = tiny_trained
+    stock = workbench.load("tiny:llama", quiet=True)
+    for name, before, after in (
+        ("reference", report.perplexity_before, report.perplexity_after),
+        ("prose", report.perplexity_prose_before, report.perplexity_prose_after),
+    ):
+        texts = held_out_texts(name)
+        assert before == pytest.approx(perplexity(stock.model, stock.tokenizer, texts, max_windows=4))
+        assert after == pytest.approx(perplexity(session.model, session.tokenizer, texts, max_windows=4))
+        assert before > 1 and after > 1
+    assert report.perplexity_prose_before != report.perplexity_before
+    record = json.loads((out / "recovery.json").read_text())
+    assert record["perplexity_prose_before"] == report.perplexity_prose_before
+    assert record["perplexity_prose_after"] == report.perplexity_prose_after
+    assert record["perplexity_before"] == report.perplexity_before  # the reference text's, as before
+
+
 def test_the_loss_covers_the_reply_only(tiny_trained):
     from workbench.reasoning.train import Example
 

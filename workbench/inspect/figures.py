@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 import workbench
+from workbench.bench.pruning import PERPLEXITY_KEYS
 from workbench.bench.tasks import arithmetic_items
 from workbench.data import SHORT_ANSWER_PROMPT
 from workbench.inspect.attention import capture_attention, head_stats
@@ -214,28 +216,56 @@ def thinking_timeline(timeline, title: str = "Thinking timeline") -> go.Figure:
 def compression_tradeoffs(
     pruning: pd.DataFrame, quantization: pd.DataFrame, title: str = "Compression trade-offs"
 ) -> go.Figure:
+    """One row of panels per held-out text both frames measured (`perplexity`: the reference
+    text, `perplexity_prose`: out-of-domain prose): the pruning curve per criterion on the left,
+    each quantize configuration's weight bytes on the right. A criterion or configuration keeps
+    its colour in every row, and its legend entry shows or hides it in all of them."""
+    texts = [(name, key) for name, key in PERPLEXITY_KEYS.items() if key in pruning and key in quantization]
     fig = make_subplots(
-        rows=1,
+        rows=len(texts),
         cols=2,
-        subplot_titles=("head pruning: perplexity vs KV groups removed", "quantization: perplexity vs weight bytes"),
+        subplot_titles=[
+            panel
+            for name, _ in texts
+            for panel in (
+                f"head pruning: {name}-text perplexity vs KV groups removed",
+                f"quantization: {name}-text perplexity vs weight bytes",
+            )
+        ],
+        vertical_spacing=0.14,
     )
-    for criterion, rows in pruning.groupby("criterion"):
-        fig.add_scatter(x=rows.ratio * 100, y=rows.perplexity, mode="lines+markers", name=criterion, row=1, col=1)
-    for _, row in quantization.iterrows():
-        fig.add_scatter(
-            x=[row.weight_MB],
-            y=[row.perplexity],
-            mode="markers",
-            name=row.config,
-            marker={"size": 11, "symbol": "diamond"},
-            row=1,
-            col=2,
-        )
-    fig.update_xaxes(title_text="% of KV groups removed", row=1, col=1)
-    fig.update_yaxes(title_text="held-out perplexity", type="log", row=1, col=1)
-    fig.update_xaxes(title_text="weight MB", row=1, col=2)
-    fig.update_yaxes(title_text="held-out perplexity", row=1, col=2)
-    fig.update_layout(title=title, width=1150, height=480)
+    palette = plotly.colors.qualitative.Plotly
+    criteria = [(str(criterion), rows) for criterion, rows in pruning.groupby("criterion")]
+    for r, (name, key) in enumerate(texts, start=1):
+        for i, (criterion, rows) in enumerate(criteria):
+            fig.add_scatter(
+                x=rows.ratio * 100,
+                y=rows[key],
+                mode="lines+markers",
+                name=criterion,
+                legendgroup=criterion,
+                showlegend=r == 1,
+                line={"color": palette[i % len(palette)]},
+                row=r,
+                col=1,
+            )
+        for j, (_, row) in enumerate(quantization.iterrows()):
+            fig.add_scatter(
+                x=[row.weight_MB],
+                y=[row[key]],
+                mode="markers",
+                name=row.config,
+                legendgroup=row.config,
+                showlegend=r == 1,
+                marker={"size": 11, "symbol": "diamond", "color": palette[(len(criteria) + j) % len(palette)]},
+                row=r,
+                col=2,
+            )
+        fig.update_xaxes(title_text="% of KV groups removed", row=r, col=1)
+        fig.update_yaxes(title_text=f"perplexity, held-out {name} text", type="log", row=r, col=1)
+        fig.update_xaxes(title_text="weight MB", row=r, col=2)
+        fig.update_yaxes(title_text=f"perplexity, held-out {name} text", row=r, col=2)
+    fig.update_layout(title=title, width=1150, height=80 + 420 * len(texts))
     return fig
 
 
@@ -310,9 +340,14 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
             compression_tradeoffs(pruning, quantization, title=f"Compressing {name}"),
             "04_compression_tradeoffs.png",
             started,
-            pruning.pivot(index="ratio", columns="criterion", values="perplexity").round(2).to_string()
+            "\n".join(
+                f"{key}:\n" + pruning.pivot(index="ratio", columns="criterion", values=key).round(2).to_string()
+                for key in PERPLEXITY_KEYS.values()
+            )
             + "\n"
-            + quantization[["config", "weight_MB", "size_vs_float32", "perplexity"]].round(3).to_string(index=False),
+            + quantization[["config", "weight_MB", "size_vs_float32", *PERPLEXITY_KEYS.values()]]
+            .round(3)
+            .to_string(index=False),
         )
     return written
 

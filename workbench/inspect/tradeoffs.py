@@ -5,6 +5,10 @@ model per point so points are independent: the pruning curve is `workbench.bench
 (perplexity against the share of KV groups removed, per criterion, random over seeds), the
 quantization curve applies each `quantize` configuration and measures weight bytes beside
 perplexity on the same held-out windows.
+
+Perplexity is measured on both held-out texts (`workbench.data.HELD_OUT`), the same windows of
+each for every point: `perplexity` is the reference text's (the calibration text's source),
+`perplexity_prose` the out-of-domain prose's (`workbench.bench.pruning.PERPLEXITY_KEYS`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import workbench
-from workbench.bench.pruning import run_curve, summarise
+from workbench.bench.pruning import PERPLEXITY_KEYS, held_out_perplexity, run_curve, summarise
 from workbench.compress.quantization import linear_bytes, quantize
-from workbench.data import evaluation_texts
-from workbench.metrics import perplexity
 from workbench.models.anatomy import kv_bytes_per_token, tensor_bytes
 
 QUANTIZATION_CONFIGS: dict[str, dict | None] = {
@@ -54,18 +56,21 @@ def pruning_tradeoffs(
     windows: int = 2,
     calibration_texts: int = 4,
 ) -> pd.DataFrame:
-    """Perplexity per (share of KV groups removed, criterion); random is the median over seeds."""
+    """Perplexity on each held-out text (`windows` x 512 tokens of each) per (share of KV groups
+    removed, criterion): columns `perplexity` (reference text) and `perplexity_prose`; random is
+    the median over seeds."""
     rows = run_curve(source, list(ratios), list(criteria), list(seeds), windows, calibration_texts=calibration_texts)
-    frame = pd.DataFrame(summarise(rows)).rename(columns={"perplexity_median": "perplexity"})
-    return frame[["ratio", "criterion", "heads", "perplexity", "runs"]]
+    keys = list(PERPLEXITY_KEYS.values())
+    frame = pd.DataFrame(summarise(rows)).rename(columns={f"{key}_median": key for key in keys})
+    return frame[["ratio", "criterion", "heads", *keys, "runs"]]
 
 
 def quantization_tradeoffs(
     source: str | None = None, configs: dict[str, dict | None] | None = None, *, windows: int = 2
 ) -> pd.DataFrame:
-    """Weight bytes, linear-layer bytes and perplexity for each quantize configuration."""
+    """Weight bytes, linear-layer bytes and perplexity on each held-out text (`windows` x 512
+    tokens of each: `perplexity`, `perplexity_prose`) for each quantize configuration."""
     configs = QUANTIZATION_CONFIGS if configs is None else configs
-    texts = evaluation_texts()
     rows = []
     for name, options in tqdm(configs.items(), desc="quantization schemes"):
         session = workbench.load(source, quiet=True)
@@ -77,7 +82,7 @@ def quantization_tradeoffs(
                 "weight_bytes": weight_bytes(session.model),
                 "linear_bytes": linear_bytes(session.model),
                 "kv_bytes_per_token": kv_bytes_per_token(session.model),
-                "perplexity": perplexity(session.model, session.tokenizer, texts, max_windows=windows),
+                **held_out_perplexity(session, windows),
             }
         )
     frame = pd.DataFrame(rows)
