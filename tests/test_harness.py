@@ -4,6 +4,8 @@ backend does, the shipped tasks load offline, and what a user can get wrong is s
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from importlib import metadata
 
@@ -87,6 +89,18 @@ def test_generation_stops_at_the_tasks_stop_string_and_token_budget(tiny_llama):
     assert free
     assert "e" not in stopped and free.startswith(stopped)
     assert len(tiny_llama.tokenizer.encode(short, add_special_tokens=False)) <= 3
+
+
+def test_registering_the_backend_keeps_lm_evals_own_models():
+    """In a fresh interpreter, as `python -m workbench.harness` starts: lm-eval loads its own
+    models only into an empty registry, so registering ours first once hid them all."""
+    code = (
+        "import workbench.harness.lm\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('workbench').__name__, get_model('hf').__name__, get_model('local-completions').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["WorkbenchLM", "HFLM", "LocalCompletionsAPI"]
 
 
 def test_the_backend_takes_one_of_config_or_session(tiny_llama):
