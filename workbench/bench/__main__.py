@@ -188,7 +188,8 @@ def _targets_and_tasks(args):
         raise SystemExit("error: --harness-limit must be at least 1")
     if args.windows < 0:
         raise SystemExit("error: --windows must be 0 (skip) or more")
-    args.harness = _harness_tasks(args.harness)
+    default = "workbench_mmlu_subset" if args.run is _quality else "none"
+    args.harness = _harness_tasks(args.harness or default)
     return targets, tasks
 
 
@@ -345,9 +346,11 @@ def _target_options(parser) -> None:
     )
     parser.add_argument(
         "--harness",
-        default="workbench_mmlu_subset",
+        default=None,
         help="comma-separated lm-eval tasks scored on each local config's weights (python -m workbench.harness "
-        "ls tasks; the shipped ones start with workbench_), or none",
+        "ls tasks; the shipped ones start with workbench_), or none (default: workbench_mmlu_subset for quality, "
+        "none for compare; MMLU's 500 questions take minutes per fp32 config on 2 cores, longer for int8/half "
+        "precision on a CPU without their native kernels)",
     )
     parser.add_argument(
         "--harness-limit", type=int, default=None, help="score only the first N questions of each lm-eval task"

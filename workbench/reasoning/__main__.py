@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(closed think blocks: {result['closed_think_blocks']})"
         )
     print(
-        f"held-out prose perplexity (4 x 512 tokens): {report.perplexity_before:.3f} stock -> {report.perplexity_after:.3f}"
+        f"held-out perplexity (4 x 512 tokens), reference text: {report.perplexity_before:.3f} stock -> "
+        f"{report.perplexity_after:.3f}; prose: {report.perplexity_prose_before:.3f} -> {report.perplexity_prose_after:.3f}"
     )
     print(
         f"trained {report.steps} steps in {report.seconds:.0f} s (own replies {report.replies_seconds:.0f} s); adapter in {args.out}"
