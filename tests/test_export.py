@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import workbench
 from workbench.compress.pruning import prune_groups
-from workbench.export import ExportError
+from workbench.export import ExportError, Tolerance, export, verify
 from workbench.export.__main__ import main
 from workbench.export.gguf_vocab import pre_tokenizer_name
 from workbench.export.verify import compare_logits, gguf_logits
 from workbench.export.weights import float_state, head_layout, pad_attention
+from workbench.metrics import divergence, log_prob_divergence, token_windows
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 64, 12]])
 
@@ -290,3 +291,221 @@ def test_overwrite_replaces_a_file_with_a_checkpoint_folder(tmp_path):
     out.write_text("an old file")
     _tiny("llama").export(out, to="hf", overwrite=True)
     assert (out / "config.json").is_file() and _only(out) == ["m"]
+
+
+# --- the verdict of --check -----------------------------------------------------------------
+# Tiny random models have nearly flat next-token distributions, so their KL figures are far
+# below any tolerance and only exact (float32) or large (broken weights, impossible tolerance)
+# differences are asserted; llama.cpp is kept out (sys.modules["llama_cpp"] = None) so the
+# verdict does not depend on whether llama-cpp-python is installed or on its CPU kernels.
+
+
+IMPOSSIBLE = Tolerance(kl_mean=1e-12, kl_p99=1e-12, top1=1.0)
+
+
+@pytest.fixture
+def no_llamacpp(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+
+
+def _zero_tensor_in_gguf(path, name: str = "blk.0.ffn_down.weight") -> None:
+    """Corrupt a written GGUF in place: one layer's MLP output weights become zeros."""
+    reader = gguf.GGUFReader(path, "r+")
+    (tensor,) = [t for t in reader.tensors if t.name == name]
+    tensor.data[...] = 0
+    reader.data.flush()
+
+
+def _scramble_checkpoint(directory) -> None:
+    """Corrupt a written transformers checkpoint: every MLP output matrix is reversed row-wise."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    for key in [k for k in state if k.endswith("mlp.down_proj.weight")]:
+        state[key] = state[key].flip(0).contiguous() * 8
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_check_of_an_exact_export_passes_and_the_verdict_is_in_the_result(tmp_path):
+    session = _tiny("qwen3")
+    result = session.export(tmp_path / "hf", to="hf", check=True)
+    verdict = result.verdict
+    assert verdict is not None and verdict.passed is True and result.passed is True
+    assert verdict.kind == "hf" and verdict.tolerance == verify.HF_TOLERANCE == verify.TOLERANCES["hf"]
+    (comparison,) = verdict.comparisons
+    d = comparison.divergence
+    assert comparison.reader == "stock transformers reload" and comparison.failures == []
+    assert d.kl_mean == 0 and d.kl_p99 == 0 and d.top1_agreement == 1.0  # float32 weights, same arithmetic
+    assert d.windows == verify.WINDOWS and d.tokens == verify.WINDOWS * (verify.WINDOW - 1)
+    export_line, verdict_line = result.summary().split("\n")
+    assert export_line.startswith("Exported transformers checkpoint")
+    assert verdict_line.startswith(
+        "check passed: KL mean 0.0e+00 <= 1e-06, p99 0.0e+00 <= 1e-05, top-1 100.00% >= 99.9%"
+    )
+    assert "stock transformers reload" in verdict_line and "hf tolerance" in verdict_line
+
+
+def test_check_of_an_f16_gguf_passes_with_transformers_reading_it(tmp_path, no_llamacpp):
+    session = _tiny("llama")
+    result = session.export(tmp_path / "m.gguf", type="f16", check=True)
+    verdict = result.verdict
+    assert verdict is not None and verdict.kind == "f16" and verdict.tolerance == verify.F16_TOLERANCE
+    assert result.passed is True, verdict.line()
+    (comparison,) = verdict.comparisons
+    assert comparison.reader == "transformers reading the GGUF"
+    assert comparison.divergence.kl_mean < verify.F16_TOLERANCE.kl_mean / 100
+    assert verdict.not_compared == ["llama-cpp-python is not installed (scripts/install_llamacpp.sh)"]
+    assert "check passed: KL mean" in result.summary()
+
+
+def test_without_check_there_is_no_verdict(tmp_path):
+    result = _tiny("llama").export(tmp_path / "m.gguf")
+    assert result.verdict is None and result.passed is None and "\n" not in result.summary()
+
+
+def test_a_gguf_corrupted_after_writing_fails_the_check(tmp_path, monkeypatch, no_llamacpp):
+    from workbench.export import to_gguf
+
+    write = to_gguf.write_gguf
+
+    def write_then_corrupt(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        _zero_tensor_in_gguf(path)
+
+    monkeypatch.setattr(to_gguf, "write_gguf", write_then_corrupt)
+    result = _tiny("llama").export(tmp_path / "m.gguf", type="f16", check=True)
+    assert result.passed is False and result.verdict is not None
+    (comparison,) = result.verdict.comparisons
+    # A tiny random model's next-token distributions are nearly flat, so a lost layer shows
+    # in which token is on top more than in KL (the embedded model: both, docs/export.md).
+    assert comparison.failures and comparison.divergence.top1_agreement < 0.95
+    assert result.summary().split("\n")[1].startswith("check FAILED: KL mean")
+    assert (tmp_path / "m.gguf").is_file()  # written all the same: the figures say how far off it is
+
+
+def test_cli_check_exits_1_and_says_failed_for_a_corrupted_checkpoint(tmp_path, monkeypatch, capsys):
+    from workbench.export import to_hf
+
+    write = to_hf.write_hf
+
+    def write_then_corrupt(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        _scramble_checkpoint(path)
+
+    monkeypatch.setattr(to_hf, "write_hf", write_then_corrupt)
+    code = main(["tiny:qwen3", "--to", "hf", "--out", str(tmp_path / "hf"), "--check"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.splitlines()[-1].startswith("check FAILED: KL mean")
+    assert "stock transformers reload" in out
+
+
+def test_cli_check_exits_0_and_says_passed_for_a_good_export(tmp_path, capsys):
+    code = main(["tiny:qwen3", "--to", "hf", "--out", str(tmp_path / "hf"), "--check"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.splitlines()[-1].startswith("check passed: KL mean")
+
+
+def test_a_too_strict_tolerance_fails_through_the_parameter_and_the_cli(tmp_path, monkeypatch, capsys, no_llamacpp):
+    session = _tiny("llama")
+    result = export(session, tmp_path / "q8.gguf", type="q8_0", check=True, tolerance=IMPOSSIBLE)
+    assert result.passed is False and result.verdict is not None and result.verdict.tolerance == IMPOSSIBLE
+    (comparison,) = result.verdict.comparisons
+    assert [f.split(" ")[:2] for f in comparison.failures[:2]] == [["KL", "mean"], ["KL", "p99"]]
+    # the same file held to the default q8_0 tolerance passes
+    assert session.export(tmp_path / "ok.gguf", type="q8_0", check=True).passed is True
+    monkeypatch.setitem(verify.TOLERANCES, "q8_0", IMPOSSIBLE)
+    code = main(["tiny:llama", "--to", "gguf", "--type", "q8_0", "--out", str(tmp_path / "cli.gguf"), "--check"])
+    out = capsys.readouterr().out
+    assert code == 1 and "check FAILED" in out and "q8_0 tolerance" in out
+
+
+def test_a_refused_request_stays_exit_2_with_check(tmp_path, capsys):
+    code, err = _cli(capsys, "tiny:llama", "--to", "hf", "--type", "q8_0", "--out", tmp_path / "x", "--check")
+    assert code == 2 and "--type picks a GGUF encoding" in err
+
+
+def test_no_reader_no_verdict(tmp_path, no_llamacpp):
+    """A deci GGUF (per-layer heads) has no transformers reader: without llama.cpp nothing is judged."""
+    result = _tiny("llama", {0: [1]}).export(tmp_path / "m.gguf", check=True)
+    assert result.arch == "deci" and result.verdict is not None
+    assert result.passed is None and result.verdict.comparisons == []
+    assert result.summary().endswith(
+        "check gave no verdict: no reader compared logits (transformers cannot read llama.cpp's deci "
+        "architecture; llama-cpp-python is not installed (scripts/install_llamacpp.sh))"
+    )
+
+
+def test_verdict_line_names_every_reader_and_marks_what_failed():
+    def d(kl: float, top1: float) -> verify.Divergence:
+        return verify.Divergence(kl, kl, 10 * kl, 20 * kl, top1, 2044, 4, 10.0, 10.1)
+
+    tol = Tolerance(kl_mean=5e-3, kl_p99=5e-2, top1=0.98)
+    verdict = verify.Verdict(
+        "q8_0",
+        tol,
+        [
+            verify.Comparison("transformers reading the GGUF", d(4e-4, 0.99), tol),
+            verify.Comparison("llama.cpp", d(6e-4, 0.97), tol),
+        ],
+    )
+    assert verdict.passed is False
+    line = verdict.line()
+    assert line.startswith(
+        "check FAILED: transformers reading the GGUF: KL mean 4.0e-04 <= 5e-03, p99 4.0e-03 <= 5e-02"
+    )
+    assert "; llama.cpp: KL mean 6.0e-04 <= 5e-03, p99 6.0e-03 <= 5e-02, top-1 97.00% < 98.0%" in line
+    assert verdict.comparisons[1].failures == ["top-1 97.00% < 98.0%"]
+    nan = verify.Comparison("x", d(float("nan"), 1.0), tol)
+    assert not nan.passed  # a NaN is no pass
+
+
+def test_greedy_mismatch_is_information_with_where_the_replies_part():
+    session = _tiny("llama")
+    ids = [[5, 17, 42], [7, 3, 64]]
+    line = verify.greedy_line([([1, 2, 3], [1, 2, 3]), ([9, 8, 7], [9, 4, 7])], ids, session.model)
+    assert line.startswith(
+        "llama.cpp greedy 16 tokens equal to transformers' on 1 of 2 prompts; they part at token 2 ("
+    )
+    assert "logits between the top two)" in line
+    assert "Information, not a failure: where the top two next tokens are nearly tied" in line
+    assert verify.greedy_line([([1], [1])], ids[:1], session.model).endswith("on 1 of 1 prompts")
+
+
+def test_log_prob_divergence_is_divergence_on_precomputed_log_probs(tmp_path):
+    """The llama.cpp comparison feeds llama.cpp's logits through log_prob_divergence: on two
+    transformers models it gives what divergence gives."""
+    from workbench.data import evaluation_texts
+
+    a, b = _tiny("llama"), _tiny("llama")
+    with torch.no_grad():
+        b.model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    texts = evaluation_texts()
+    want = divergence(a.model, b.model, a.tokenizer, texts, window=64, max_windows=3)
+
+    def log_probs(model, w):
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=w.unsqueeze(0)).logits[0, :-1].float(), dim=-1)
+
+    windows = token_windows(a.tokenizer, texts, window=64, max_windows=3)
+    got = log_prob_divergence((log_probs(a.model, w), log_probs(b.model, w), w[1:]) for w in windows)
+    assert got == want and got.kl_mean > 0 and got.windows == 3
+
+
+def test_a_session_that_computes_in_reduced_precision_gets_the_looser_tolerance(tmp_path, no_llamacpp):
+    """int8 layers multiply bf16 activations, so an f16 export (float32 in transformers) differs
+    from the session by the session's own rounding: its f16 tolerance is loosened, not failed."""
+    from workbench.config import parse_config
+
+    config = parse_config({"model": {"source": "tiny:llama"}, "compression": [{"step": "quantize"}]})
+    result = workbench.load(config, quiet=True).export(tmp_path / "m.gguf", type="f16", check=True)
+    verdict = result.verdict
+    assert verdict is not None and verdict.reduced_precision == "int8_weight_only"
+    assert verdict.tolerance == verify.tolerance_for("f16", reduced_precision=True)
+    assert verdict.tolerance.kl_mean == max(verify.F16_TOLERANCE.kl_mean, verify.REDUCED_PRECISION_TOLERANCE.kl_mean)
+    assert verdict.tolerance.top1 == min(verify.F16_TOLERANCE.top1, verify.REDUCED_PRECISION_TOLERANCE.top1)
+    assert "loosened for a session that computes in reduced precision (int8_weight_only)" in result.summary()
+    assert verify.tolerance_for("q4_0", reduced_precision=True) == verify.Q4_0_TOLERANCE  # never tightened

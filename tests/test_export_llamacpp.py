@@ -156,6 +156,44 @@ def test_check_flag_runs_llamacpp(tmp_path):
     session = workbench.load("tiny:llama", quiet=True)
     result = session.export(tmp_path / "m.gguf", check=True)
     assert any("llama.cpp greedy 16 tokens equal to transformers' on 2 of 2" in c for c in result.checks)
+    assert result.verdict is not None
+    assert [c.reader for c in result.verdict.comparisons] == ["transformers reading the GGUF", "llama.cpp"]
+
+
+@pytest.mark.parametrize("type", ["f16", "q8_0"])
+def test_check_verdict_passes_in_llamacpp(tmp_path, session, type):
+    """The embedded model (llama: transformers and llama.cpp read it) and a pruned one (deci:
+    llama.cpp alone) pass their type's tolerance; measured values in docs/export.md."""
+    result = session.export(tmp_path / "m.gguf", type=type, check=True)
+    assert result.verdict is not None
+    readers = [c.reader for c in result.verdict.comparisons]
+    assert readers == (["llama.cpp"] if result.arch == "deci" else ["transformers reading the GGUF", "llama.cpp"])
+    assert result.passed is True, result.verdict.line()
+    assert result.verdict.line().startswith("check passed: ")
+
+
+def test_llamacpp_alone_judges_a_deci_file_and_fails_a_corrupted_one(tmp_path, monkeypatch):
+    import gguf
+
+    from workbench.compress.pruning import prune_groups
+    from workbench.export import to_gguf
+
+    write = to_gguf.write_gguf
+
+    def write_then_corrupt(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        reader = gguf.GGUFReader(path, "r+")
+        (tensor,) = [t for t in reader.tensors if t.name == "blk.0.ffn_down.weight"]
+        tensor.data[...] = 0
+        reader.data.flush()
+
+    monkeypatch.setattr(to_gguf, "write_gguf", write_then_corrupt)
+    session = workbench.load("tiny:llama", quiet=True)
+    prune_groups(session.model, {0: [1]})
+    result = session.export(tmp_path / "m.gguf", check=True)
+    assert result.arch == "deci" and result.verdict is not None
+    assert [c.reader for c in result.verdict.comparisons] == ["llama.cpp"]
+    assert result.passed is False and "check FAILED" in result.summary()
 
 
 def test_decode_bench_times_an_exported_gguf_beside_the_engine(tmp_path, embedded_cache, monkeypatch):

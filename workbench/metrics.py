@@ -4,6 +4,7 @@ and the divergence of a compressed model's next-token distributions from the ori
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -103,21 +104,32 @@ def divergence(
     context, every position of a window is scored, as `perplexity` does. The models may sit on
     different devices in different dtypes: their logits are compared on the CPU in float32."""
     windows = token_windows(tokenizer, texts, window=window, max_windows=max_windows)
-    kls, agreements = [], 0
-    nll_original, nll_compressed = 0.0, 0.0
     with torch.inference_mode():
-        for w in windows:
-            log_p, log_q = _log_probs(original, w), _log_probs(compressed, w)
-            if log_p.shape[-1] != log_q.shape[-1]:
-                raise ValueError(
-                    f"the models' vocabularies differ: the original scores {log_p.shape[-1]} tokens, the "
-                    f"compressed model {log_q.shape[-1]}; KL divergence needs the same next-token set"
-                )
-            kls.append((log_p.exp() * (log_p - log_q)).sum(dim=-1))
-            agreements += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
-            targets = w[1:].unsqueeze(-1)
-            nll_original -= float(log_p.gather(-1, targets).double().sum())
-            nll_compressed -= float(log_q.gather(-1, targets).double().sum())
+        return log_prob_divergence((_log_probs(original, w), _log_probs(compressed, w), w[1:]) for w in windows)
+
+
+def log_prob_divergence(windows: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Divergence:
+    """`divergence`'s figures from next-token log-probabilities computed elsewhere (by a runtime
+    that is not a transformers model, such as llama.cpp): one (log_p, log_q, targets) per window,
+    log_p the original's and log_q the compared model's log-softmax at each scored position
+    ([positions, vocab], float32 on the CPU) and targets the next tokens ([positions]). Taken one
+    window at a time, so a generator keeps one window's log-probs in memory."""
+    kls, agreements, count = [], 0, 0
+    nll_original, nll_compressed = 0.0, 0.0
+    for log_p, log_q, targets in windows:
+        if log_p.shape[-1] != log_q.shape[-1]:
+            raise ValueError(
+                f"the models' vocabularies differ: the original scores {log_p.shape[-1]} tokens, the "
+                f"compressed model {log_q.shape[-1]}; KL divergence needs the same next-token set"
+            )
+        kls.append((log_p.exp() * (log_p - log_q)).sum(dim=-1))
+        agreements += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
+        targets = targets.unsqueeze(-1)
+        nll_original -= float(log_p.gather(-1, targets).double().sum())
+        nll_compressed -= float(log_q.gather(-1, targets).double().sum())
+        count += 1
+    if not kls:
+        raise ValueError("no windows to compare")
     kl = torch.cat(kls).double()
     tokens = kl.numel()
     return Divergence(
@@ -127,7 +139,7 @@ def divergence(
         kl_max=float(kl.max()),
         top1_agreement=agreements / tokens,
         tokens=tokens,
-        windows=len(windows),
+        windows=count,
         original_perplexity=math.exp(nll_original / tokens),
         compressed_perplexity=math.exp(nll_compressed / tokens),
     )

@@ -6,6 +6,11 @@ Every request is checked before any model is loaded or anything is written (unkn
 format or type, PATH already there, a quantized session asked for a format that cannot
 hold it); the file or folder is written under a temporary name next to PATH and renamed
 at the end, so a failure leaves nothing at PATH.
+
+`check=True` (`--check`) reads the export back (transformers; llama.cpp when installed) and
+gives a verdict: KL(session || export) and top-1 agreement on held-out text, held to the
+tolerance of the export's type (`verify.TOLERANCES`); `ExportResult.verdict` carries it. A
+failed verdict still writes the export (the CLI exits 1): the figures say how far off it is.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from workbench.errors import ExportError
 from workbench.export import to_gguf, to_hf, verify
+from workbench.export.verify import Comparison, Tolerance, Verdict
 from workbench.export.weights import float_state, head_layout, pad_attention
 from workbench.step_options import QuantizeOptions
 
@@ -27,7 +35,18 @@ FORMATS = ("gguf", "hf")
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 _INTEGER_SCHEMES = {"int8_weight_only", "int8_dynamic", "int4_weight_only"}
 
-__all__ = ["FORMATS", "GGUF_TYPES", "ExportError", "ExportResult", "check_request", "export", "quantized_schemes"]
+__all__ = [
+    "FORMATS",
+    "GGUF_TYPES",
+    "Comparison",
+    "ExportError",
+    "ExportResult",
+    "Tolerance",
+    "Verdict",
+    "check_request",
+    "export",
+    "quantized_schemes",
+]
 
 
 @dataclass
@@ -41,14 +60,24 @@ class ExportResult:
     padded: bool
     bytes: int
     checks: list[str] = field(default_factory=list)
+    """what was checked, as information (the GGUF read back, llama.cpp's greedy replies, ...)"""
+    verdict: Verdict | None = None
+    """the `check=True` verdict (figures, tolerance, passed); None without check"""
+
+    @property
+    def passed(self) -> bool | None:
+        """The verdict: True or False, None where nothing was judged (no check, or no reader)."""
+        return self.verdict.passed if self.verdict is not None else None
 
     def summary(self) -> str:
+        """One line for the export, and with check=True a second one: the verdict."""
         kind = f"GGUF {self.type} ({self.arch})" if self.to == "gguf" else f"transformers checkpoint ({self.arch})"
         heads = sorted(set(self.heads))
-        return (
+        line = (
             f"Exported {kind} to {self.path}: {self.bytes / 1e6:.1f} MB, query heads per layer "
             f"{heads[0] if len(heads) == 1 else heads}{' (zero-padded)' if self.padded else ''}"
         )
+        return line if self.verdict is None else f"{line}\n{self.verdict.line()}"
 
 
 def quantized_schemes(steps) -> set[str]:
@@ -125,9 +154,12 @@ def export(
     pad: bool = False,
     overwrite: bool = False,
     check: bool = False,
+    tolerance: Tolerance | None = None,
     quiet: bool = True,
 ) -> ExportResult:
-    """Write `session`'s model to `path` as `to` (see module doc and docs/export.md)."""
+    """Write `session`'s model to `path` as `to` (see module doc and docs/export.md). With
+    `check`, the verdict is held to `tolerance` (default: `verify.tolerance_for` the type, loosened
+    for a session that computes in reduced precision)."""
     schemes = quantized_schemes(session.reports)
     type = check_request(to, type, path, overwrite=overwrite, schemes=schemes)
     path = Path(path).expanduser()
@@ -157,6 +189,11 @@ def export(
     staged = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         checks: list[str] = []
+        verdict = None
+        kind = type if to == "gguf" else "hf"
+        assert kind is not None
+        reduced = _reduced_precision(model, schemes)
+        tolerance = tolerance or verify.tolerance_for(kind, reduced is not None)
         if to == "gguf":
             target = staged / path.name
             assert type is not None  # check_request gives a GGUF export its type
@@ -175,14 +212,16 @@ def export(
             count = sum(1 for k in state if not (tied and k == "lm_head.weight") and not k.endswith("inv_freq"))
             checks += verify.read_back(target, arch, layout, count)
             if check:
-                checks += _deep_gguf_checks(target, arch, model, tokenizer, layout.head_dim)
+                verdict = Verdict(kind, tolerance, reduced_precision=reduced)
+                checks += _deep_gguf_checks(target, arch, model, tokenizer, layout.head_dim, verdict)
             _replace(target, path)
         else:
             target = staged / "checkpoint"
             to_hf.write_hf(target, state, config, tokenizer, model.generation_config, layout)
             if check:
-                diff, agree = verify.hf_logits(target, model, tokenizer)
-                checks.append(f"stock transformers reload: max |logit diff| {diff:.2e}, argmax agreement {agree:.0%}")
+                divergence = verify.hf_divergence(target, model, tokenizer)
+                comparison = Comparison("stock transformers reload", divergence, tolerance)
+                verdict = Verdict(kind, tolerance, [comparison], reduced_precision=reduced)
             _replace(target, path)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -196,31 +235,46 @@ def export(
         padded=padded,
         bytes=_size(path),
         checks=checks,
+        verdict=verdict,
     )
     if not quiet:
         print(result.summary(), file=sys.stderr, flush=True)
     return result
 
 
-def _deep_gguf_checks(path: Path, arch: str, model, tokenizer, head_dim: int) -> list[str]:
+def _reduced_precision(model, schemes: AbstractSet[str]) -> str | None:
+    """Why the session's own forward rounds more than float32 does (None where it does not):
+    its quantize schemes (int8/int4 layers multiply bf16 activations) or its dtype."""
+    dtype = next(model.parameters()).dtype
+    reasons = sorted(schemes) + ([f"{dtype}".removeprefix("torch.")] if dtype != torch.float32 else [])
+    return ", ".join(reasons) or None
+
+
+def _deep_gguf_checks(path: Path, arch: str, model, tokenizer, head_dim: int, verdict: Verdict) -> list[str]:
+    """Compare every reader of the GGUF with the session into `verdict`; returns information lines."""
     checks = []
+    tolerance = verdict.tolerance
     if arch in ("llama", "qwen3"):
-        diff, agree = verify.gguf_logits(path, model, tokenizer, head_dim)
-        checks.append(f"transformers reads the GGUF: max |logit diff| {diff:.2e}, argmax agreement {agree:.0%}")
+        divergence = verify.gguf_divergence(path, model, tokenizer, head_dim)
+        verdict.comparisons.append(Comparison("transformers reading the GGUF", divergence, tolerance))
     else:
+        verdict.not_compared.append(f"transformers cannot read llama.cpp's {arch} architecture")
         checks.append(f"transformers cannot read llama.cpp's {arch} architecture; logits not compared there")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
+        verdict.not_compared.append("llama-cpp-python is not installed (scripts/install_llamacpp.sh)")
         checks.append("llama-cpp-python is not installed (scripts/install_llamacpp.sh); llama.cpp not run")
         return checks
+    verdict.comparisons.append(Comparison("llama.cpp", verify.llamacpp_divergence(path, model, tokenizer), tolerance))
     ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         )
         for p in ("What is the capital of France?", "Name three colours.")
     ]
-    pairs = verify.llamacpp_greedy(path, model, [list(i) for i in ids])
-    same = sum(a == b for a, b in pairs)
-    checks.append(f"llama.cpp greedy 16 tokens equal to transformers' on {same} of {len(pairs)} prompts")
+    pairs = verify.llamacpp_greedy(path, model, ids)
+    checks.append(verify.greedy_line(pairs, ids, model))
     return checks

@@ -4,7 +4,13 @@ model source as a GGUF file for llama.cpp or a stock transformers checkpoint.
 
 A bad request (unknown format or type, PATH already there, a quantized config asked for a
 transformers checkpoint, a model that does not exist) is refused with exit code 2 before
-the model is loaded, and nothing is written."""
+the model is loaded, and nothing is written.
+
+--check reads the export back and judges it: KL(model || export) per token and top-1
+agreement on held-out text, within the tolerance of the export's type (docs/export.md). It
+prints "check passed: ..." or "check FAILED: ..." and exits 1 when the check fails (the
+export is written all the same). A greedy reply of llama.cpp that differs from the model's
+is reported, not judged: a near-tie between the top two tokens flips greedy decoding."""
 
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="reload the export (transformers; llama.cpp when installed) and compare with the model",
+        help="read the export back (transformers; llama.cpp when installed) and judge it: KL divergence and "
+        "top-1 agreement with the model on held-out text within the type's tolerance; exit 1 when it fails",
     )
     args = parser.parse_args(argv)
 
@@ -62,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConfigError, ModelSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(result.summary())
+    export_line, _, verdict_line = result.summary().partition("\n")
+    print(export_line)
     for line in result.checks:
         print(f"  check: {line}")
-    return 0
+    if verdict_line:
+        print(verdict_line)
+    return 1 if result.passed is False else 0
 
 
 if __name__ == "__main__":
