@@ -332,6 +332,18 @@ def test_quality_measures_perplexity_with_the_compression_measure_and_accuracy_o
     assert "| tiny:llama |" in printed and "0 (the original)" in printed
 
 
+def test_the_original_of_a_config_is_its_source_as_loaded_by_default():
+    from workbench.bench.quality import original_config
+    from workbench.config import load_config
+
+    assert original_config(load_config("configs/default.yaml")) is None
+    for name in ("bf16", "int8", "pruned-25", "thinking"):
+        config = load_config(f"configs/{name}.yaml")
+        original = original_config(config)
+        assert original is not None and original.model.source == config.model.source
+        assert (original.model.dtype, original.model.adapter, original.compression) == ("auto", None, [])
+
+
 def test_quality_of_a_compressed_config_measures_its_divergence_from_the_original(tmp_path):
     config = tmp_path / "int8.yaml"
     config.write_text("model:\n  source: tiny:llama\ncompression:\n  - step: quantize\n    scheme: int8_weight_only\n")

@@ -115,9 +115,9 @@ class Quality:
 
 
 def original_config(config: WorkbenchConfig) -> WorkbenchConfig | None:
-    """What a config compresses or adapts: its model source as it loads, with no compression
-    and no adapter, on the same device; None when the config is that already."""
-    if not config.compression and config.model.adapter is None:
+    """What a config compresses or adapts: its model source as it loads by default (dtype auto,
+    no compression, no adapter), on the same device; None when the config is that already."""
+    if not config.compression and config.model.adapter is None and config.model.dtype == "auto":
         return None
     m = config.model
     return WorkbenchConfig(model=ModelConfig(source=m.source, device=m.device, context_limit=m.context_limit))
