@@ -78,7 +78,7 @@ class Quality:
         """mean / p99 KL(original || this), nats per token."""
         if text in self.divergence:
             d = self.divergence[text]
-            return f"{d.kl_mean:.4f} / {d.kl_p99:.3f}"
+            return f"{d.kl_mean:.2g} / {d.kl_p99:.2g}"
         if self.original and text in self.perplexity:
             return "0 (the original)"
         return self._missing(local, "not measured (--windows 0)")
