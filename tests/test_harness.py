@@ -185,3 +185,12 @@ def test_the_command_line_is_lm_evals_with_the_backend_and_tasks(tmp_path, monke
     )
     assert "workbench_arithmetic" in capsys.readouterr().out
     assert list(tmp_path.rglob("results_*.json"))
+
+
+def test_task_options_are_checked_before_any_model_loads():
+    from workbench.harness import parse_tasks
+
+    assert parse_tasks("none") == () == parse_tasks("")
+    assert parse_tasks(" workbench_mmlu_subset, hellaswag ") == ("workbench_mmlu_subset", "hellaswag")
+    with pytest.raises(ValueError, match="no shipped task workbench_nope; the shipped ones: workbench_mmlu_subset"):
+        parse_tasks("workbench_facts,workbench_nope")

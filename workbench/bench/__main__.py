@@ -194,19 +194,12 @@ def _targets_and_tasks(args):
 
 
 def _harness_tasks(names: str) -> tuple[str, ...]:
-    """`--harness`: the shipped task names are checked here, before any model loads; lm-eval's
-    own are checked by lm-eval."""
-    from workbench.harness import TASKS
+    from workbench.harness import parse_tasks
 
-    tasks = tuple(t.strip() for t in names.split(",") if t.strip())
-    if tasks in ((), ("none",)):
-        return ()
-    unknown = [t for t in tasks if t.startswith("workbench_") and t not in TASKS]
-    if unknown:
-        raise SystemExit(
-            f"error: --harness: no shipped task {', '.join(unknown)}; the shipped ones: {', '.join(TASKS)}"
-        )
-    return tasks
+    try:
+        return parse_tasks(names)
+    except ValueError as exc:
+        raise SystemExit(f"error: --harness: {exc}") from None
 
 
 def _cpu() -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from workbench.compress.pipeline import apply, split_steps
 from workbench.compress.report import divergence_from_original, measure, to_markdown, write_report
 from workbench.config import load_config
-from workbench.harness import TASKS
+from workbench.harness import parse_tasks
 from workbench.models import load_model
 from workbench.session import Session, preflight
 
@@ -35,12 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated lm-eval tasks scored before and after (python -m workbench.harness ls tasks), or none",
     )
     args = parser.parse_args(argv)
-    harness = tuple(t.strip() for t in args.harness.split(",") if t.strip() and t.strip() != "none")
-    unknown = [t for t in harness if t.startswith("workbench_") and t not in TASKS]
-    if unknown:
-        raise SystemExit(
-            f"error: --harness: no shipped task {', '.join(unknown)}; the shipped ones: {', '.join(TASKS)}"
-        )
+    try:
+        harness = parse_tasks(args.harness)
+    except ValueError as exc:
+        raise SystemExit(f"error: --harness: {exc}") from None
 
     config = load_config(args.config)  # a bad config fails here, before any model is loaded
     if not config.compression:

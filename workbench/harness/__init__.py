@@ -64,6 +64,17 @@ class Score:
         }
 
 
+def parse_tasks(names: str) -> tuple[str, ...]:
+    """A `--harness` option: comma-separated task names, or `none`. The shipped names are
+    checked here, before any model loads (ValueError naming the unknown ones); lm-eval's own
+    are checked by lm-eval."""
+    tasks = tuple(t.strip() for t in names.split(",") if t.strip() and t.strip() != "none")
+    unknown = [t for t in tasks if t.startswith("workbench_") and t not in TASKS]
+    if unknown:
+        raise ValueError(f"no shipped task {', '.join(unknown)}; the shipped ones: {', '.join(TASKS)}")
+    return tasks
+
+
 def task_manager(tasks: list[str]) -> Any:
     """lm-eval's task index with the shipped tasks; lm-eval's own thousands only when asked for."""
     from lm_eval.tasks import TaskManager
