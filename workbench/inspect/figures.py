@@ -21,8 +21,9 @@ from plotly.subplots import make_subplots
 import workbench
 from workbench.bench.pruning import PERPLEXITY_KEYS
 from workbench.bench.tasks import arithmetic_items
-from workbench.data import SHORT_ANSWER_PROMPT
+from workbench.data import SHORT_ANSWER_PROMPT, held_out_texts
 from workbench.inspect.attention import capture_attention, head_stats
+from workbench.inspect.divergence import DivergenceMap, divergence_map
 from workbench.inspect.kvcache import memory_curve
 from workbench.inspect.thinking import thinking_timeline as run_timeline
 from workbench.inspect.tradeoffs import pruning_tradeoffs, quantization_tradeoffs
@@ -269,6 +270,127 @@ def compression_tradeoffs(
     return fig
 
 
+def _maps(maps) -> dict[str, DivergenceMap]:
+    return {maps.labels[1]: maps} if isinstance(maps, DivergenceMap) else dict(maps)
+
+
+def divergence_layers(maps: DivergenceMap | dict[str, DivergenceMap], title: str | None = None) -> go.Figure:
+    """Logit-lens KL per layer (log scale) and the relative hidden-state difference, one line
+    per map: several maps of the same original (before and after recovery, say) overlay."""
+    maps = _maps(maps)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "logit-lens KL(original || compressed), nats/token",
+            "hidden-state difference, relative to the original's norm",
+        ),
+    )
+    palette = plotly.colors.qualitative.Plotly
+    for i, (label, m) in enumerate(maps.items()):
+        colour = palette[i % len(palette)]
+        layers, kl = m.layers.layer.tolist(), m.layers.logit_lens_kl.clip(lower=1e-9).tolist()
+        fig.add_scatter(
+            x=layers,
+            y=kl,
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            line={"color": colour},
+            row=1,
+            col=1,
+        )
+        fig.add_scatter(
+            x=layers,
+            y=m.layers.relative_difference.tolist(),
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            showlegend=False,
+            line={"color": colour},
+            row=1,
+            col=2,
+        )
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(title=title or "Where the models part, layer by layer", width=1100, height=420)
+    return fig
+
+
+def divergence_overview(m: DivergenceMap, title: str | None = None, top: int = 15) -> go.Figure:
+    """The whole map on one page: layers, heads, the modules with the largest output error and
+    the KL along the text."""
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=(
+            "logit-lens KL per layer (nats/token)",
+            "head contribution error (grey: removed)",
+            f"the {top} modules with the largest output error (relative MSE)",
+            "output KL along the text (red: top-1 differs)",
+        ),
+        vertical_spacing=0.16,
+        horizontal_spacing=0.22,
+    )
+    fig.add_bar(
+        x=m.layers.layer,
+        y=m.layers.logit_lens_kl.clip(lower=1e-9),
+        name="logit-lens KL",
+        showlegend=False,
+        row=1,
+        col=1,
+    )
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    grid = m.heads.pivot(index="layer", columns="head", values="output_error")
+    removed = m.heads.pivot(index="layer", columns="head", values="status") == "removed"
+    fig.add_heatmap(
+        z=grid.to_numpy(),
+        x=list(grid.columns),
+        y=list(grid.index),
+        colorscale="Magma",
+        zmin=0,
+        colorbar={"title": "error", "x": 1.0, "y": 0.79, "len": 0.42},
+        row=1,
+        col=2,
+    )
+    fig.add_heatmap(
+        z=removed.where(removed).astype(float).to_numpy(),
+        x=list(grid.columns),
+        y=list(grid.index),
+        colorscale=[[0, "#bbbbbb"], [1, "#bbbbbb"]],
+        showscale=False,
+        hoverinfo="skip",
+        row=1,
+        col=2,
+    )
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=2)
+    fig.update_xaxes(title_text="query head", row=1, col=2)
+    worst = m.modules[m.modules.relative_mse > 0].nlargest(top, "relative_mse").iloc[::-1]
+    fig.add_bar(x=worst.relative_mse, y=worst.module, orientation="h", showlegend=False, row=2, col=1)
+    fig.update_xaxes(type="log", title_text="relative MSE", row=2, col=1)
+    p = m.positions
+    fig.add_scatter(x=p.position, y=p.kl, mode="lines", showlegend=False, line={"color": "#444"}, row=2, col=2)
+    miss = p[~p.top1_agree]
+    fig.add_scatter(
+        x=miss.position,
+        y=miss.kl,
+        mode="markers",
+        showlegend=False,
+        marker={"color": "crimson", "size": 5},
+        text=miss.token,
+        row=2,
+        col=2,
+    )
+    fig.update_xaxes(title_text="token position", row=2, col=2)
+    summary = (
+        f"output KL {m.output['kl_mean']:.3g} nats/token (p99 {m.output['kl_p99']:.3g}), "
+        f"top-1 agreement {m.output['top1_agreement']:.1%} over {m.output['tokens']} tokens"
+    )
+    fig.update_layout(title=f"{title or 'What compression broke'}<br><sup>{summary}</sup>", width=1200, height=900)
+    return fig
+
+
 # --- the README's PNGs -------------------------------------------------------------------------
 
 ATTENTION_TEXT = (
@@ -349,6 +471,17 @@ def export(out: Path, only: list[str] | None = None) -> list[Path]:
             .round(3)
             .to_string(index=False),
         )
+
+    if wanted("05"):
+        started = time.perf_counter()
+        pruned = workbench.load("configs/pruned-25.yaml", quiet=True)
+        layer_map = divergence_map(session, pruned, "\n\n".join(held_out_texts("prose")), max_tokens=256)
+        save(
+            divergence_overview(layer_map, title=f"What pruned-25 changed in {name}: 256 tokens of held-out prose"),
+            "05_what_compression_broke.png",
+            started,
+            layer_map.to_markdown(),
+        )
     return written
 
 
@@ -357,7 +490,9 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs (default docs/figures)"
     )
-    parser.add_argument("--only", nargs="*", choices=["01", "02", "03", "04"], help="just these notebooks' figures")
+    parser.add_argument(
+        "--only", nargs="*", choices=["01", "02", "03", "04", "05"], help="just these notebooks' figures"
+    )
     args = parser.parse_args()
     export(args.out, args.only)
 
