@@ -1,6 +1,7 @@
 """The chat page, launched on a loopback port and driven through gradio_client: what a
 browser does, minus the browser (tests/test_ui_browser.py adds that)."""
 
+import json
 import re
 import struct
 import time
@@ -279,7 +280,7 @@ def test_compare_answers_with_both_models_side_by_side(page):
         client.predict("hi", False, 0.0, 1.0, 8, -1, api_name="/compare")
     status, which = client.predict((CONFIG_DIR / "int8.yaml").read_text(), "int8.yaml", api_name="/apply_config")
     assert "`int8.yaml` · quantize" in status and which == "compressed"
-    left, left_stats, right, right_stats = client.predict(
+    left, left_stats, right, right_stats, layer_plot = client.predict(
         "What is the capital of France?", False, 0.0, 1.0, 24, -1, api_name="/compare"
     )
     for chat, stats in ((left, left_stats), (right, right_stats)):
@@ -287,6 +288,11 @@ def test_compare_answers_with_both_models_side_by_side(page):
         assert "first token" in stats and "tok/s" in stats and "KV cache" in stats
     assert left_stats.startswith("**original**") and right_stats.startswith("**compressed (int8.yaml)**")
     assert _weights_mb(right_stats) < 0.6 * _weights_mb(left_stats)
+    # after both replies, the per-layer chart of where the two models part on that exchange
+    chart = json.loads(layer_plot["plot"])
+    lines = [t for t in chart["data"] if t.get("mode") == "lines+markers"]
+    assert len(lines) == 2 and lines[0]["x"] == list(range(slots.compressed.session.model.config.num_hidden_layers))
+    assert "top-1 agreement" in chart["layout"]["title"]["text"]
 
 
 class _nothing:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+import plotly.graph_objects as go
 import yaml
 from pydantic import ValidationError
 
 from workbench.compress.report import BENCH_PROMPT
 from workbench.engine import RequestError
+from workbench.inspect import figures
+from workbench.inspect.divergence import divergence_map
 from workbench.session import Session
 from workbench.ui import media
 from workbench.ui.chat import (
@@ -31,6 +34,8 @@ from workbench.ui.chat import (
 from workbench.ui.models import CONFIG_DIR, ModelSlots, config_files, parse_yaml
 
 GENERATING = "_generating…_"
+CHART_TOKENS = 512
+"""tokens of the exchange the compare tab's layer chart reads (a few seconds on a CPU)"""
 WAITING = "_Stats for the last reply appear here._"
 
 
@@ -38,6 +43,30 @@ def current_yaml(session: Session) -> str:
     """The loaded model's config as the editor shows it when it came from no config file."""
     data = session.config.model_dump(mode="json", include={"model", "compression"})
     return "# the loaded model; edit, then Apply\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def layer_chart(sessions: dict[str, Session], asked: list[dict], reply) -> go.Figure | None:
+    """Where the two models part on this exchange (the prompt and the original's reply, as the
+    chat template lays them out), layer by layer; None, with a warning, when they cannot be
+    compared layer by layer."""
+    original, compressed = sessions["original"], sessions["compressed"]
+    messages = [*asked, {"role": "assistant", "content": str(reply)}]
+    tokenizer = original.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    else:
+        text = "\n".join(m["content"] for m in messages)
+    try:
+        layer_map = divergence_map(original, compressed, text, max_tokens=CHART_TOKENS)
+    except ValueError as exc:
+        gr.Warning(f"No layer chart: {exc}")
+        return None
+    out = layer_map.output
+    return figures.divergence_layers(
+        layer_map,
+        title=f"On this exchange ({out['tokens']} tokens): output KL {out['kl_mean']:.3g} nats/token, "
+        f"top-1 agreement {out['top1_agreement']:.0%}",
+    )
 
 
 def _refuse(exc: Exception) -> gr.Error:
@@ -129,17 +158,20 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         request = settings.request([{"role": "user", "content": prompt.strip()}])
         asked = [{"role": "user", "content": prompt.strip()}]
         out = {"original": (asked, WAITING), "compressed": (asked, WAITING)}
+        sessions = {}
         # One after the other: two models decoding at once on a CPU would slow each other
         # and make the timings meaningless.
         for which in ("original", "compressed"):
             session, who = slots.chat_session(which)
+            sessions[which] = session
             try:
                 events = session.engine.stream(request)
             except RequestError as exc:
                 raise _refuse(exc) from None
             for replies, stats in stream_messages(events, time.perf_counter()):
                 out[which] = (asked + replies, stats_markdown(stats, session, who) if stats else GENERATING)
-                yield *out["original"], *out["compressed"]
+                yield *out["original"], *out["compressed"], None
+        yield *out["original"], *out["compressed"], layer_chart(sessions, asked, out["original"][0][-1].content)
 
     def show_config(name):
         return (CONFIG_DIR / name).read_text(encoding="utf-8") if name else ""
@@ -194,6 +226,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
                         with gr.Column():
                             right = gr.Chatbot(label="Compressed", height=320)
                             right_stats = gr.Markdown(WAITING)
+                    layer_plot = gr.Plot(label="Where the models part on this exchange, layer by layer")
             with gr.Column(scale=2):
                 with gr.Accordion("Generation settings", open=True):
                     thinking = gr.Checkbox(value=gen.enable_thinking, label="Thinking (show the model's reasoning)")
@@ -271,7 +304,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         compare_event = run_compare.click(
             compare,
             [prompt, *settings, *penalties],
-            [left, left_stats, right, right_stats],
+            [left, left_stats, right, right_stats, layer_plot],
             api_name="compare",
             concurrency_id="model",
         )
