@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == [
         "01_attention_heads.ipynb",
         "02_kv_cache_memory.ipynb",
         "03_thinking_traces.ipynb",
         "04_compression_tradeoffs.ipynb",
+        "05_what_compression_broke.ipynb",
     ]
 
 
