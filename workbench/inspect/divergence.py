@@ -424,7 +424,7 @@ def _reference(name: str, original: nn.Linear, compressed: nn.Linear, a: _Side, 
     index = torch.tensor([g * width + i for g in kept_b for i in range(width)], device=original.weight.device)
     dim = 1 if proj == "o_proj" else 0
     weight = original.weight.detach().index_select(dim, index)
-    bias = original.bias
+    bias: torch.Tensor | None = original.bias
     if bias is not None and dim == 0:
         bias = bias.detach().index_select(0, index)
     return lambda x: torch.nn.functional.linear(x, weight, bias)
@@ -582,7 +582,7 @@ def divergence_map(
         totals = _module_hooks(a, b, stack)
         own = _own_hooks(a, b, stack) if b.cache_factory is None and a.cache_factory is None else None
         trace_b = _read(b, ids)
-    tokens = [tok.decode([t]) for t in ids[0].tolist()]
+    tokens = [str(tok.decode([t])) for t in ids[0].tolist()]
     kl = _kl_rows(trace_a.log_probs, trace_b.log_probs).double()
     agree = (trace_a.log_probs.argmax(-1) == trace_b.log_probs.argmax(-1)).double()
     return DivergenceMap(

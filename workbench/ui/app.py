@@ -53,7 +53,7 @@ def layer_chart(sessions: dict[str, Session], asked: list[dict], reply) -> go.Fi
     messages = [*asked, {"role": "assistant", "content": str(reply)}]
     tokenizer = original.tokenizer
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False))
     else:
         text = "\n".join(m["content"] for m in messages)
     try:
