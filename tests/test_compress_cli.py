@@ -36,6 +36,12 @@ def test_compress_command_measures_before_and_after_and_saves_a_loadable_model(t
         assert 0 <= drift["top1_agreement"] <= 1
         assert drift["original_perplexity"] == pytest.approx(report["before"]["perplexity"][text], rel=1e-5)
         assert drift["compressed_perplexity"] == pytest.approx(report["after"]["perplexity"][text], rel=1e-5)
+    # the map of where it parts: the pruned heads marked, the first layer's lens already apart
+    layer_map = report["divergence_map"]
+    assert sum(h["status"] == "removed" for h in layer_map["heads"]) == 4
+    assert len(layer_map["layers"]) == 2 and layer_map["layers"][0]["logit_lens_kl"] > 0
+    assert "## Where it parts from the original" in markdown and "| layer | logit-lens KL |" in markdown
+    assert (out / "divergence.html").read_text().count("plotly") > 0
 
     import workbench
 
@@ -65,6 +71,8 @@ def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, caps
     assert drift["windows"] == 1 and drift["kl_mean"] >= 0
     assert 0 <= drift["top1_agreement"] <= 1
     assert "re-applies quantize, kv_cache" in capsys.readouterr().out
+    positions = report["divergence_map"]["positions"]
+    assert len(positions) > 64 and any(m["relative_mse"] for m in report["divergence_map"]["modules"])
 
     reloaded = workbench.load(str(tmp_path / "out" / "model"), quiet=True)
     direct = workbench.load(config, quiet=True)
@@ -76,3 +84,21 @@ def test_quantized_and_cached_model_reloads_with_the_same_outputs(tmp_path, caps
             reloaded.model(input_ids=ids).logits, direct.model(input_ids=ids).logits, atol=0, rtol=0
         )
     assert reloaded.chat("hi", temperature=0, max_tokens=5).text == direct.chat("hi", temperature=0, max_tokens=5).text
+
+
+def test_the_calibration_flag_overrides_every_step_that_reads_text_and_is_reported(tmp_path):
+    data = tmp_path / "mine.txt"
+    data.write_text(("0 1 2 3 4 5 6 7 8 9 " * 20) + "\n\n" + ("10 20 30 40 50 " * 30) + "\n")
+    config = tmp_path / "prune.yaml"
+    config.write_text(
+        "model:\n  source: tiny:qwen3\ncompression:\n  - step: prune_heads\n    criterion: taylor\n"
+        "    per_layer: 1\n    calibration_texts: 2\n    calibration_tokens: 64\n    calibration: reference\n"
+    )
+    out = tmp_path / "out"
+    argv = [str(config), "--out", str(out), "--windows", "1", "--decode-tokens", "2", "--harness", "none"]
+    main([*argv, "--calibration", str(data)])
+    step = json.loads((out / "report.json").read_text())["steps"][0]
+    assert step["calibration"]["name"] == str(data) and step["calibration"]["texts"] == 2
+    assert f"- prune_heads calibrated on `{data}`: 2 texts" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="--calibration: .*held-out evaluation text"):
+        main([*argv, "--calibration", "data/evaluation.txt"])

@@ -10,14 +10,31 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workbench.data import check_calibration
 from workbench.paths import ADAPTER_RECORD, resolve_path
+
+CALIBRATION_DOC = (
+    "Calibration text: `reference`, `mix` (the default; workbench.compress.calibration), or a path: "
+    "a .txt, a .jsonl of texts or chats, or a folder of them. Checked when the config is read."
+)
+"""What a step's `calibration` option takes (the same for every step that reads calibration text)."""
+
+
+def _checked_calibration(value: str | None) -> str | None:
+    try:
+        return check_calibration(value)
+    except (OSError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
 
 # --- prune_heads ---------------------------------------------------------------------------
 
 Criterion = Literal["taylor", "attention_entropy", "weight_norm", "random"]
 CRITERIA: tuple[str, ...] = ("taylor", "attention_entropy", "weight_norm", "random")
+COMPENSATE_RIDGES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+"""The ridge values `compensate_ridge: auto` chooses among, per layer."""
 
 
 class PruneOptions(BaseModel):
@@ -39,8 +56,27 @@ class PruneOptions(BaseModel):
     compensate: bool = False
     """Refit each pruned layer's o_proj by least squares so its output matches the unpruned
     layer's on the calibration text (seconds; see compensation.py)."""
-    compensate_ridge: float = Field(1e-3, gt=0.0, le=10.0)
-    """Ridge term of that fit, relative to the mean diagonal of X^T X."""
+    compensate_ridge: float | Literal["auto"] = "auto"
+    """Ridge term of that fit, relative to the mean diagonal of X^T X; `auto` picks it per layer
+    from COMPENSATE_RIDGES by the o_proj output error on held-out calibration texts."""
+    calibration: str | None = None
+    """Calibration text (see CALIBRATION_DOC); None: `mix`."""
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_readable(cls, value: str | None) -> str | None:
+        return _checked_calibration(value)
+
+    @field_validator("compensate_ridge")
+    @classmethod
+    def _ridge_range(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 0.0 < value <= 10.0:
+            raise ValueError(f"compensate_ridge {value}: give `auto` or a number in (0, 10]")
+        return value
+
+    @property
+    def reads_calibration(self) -> bool:
+        return self.compensate or (self.remove is None and self.criterion in ("taylor", "attention_entropy"))
 
     @model_validator(mode="after")
     def _one_budget(self) -> Self:
@@ -75,6 +111,7 @@ _TRAINING = (
     "keep",
     "save_adapter",
     "cache_dir",
+    "calibration",
     *_LORA_ONLY,
 )
 
@@ -115,6 +152,17 @@ class RecoverOptions(BaseModel):
     """Where teacher replies are cached; default the workbench cache folder."""
     save_adapter: str | None = None
     """Write the trained LoRA here (lora only)."""
+    calibration: str | None = None
+    """Calibration text (see CALIBRATION_DOC); None: `mix`."""
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_readable(cls, value: str | None) -> str | None:
+        return _checked_calibration(value)
+
+    @property
+    def reads_calibration(self) -> bool:
+        return self.adapter is None and self.calibration_share > 0
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -164,11 +212,29 @@ class RecoverOptions(BaseModel):
 Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only", "keep"]
 
 
+Method = Literal["rtn", "hqq", "gptq"]
+METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq")
+_GPTQ_ONLY = ("calibration_windows", "damp", "act_order")
+_BUDGET_ONLY = ("precisions", "sensitivity_windows")
+_PRECISIONS: tuple[Scheme, ...] = ("int4_weight_only", "int8_weight_only", "keep")
+_SCHEME_BITS = {"int4_weight_only": 4.0, "int8_weight_only": 8.0, "int8_dynamic": 8.0, "fp16": 16.0, "bf16": 16.0}
+"""Fewest bits per weight each scheme can store (int4 adds its group's scale and zero; `keep` is
+at least 16): what a budget below every precision's floor is refused by, before any model loads."""
+
+
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str
     """fnmatch glob over module names, e.g. `model.layers.*.mlp.*`"""
     scheme: Scheme
+    method: Method | None = None
+    """int4 only: how this rule's layers are rounded; default the step's `method`."""
+
+    @model_validator(mode="after")
+    def _method_is_int4(self) -> Self:
+        if self.method is not None and self.scheme != "int4_weight_only":
+            raise ValueError(f"method {self.method} rounds int4 weights; this rule's scheme is {self.scheme}")
+        return self
 
 
 class QuantizeOptions(BaseModel):
@@ -178,6 +244,99 @@ class QuantizeOptions(BaseModel):
     group_size: int = Field(32, ge=16)
     """int4 only: weights share a scale and zero point per this many input features. 32,
     because 64 cost the embedded model 32% perplexity (19.5 against 14.8) and 32 about 0.4%."""
+    method: Method = "rtn"
+    """int4 only: how weights are rounded. `rtn`: to the nearest of 16 levels per group (torchao's
+    tinygemm qparams); `hqq`: qparams fitted to each group's weights (torchao's HQQ, data-free);
+    `gptq`: each rounding error moved onto the weights not yet rounded, to keep the layer's
+    outputs on calibration text (workbench/compress/gptq.py). See docs/compression.md."""
+    calibration_windows: int = Field(16, ge=1, le=4096)
+    """gptq: windows of calibration text its Hessians are summed over"""
+    calibration_tokens: int = Field(512, ge=16, le=8192)
+    """gptq and a budget's sensitivity: tokens per calibration window"""
+    damp: float = Field(0.01, gt=0.0, le=1.0)
+    """gptq: added to the Hessian's diagonal as a share of its mean, for a stable inverse"""
+    act_order: bool = True
+    """gptq: round the columns with the largest inputs first (groups keep their qparams)"""
+    budget_bits: float | None = Field(None, gt=0.0, le=32.0)
+    """Sensitivity mode: mean bits per weight over the layers no rule names (their weights and
+    quantization parameters); each such layer, lm_head included, gets one of `precisions`,
+    chosen by how much the model's output moves when that layer alone is quantized."""
+    budget_bytes: int | None = Field(None, gt=0)
+    """Or: bytes of those layers' weights and quantization parameters."""
+    precisions: list[Scheme] = Field(default_factory=lambda: list(_PRECISIONS))
+    """Sensitivity mode: the schemes each layer may get."""
+    sensitivity_windows: int = Field(2, ge=1, le=64)
+    """Sensitivity mode: calibration windows each layer's KL is measured on (one forward each)."""
+    calibration: str | None = None
+    """Calibration text of the calibrated methods (see CALIBRATION_DOC); None: `mix`."""
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_readable(cls, value: str | None) -> str | None:
+        return _checked_calibration(value)
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether the step fits anything on calibration text (the pipeline then resolves it
+        before the first step, from the model as loaded). Round-to-nearest does not; GPTQ and a
+        budget's sensitivity do."""
+        return self.budget is not None or "gptq" in self.methods
+
+    @property
+    def budget(self) -> float | int | None:
+        return self.budget_bits if self.budget_bits is not None else self.budget_bytes
+
+    @property
+    def schemes(self) -> set[str]:
+        """Every scheme the step may apply (with a budget: any of `precisions`)."""
+        chosen = set(self.precisions) if self.budget is not None else {self.scheme}
+        return chosen | {r.scheme for r in self.rules}
+
+    @property
+    def methods(self) -> set[str]:
+        """The int4 rounding methods the step may use."""
+        if "int4_weight_only" not in self.schemes:
+            return set()
+        default = {self.method} if self.budget is not None or self.scheme == "int4_weight_only" else set()
+        named = {r.method or self.method for r in self.rules if r.scheme == "int4_weight_only"}
+        return default | named
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        given = self.model_fields_set
+        if self.budget_bits is not None and self.budget_bytes is not None:
+            raise ValueError("give one budget: budget_bits (mean bits per weight) or budget_bytes, not both")
+        if self.budget is None:
+            clash = sorted(given & set(_BUDGET_ONLY))
+            if clash:
+                raise ValueError(f"{', '.join(clash)} only apply with a budget (budget_bits or budget_bytes)")
+        else:
+            if "scheme" in given:
+                raise ValueError(
+                    "a budget chooses each layer's scheme among `precisions`; drop `scheme` (rules still fix the layers they name)"
+                )
+            if len(set(self.precisions)) < 2:
+                raise ValueError(f"precisions {self.precisions}: a budget needs at least two schemes to choose between")
+            floor = min(
+                _SCHEME_BITS.get(s, 16.0) + (32 / self.group_size if s == "int4_weight_only" else 0)
+                for s in self.precisions
+            )
+            if self.budget_bits is not None and self.budget_bits < floor:
+                raise ValueError(
+                    f"budget_bits {self.budget_bits} is below what the cheapest of {self.precisions} stores "
+                    f"({floor:g} bits per weight): unreachable; raise it or add a cheaper precision"
+                )
+        if self.method != "rtn" and "method" in given and "int4_weight_only" not in self.schemes:
+            raise ValueError(
+                f"method {self.method} rounds int4 weights, and this step quantizes none to int4_weight_only"
+            )
+        if "gptq" not in self.methods:
+            clash = sorted(given & set(_GPTQ_ONLY))
+            if clash:
+                raise ValueError(f"{', '.join(clash)} only apply to method: gptq")
+        if not self.reads_calibration and "calibration_tokens" in given:
+            raise ValueError("calibration_tokens only applies to method: gptq or a budget")
+        return self
 
 
 # --- kv_cache ------------------------------------------------------------------------------

@@ -116,13 +116,28 @@ def run_curve(
             rows += [{**b, "criterion": criterion, "seed": seed} for b in base]
             continue
         teacher = teacher_copy(session.model) if "recover" in stages else None
-        report = prune_heads(session, criterion=criterion, ratio=ratio, seed=seed, calibration_texts=calibration_texts)
+        # The reference text, as every figure of this bench so far (and no minutes of generating
+        # the `mix` for each fresh model); `python -m workbench.compress --calibration` chooses.
+        report = prune_heads(
+            session,
+            criterion=criterion,
+            ratio=ratio,
+            seed=seed,
+            calibration="reference",
+            calibration_texts=calibration_texts,
+        )
         heads = sum(report.heads_after)
         if "none" in stages:
             rows.append({**key, "recovery": "none", "heads": heads, **_measure(session, windows, facts)})
         if "compensate" in stages or "recover" in stages:
             session = workbench.load(source, quiet=True)
-            prune_heads(session, remove=report.removed, compensate=True, calibration_texts=calibration_texts)
+            prune_heads(
+                session,
+                remove=report.removed,
+                compensate=True,
+                calibration="reference",
+                calibration_texts=calibration_texts,
+            )
             if "compensate" in stages:
                 rows.append({**key, "recovery": "compensate", "heads": heads, **_measure(session, windows, facts)})
             if "recover" in stages:

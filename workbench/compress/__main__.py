@@ -14,11 +14,30 @@ import sys
 from pathlib import Path
 
 from workbench.compress.pipeline import apply, split_steps
-from workbench.compress.report import divergence_from_original, measure, to_markdown, write_report
-from workbench.config import load_config
+from workbench.compress.report import (
+    divergence_from_original,
+    layer_map_from_original,
+    measure,
+    to_markdown,
+    write_report,
+)
+from workbench.config import ConfigError, WorkbenchConfig, load_config, parse_config
+from workbench.data import CALIBRATION_BUILTINS, check_calibration
 from workbench.harness import parse_tasks
 from workbench.models import load_model
 from workbench.session import Session, preflight
+from workbench.step_options import STEP_OPTIONS
+
+
+def with_calibration(config: WorkbenchConfig, spec: str, origin: str) -> WorkbenchConfig:
+    """The config with `calibration: spec` on every step that takes one, except a recover step
+    that loads a trained adapter (it reads no text). A prune replayed from that adapter's record
+    then no longer matches it, so the importance is measured on `spec`."""
+    data = config.model_dump(mode="json")
+    for step in data["compression"]:
+        if "calibration" in STEP_OPTIONS[step["step"]].model_fields and not step.get("adapter"):
+            step["calibration"] = spec
+    return parse_config(data, f"{origin} with --calibration {spec}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         "--windows", type=int, default=8, help="512-token windows of held-out text for perplexity and divergence"
     )
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode-speed figure")
+    parser.add_argument(
+        "--calibration",
+        help="calibration data of every step that reads it, overriding the config: "
+        + ", ".join(CALIBRATION_BUILTINS)
+        + ", or a .txt / .jsonl file or a folder of them (docs/compression.md)",
+    )
     parser.add_argument(
         "--harness",
         default="workbench_mmlu_subset",
@@ -41,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --harness: {exc}") from None
 
     config = load_config(args.config)  # a bad config fails here, before any model is loaded
+    if args.calibration is not None:
+        try:
+            check_calibration(args.calibration)
+            config = with_calibration(config, args.calibration, args.config)
+        except (ConfigError, ValueError) as exc:
+            raise SystemExit(f"error: --calibration: {exc}") from None
     if not config.compression:
         raise SystemExit(f"{args.config} lists no compression steps; nothing to compress")
     preflight(config)
@@ -57,14 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     print("Comparing it with the original ...", file=sys.stderr, flush=True)
     original = load_model(config.model, quiet=True).model
     drift = divergence_from_original(original, session, windows=args.windows)
+    layer_map = layer_map_from_original(original, session)
     del original
-    write_report(args.out, args.config, before, after, session.reports, drift)
+    write_report(args.out, args.config, before, after, session.reports, drift, layer_map)
     print(
         f"Compressed model saved to {model_dir}: workbench.load('{model_dir}')"
         + (f" re-applies {', '.join(s.step for s in reapplied)}" if reapplied else "")
     )
-    print(to_markdown(args.config, before, after, session.reports, drift))
-    print(f"Report in {args.out}/report.md, report.json, report.html")
+    print(to_markdown(args.config, before, after, session.reports, drift, layer_map))
+    print(f"Report in {args.out}/report.md, report.json, report.html, divergence.html")
 
 
 if __name__ == "__main__":

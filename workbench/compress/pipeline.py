@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, is_dataclass
 
 from tqdm.auto import tqdm
 
 from workbench.compress import STEPS
+from workbench.compress.calibration import Calibration, resolve
 from workbench.compress.recovery import teacher_copy
-from workbench.data import calibration_texts
+from workbench.data import DEFAULT_CALIBRATION
 from workbench.paths import ADAPTER_RECORD, resolve_path
-from workbench.step_options import PruneOptions
+from workbench.step_options import STEP_OPTIONS, PruneOptions
 
 IN_WEIGHTS = {"prune_heads", "recover"}
 """Steps whose result lives in the weights and shapes a checkpoint stores. The others
@@ -27,38 +27,66 @@ def split_steps(steps) -> tuple[list, list]:
     return [s for s in steps if s.step in IN_WEIGHTS], [s for s in steps if s.step not in IN_WEIGHTS]
 
 
-def calibration_digest() -> str:
-    return hashlib.sha256("\f".join(calibration_texts()).encode()).hexdigest()[:16]
+def _prune_options(options: dict) -> dict:
+    """A prune's options as recorded: validated and with the calibration named. Records written
+    before calibration was a choice have no `calibration` and a numeric ridge: they were all fitted
+    on the reference text."""
+    dumped = PruneOptions.model_validate(options).model_dump(mode="json")
+    dumped["calibration"] = dumped.get("calibration") or DEFAULT_CALIBRATION
+    return dumped
 
 
-def prune_record(source: str, options: dict, report: dict) -> dict:
-    """What a saved recovery adapter remembers of the prune it was trained after."""
+def prune_record(source: str, options: dict, report: dict, calibration: Calibration | None) -> dict:
+    """What a saved recovery adapter remembers of the prune it was trained after: enough to
+    replay it (the groups) and to say what it measured (the importance)."""
     return {
         "source": source,
-        "options": PruneOptions.model_validate(options).model_dump(mode="json"),
-        "calibration": calibration_digest(),
+        "options": _prune_options(options),
+        "calibration": calibration.digest if calibration is not None else None,
+        "calibration_data": calibration.record() if calibration is not None else None,
         "removed": {str(k): v for k, v in report["removed"].items()},
+        "importance": report.get("importance") or [],
     }
 
 
-def recorded_removal(source: str, options: dict, later_steps) -> dict | None:
-    """The KV groups a later `recover` step's adapter was trained on, when it recorded a prune
+def _recover_adapter(later_steps) -> str | None:
+    return next((s.model_extra.get("adapter") for s in later_steps if s.step == "recover"), None)
+
+
+def recorded_removal(session, options: dict, later_steps) -> dict | None:
+    """The prune a later `recover` step's adapter was trained after, when it recorded a prune
     with exactly these options of the same model on the same calibration text: the prune is
     deterministic, so replaying the recorded groups gives the same model without measuring
-    importance again (the taylor pass takes minutes on a small CPU). Otherwise None."""
-    adapter = next((s.model_extra.get("adapter") for s in later_steps if s.step == "recover"), None)
+    importance again (the taylor pass takes minutes on a small CPU). Otherwise None.
+    Returns {"removed", "importance", "adapter"}, as prune_heads' `replay` takes it."""
+    adapter = _recover_adapter(later_steps)
     if not adapter or options.get("remove") is not None:
         return None
     record = json.loads((resolve_path(adapter) / ADAPTER_RECORD).read_text()).get("prune") or {}
-    wanted = PruneOptions.model_validate(options).model_dump(mode="json")
-    if (
-        record.get("source") == source
-        and record.get("options") == wanted
-        and record.get("calibration") == calibration_digest()
-        and record.get("removed")
-    ):
-        return {int(k): v for k, v in record["removed"].items()}
-    return None
+    if not record.get("removed") or record.get("source") != session.loaded.source:
+        return None
+    recorded = {"calibration": "reference", **record.get("options", {})}
+    wanted = _prune_options(options)
+    if recorded != wanted:
+        return None
+    if record.get("calibration") != resolve(session, wanted["calibration"]).digest:
+        return None
+    return {
+        "removed": {int(k): v for k, v in record["removed"].items()},
+        "importance": record.get("importance") or [],
+        "adapter": adapter,
+    }
+
+
+def resolve_calibrations(session, steps) -> dict[int, Calibration]:
+    """Each step's calibration data, by step index, built before the first step changes the
+    model: a mix's self-generated text must come from the model as loaded, not a pruned one."""
+    resolved = {}
+    for i, step in enumerate(steps):
+        opts = STEP_OPTIONS[step.step].model_validate(step.model_extra or {})
+        if getattr(opts, "reads_calibration", False):
+            resolved[i] = resolve(session, getattr(opts, "calibration", None))
+    return resolved
 
 
 def apply(session, steps) -> list[dict]:
@@ -71,20 +99,14 @@ def apply(session, steps) -> list[dict]:
     if any(s.step == "recover" and not (s.model_extra or {}).get("adapter") for s in steps):
         teacher = teacher_copy(session.model)
     reports, prune = [], None
+    calibrations = resolve_calibrations(session, steps)
     for i, step in enumerate(tqdm(steps, desc="compressing", disable=not steps)):
         options = dict(step.model_extra or {})
         _, run = STEPS[step.step]
         if step.step == "prune_heads":
-            removal = recorded_removal(session.loaded.source, options, steps[i + 1 :])
-            report = (
-                run(session, **{**options, "ratio": None, "per_layer": None, "remove": removal})
-                if removal
-                else run(session, **options)
-            )
-            report = asdict(report)
-            if removal:
-                report["removed_from"] = "recover adapter record"
-            prune = prune_record(session.loaded.source, options, report)
+            replay = recorded_removal(session, options, steps[i + 1 :])
+            report = run(session, replay=replay, **options)
+            prune = prune_record(session.loaded.source, options, asdict(report), calibrations.get(i))
         elif step.step == "recover":
             report = run(session, teacher=teacher, prune=prune, **options)
         else:

@@ -18,12 +18,14 @@ Importance, after Michel et al. 2019 ("Are Sixteen Heads Really Better than One?
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from workbench.compress import compensation
+from workbench.compress.calibration import resolve
 from workbench.data import calibration_texts as shipped_calibration_texts
 from workbench.models.anatomy import (
     attention_layers,
@@ -50,8 +52,18 @@ class PruneReport:
     params_before: int
     params_after: int
     importance: list[list[float]] = field(default_factory=list)
-    compensation: dict[int, dict[str, float]] = field(default_factory=dict)
-    """layer -> relative o_proj output error on the calibration text before/after the refit"""
+    compensation: dict[int, dict[str, float | bool]] = field(default_factory=dict)
+    """layer -> relative o_proj output error before/after the refit on the fitted calibration
+    texts and on held-out ones, the ridge used, and whether the refit was kept (compensation.refit)"""
+    compensation_check: dict = field(default_factory=dict)
+    """the whole model's loss on held-out calibration texts with and without the refit, and
+    whether it was kept"""
+    calibration: dict | None = None
+    """which calibration data importance and compensation read (Calibration.record)"""
+    groups_from: str = "importance"
+    """"importance" (measured here), "given" (the `remove` option), or the recover adapter whose
+    prune record was replayed"""
+    importance_note: str | None = None
 
 
 # --- importance ---------------------------------------------------------------------------
@@ -220,22 +232,125 @@ def _check_removal(removed: dict[int, list[int]], counts: list[int], min_groups_
             )
 
 
-def prune_heads(session, **options) -> PruneReport:
+LOSS_TOLERANCE = 1e-3
+"""A refit that raises the held-out loss by less than this fraction is kept (both losses are in
+the report): on a tiny random model compensation moves the loss by ~0.02%, noise either way; the
+failure this check exists for raised it by 23% (perplexity 39.5 -> 91.3 on data/evaluation.txt)."""
+
+
+def split_calibration(texts: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(texts to fit on, held-out texts to check the fit on). The fit reads the first `n`, as
+    importance does; the check reads the next quarter of that (at least 2) when the calibration
+    has them, else the fit gives up its last quarter."""
+    held = max(2, n // 4)
+    if len(texts) >= n + held:
+        return texts[:n], texts[n : n + held]
+    fit = min(n, len(texts))
+    held = max(1, fit // 4)
+    if fit - held < 1:
+        raise ValueError(
+            f"compensate needs at least 2 calibration texts (one to fit on, one to check the fit on); "
+            f"the calibration has {len(texts)}"
+        )
+    return texts[: fit - held], texts[fit - held : fit]
+
+
+def mean_loss(model, batches: list[torch.Tensor]) -> float:
+    """Mean next-token loss per predicted token over `batches`."""
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for ids in batches:
+            n = ids.shape[1] - 1
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * n
+            tokens += n
+    return total / tokens
+
+
+def _compensate(model, attns, removed, counts, opts: PruneOptions, texts: list[str], tokenizer) -> tuple[dict, dict]:
+    """Prune `removed` from `model` and refit the pruned layers' o_proj where held-out
+    calibration text says it helps; (per-layer summary, whole-model check)."""
+    device = attns[0].q_proj.weight.device
+    fit_texts, held_texts = split_calibration(texts, opts.calibration_texts)
+    fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), opts.calibration_tokens, device)
+    held = _calibration_batches(tokenizer, held_texts, len(held_texts), opts.calibration_tokens, device)
+    stats = compensation.collect(attns, list(removed), model, fit)
+    held_stats = compensation.collect(attns, list(removed), model, held)
+    prune_groups(model, removed)
+    uncompensated = {layer: attns[layer].o_proj.weight.detach().clone() for layer in removed}
+    kept = {layer: [g for g in range(counts[layer]) if g not in set(groups)] for layer, groups in removed.items()}
+    summary = compensation.refit(attns, kept, stats, opts.compensate_ridge, held_out=held_stats)
+    refused = {layer: entry for layer, entry in summary.items() if not entry["compensated"]}
+    if refused:
+        warnings.warn(
+            "prune_heads compensate: the o_proj refit raised the held-out output error of layer(s) "
+            + ", ".join(
+                f"{layer} ({e['held_out_before']:.4g} -> {e['held_out_after']:.4g})" for layer, e in refused.items()
+            )
+            + "; those layers keep their pruned, uncompensated o_proj",
+            stacklevel=3,
+        )
+    refitted = {layer: attns[layer].o_proj.weight.detach().clone() for layer in removed}
+    loss_compensated = mean_loss(model, held)
+    with torch.no_grad():
+        for layer, weight in uncompensated.items():
+            attns[layer].o_proj.weight.copy_(weight)
+    loss_uncompensated = mean_loss(model, held)
+    keep = loss_compensated <= loss_uncompensated * (1 + LOSS_TOLERANCE)
+    if keep:
+        with torch.no_grad():
+            for layer, weight in refitted.items():
+                attns[layer].o_proj.weight.copy_(weight)
+    else:
+        for entry in summary.values():
+            entry["compensated"] = False
+        warnings.warn(
+            f"prune_heads compensate: the o_proj refit raised the loss on {len(held)} held-out calibration texts "
+            f"({loss_uncompensated:.4f} -> {loss_compensated:.4f} nats per token, perplexity "
+            f"{math.exp(loss_uncompensated):.2f} -> {math.exp(loss_compensated):.2f}); the pruned model is kept "
+            "uncompensated (more calibration texts usually make the fit generalise)",
+            stacklevel=3,
+        )
+    check = {
+        "fit_texts": len(fit),
+        "held_out_texts": len(held),
+        "held_out_loss_uncompensated": round(loss_uncompensated, 5),
+        "held_out_loss_compensated": round(loss_compensated, 5),
+        "kept": keep,
+    }
+    return summary, check
+
+
+def prune_heads(session, *, replay: dict | None = None, **options) -> PruneReport:
+    """The step. `replay` (passed by the pipeline, not a config option): {"removed", "adapter",
+    "importance"} of a recover adapter's prune record, whose groups are removed instead of
+    measuring importance again."""
     opts = PruneOptions.model_validate(options)
     model = session.model
     attns = attention_layers(model)
     counts = [kv_groups(a) for a in attns]
     gs = attns[0].num_key_value_groups
     params_before = sum(p.numel() for p in model.parameters())
-    if opts.remove is not None:
+    # replayed groups still name the text they were measured on (the record matched its digest)
+    calibration = resolve(session, opts.calibration) if opts.reads_calibration else None
+    texts = calibration.texts if calibration is not None else []
+    note = None
+    if replay is not None:
+        removed = {int(layer): sorted(groups) for layer, groups in sorted(replay["removed"].items()) if groups}
+        _check_removal(removed, counts, opts.min_groups_per_layer)
+        importance_rows = replay.get("importance") or []
+        groups_from = f"replayed from the prune record of recover adapter {replay['adapter']}"
+        if not importance_rows:
+            note = "not re-measured: the groups were replayed, and the adapter's record predates recorded importance"
+    elif opts.remove is not None:
         _check_removal(opts.remove, counts, opts.min_groups_per_layer)
         removed = {layer: sorted(groups) for layer, groups in sorted(opts.remove.items()) if groups}
-        scores = torch.zeros(len(counts), max(counts))
+        importance_rows, groups_from = [], "given"
     else:
         scores = importance(
             model,
             session.tokenizer,
             opts.criterion,
+            texts=texts,
             seed=opts.seed,
             calibration_texts=opts.calibration_texts,
             calibration_tokens=opts.calibration_tokens,
@@ -243,25 +358,18 @@ def prune_heads(session, **options) -> PruneReport:
         removed = choose_groups(
             scores, counts, ratio=opts.ratio, per_layer=opts.per_layer, min_groups_per_layer=opts.min_groups_per_layer
         )
-    stats = None
+        importance_rows = [[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)]
+        groups_from = "importance"
+    fitted: dict = {}
+    check: dict = {}
     if opts.compensate and removed:
-        batches = _calibration_batches(
-            session.tokenizer,
-            shipped_calibration_texts(),
-            opts.calibration_texts,
-            opts.calibration_tokens,
-            attns[0].q_proj.weight.device,
-        )
-        stats = compensation.collect(attns, list(removed), model, batches)
-    prune_groups(model, removed)
-    fitted = {}
-    if stats is not None:
-        kept = {layer: [g for g in range(counts[layer]) if g not in set(groups)] for layer, groups in removed.items()}
-        fitted = compensation.refit(attns, kept, stats, opts.compensate_ridge)
+        fitted, check = _compensate(model, attns, removed, counts, opts, texts, session.tokenizer)
+    else:
+        prune_groups(model, removed)
     after = [kv_groups(a) for a in attns]
     return PruneReport(
         step="prune_heads",
-        criterion="given" if opts.remove is not None else opts.criterion,
+        criterion="given" if opts.remove is not None and replay is None else opts.criterion,
         group_size=gs,
         removed={int(k): v for k, v in removed.items()},
         heads_before=[n * gs for n in counts],
@@ -270,8 +378,10 @@ def prune_heads(session, **options) -> PruneReport:
         kv_heads_after=after,
         params_before=params_before,
         params_after=sum(p.numel() for p in model.parameters()),
-        importance=[]
-        if opts.remove is not None
-        else [[round(float(x), 6) for x in row[:n]] for row, n in zip(scores, counts)],
+        importance=importance_rows,
         compensation=fitted,
+        compensation_check=check,
+        calibration=calibration.record(used=opts.calibration_texts) if calibration is not None else None,
+        groups_from=groups_from,
+        importance_note=note,
     )

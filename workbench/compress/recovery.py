@@ -7,7 +7,7 @@ teacher is the model as loaded, before any step: the pipeline keeps a copy of it
 config lists `recover`. The loss is the KL divergence of the student's from the teacher's
 token distribution at temperature T (x T^2, as in Hinton et al., so the gradient scale does
 not depend on T), on every position of windows drawn from the teacher's own chat replies and
-the shipped calibration text (recovery_data.py).
+the step's calibration text (recovery_data.py; `calibration:`, calibration.py).
 
 Two ways to train: `lora` (peft adapters on the chosen linear layers, merged into the weights
 at the end, so the result is a plain pruned model) or `attention` (the q/k/v/o weights of
@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.compress import recovery_data as rd
-from workbench.data import calibration_texts, evaluation_texts
+from workbench.compress.calibration import resolve
+from workbench.data import evaluation_texts
 from workbench.models.adapters import load_adapter, save_adapter
 from workbench.models.anatomy import pruned_shape
 from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
@@ -61,6 +62,8 @@ class RecoverReport:
     """[{"step", "loss", "perplexity", "kl"}] at every evaluation"""
     adapter: str | None = None
     trainable_params: int = 0
+    calibration: dict | None = None
+    """which calibration data the training windows were drawn from (Calibration.record)"""
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -277,14 +280,22 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
         raise ValueError(
             "recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first"
         )
+    calibration = resolve(session, opts.calibration, model=teacher) if opts.reads_calibration else None
     with _threads(opts.threads):
         report, peft_model = train(
-            model, teacher, session.tokenizer, opts, calibration=calibration_texts(), evaluation=evaluation_texts()
+            model,
+            teacher,
+            session.tokenizer,
+            opts,
+            calibration=calibration.texts if calibration is not None else [],
+            evaluation=evaluation_texts(),
         )
+        report.calibration = calibration.record() if calibration is not None else None
         if peft_model is not None:
             if opts.save_adapter is not None:
                 record = {
                     "options": opts.model_dump(mode="json"),
+                    "calibration_data": report.calibration,
                     "prune": prune or {},
                     "perplexity_before": report.perplexity_before,
                     "perplexity_after": report.perplexity_after,
@@ -292,6 +303,10 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
                     "seconds": report.seconds,
                     "history": report.history,
                 }
+                # peft records the path the model was read from (a cache or temporary folder of
+                # the training machine) and warns when it differs at load; the source is what
+                # names the model (recovery.json checks its shape).
+                peft_model.peft_config["default"].base_model_name_or_path = session.loaded.source
                 save_adapter(peft_model, model, resolve_path(opts.save_adapter), record)
                 report.adapter = opts.save_adapter
             merged = peft_model.merge_and_unload()

@@ -23,6 +23,8 @@ from workbench.compress.int4_linear import Int4Linear
 from workbench.data import HELD_OUT, held_out_texts
 from workbench.engine import ChatRequest, Done
 from workbench.harness import evaluate
+from workbench.inspect.divergence import DivergenceMap, divergence_map
+from workbench.inspect.figures import divergence_overview
 from workbench.metrics import Divergence, divergence, perplexity
 from workbench.models.anatomy import attention_layers, kv_bytes_per_token, kv_groups, weight_bytes_by_dtype
 
@@ -93,6 +95,32 @@ def divergence_from_original(original, session, *, windows: int) -> dict[str, Di
     }
 
 
+MAP_TOKENS = 256
+"""tokens of held-out prose the report's divergence map reads"""
+
+
+def layer_map_from_original(original, session) -> DivergenceMap:
+    """Where the compressed session parts from `original` (the model as loaded), layer by layer,
+    head by head and module by module, on the start of the out-of-domain held-out prose."""
+    return divergence_map(original, session, "\n\n".join(held_out_texts("prose")), max_tokens=MAP_TOKENS)
+
+
+def layer_map_lines(layer_map: DivergenceMap | None) -> list[str]:
+    if layer_map is None:
+        return []
+    return [
+        "",
+        "## Where it parts from the original",
+        "",
+        f"Both models read the first {MAP_TOKENS} tokens of the held-out prose (workbench.inspect.divergence). "
+        "Logit-lens KL: each layer's residual stream through that model's own final norm and lm_head; a layer's "
+        "added KL is the rise over the layer below. Heads and modules are compared on the same input, so their "
+        "errors are their own; the figures are in divergence.html.",
+        "",
+        layer_map.to_markdown(),
+    ]
+
+
 def _score(score: dict | None) -> str:
     if score is None:
         return "-"
@@ -103,7 +131,12 @@ def _score(score: dict | None) -> str:
 
 
 def to_markdown(
-    config_path: str, before: Measurement, after: Measurement, steps: list[dict], drift: dict[str, Divergence]
+    config_path: str,
+    before: Measurement,
+    after: Measurement,
+    steps: list[dict],
+    drift: dict[str, Divergence],
+    layer_map: DivergenceMap | None = None,
 ) -> str:
     def row(name, b, a, fmt="{:,}"):
         ratio = f"{a / b:.3f}x" if isinstance(b, (int, float)) and b else ""
@@ -137,6 +170,7 @@ def to_markdown(
         + ", ".join(f"{k} {v:,}" for k, v in after.bytes_by_dtype.items()),
         "",
         "Steps: " + ", ".join(s["step"] for s in steps),
+        *calibration_lines(steps),
         "",
         "## Divergence from the original",
         "",
@@ -154,8 +188,35 @@ def to_markdown(
         "| p99 KL | " + " | ".join(f"{d.kl_p99:.4g}" for d in drift.values()) + " |",
         "| max KL | " + " | ".join(f"{d.kl_max:.4g}" for d in drift.values()) + " |",
         "| top-1 agreement | " + " | ".join(f"{d.top1_agreement:.2%}" for d in drift.values()) + " |",
+        *sensitivity_lines(steps),
+        *layer_map_lines(layer_map),
     ]
     return "\n".join(lines) + "\n"
+
+
+def calibration_lines(steps: list[dict]) -> list[str]:
+    """Which calibration data each step fitted on (Calibration.record), and what a prune's
+    compensation check decided: the figures above depend on both."""
+    lines = []
+    for step in steps:
+        record = step.get("calibration")
+        if record:
+            used = f", the first {record['texts_used']} read" if "texts_used" in record else ""
+            lines.append(
+                f"- {step['step']} calibrated on `{record['name']}`: {record['texts']} texts{used}, "
+                f"{record['chars']:,} characters, sha256 {record['sha256'][:16]}"
+            )
+        if step.get("groups_from") not in (None, "importance", "given"):
+            lines.append(f"- {step['step']}: groups {step['groups_from']} ({step['criterion']})")
+        check = step.get("compensation_check")
+        if check:
+            verdict = "kept" if check["kept"] else "undone: it raised the loss"
+            lines.append(
+                f"- {step['step']} compensation {verdict} (loss on {check['held_out_texts']} held-out calibration "
+                f"texts {check['held_out_loss_uncompensated']:.4f} uncompensated, "
+                f"{check['held_out_loss_compensated']:.4f} compensated)"
+            )
+    return ["", "Calibration:", *lines] if lines else []
 
 
 def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
@@ -175,6 +236,80 @@ def write_plots(path: Path, before: Measurement, after: Measurement) -> None:
     fig.write_html(path, include_plotlyjs="cdn")
 
 
+def _sensitivities(steps: list[dict]) -> list[dict]:
+    """The sensitivity records of quantize steps that chose precisions by a budget."""
+    return [s["sensitivity"] for s in steps if s.get("step") == "quantize" and s.get("sensitivity")]
+
+
+def sensitivity_lines(steps: list[dict], top: int = 10) -> list[str]:
+    """The budget, what it bought, and the layers that moved the output most when quantized alone."""
+    lines: list[str] = []
+    for record in _sensitivities(steps):
+        chosen = {r["pattern"]: r["scheme"] for r in record["rules"]}
+        counts: dict[str, int] = {}
+        for scheme in chosen.values():
+            counts[scheme] = counts.get(scheme, 0) + 1
+        cheapest = min(record["precisions"], key=lambda p: sum(b.get(p, 0) for b in record["bytes"].values()))
+        ranked = sorted(record["kl"], key=lambda n: record["kl"][n].get(cheapest, 0.0), reverse=True)[:top]
+        lines += [
+            "",
+            "## Mixed precision by sensitivity",
+            "",
+            f"Budget {record['budget_bytes']:,} bytes; chosen {record['chosen_bytes']:,} bytes, "
+            f"{record['bits_per_weight']:.3f} bits per weight over {len(chosen)} layers: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + f". Each layer's KL was measured alone on {record['windows']} calibration windows "
+            f"({record['tokens']:,} positions, calibration {record['calibration']['name']}).",
+            "",
+            f"| layer | KL alone in {cheapest} | chosen |",
+            "|---|---|---|",
+            *(f"| {n} | {record['kl'][n].get(cheapest, 0.0):.3g} | {chosen[n]} |" for n in ranked),
+        ]
+    return lines
+
+
+def write_sensitivity_plot(path: Path, steps: list[dict]) -> None:
+    """Each layer's KL when quantized alone (log scale, coloured by the scheme it got), and the
+    budget curve: summed single-layer KL against bits per weight as the greedy choice spent it."""
+    records = _sensitivities(steps)
+    if not records:
+        return
+    from plotly.subplots import make_subplots
+
+    record = records[-1]
+    chosen = {r["pattern"]: r["scheme"] for r in record["rules"]}
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("KL of the output, one layer quantized", "budget curve (greedy)")
+    )
+    for scheme in record["precisions"]:
+        if scheme == "keep":
+            continue
+        names = [n for n in record["kl"] if scheme in record["kl"][n]]
+        fig.add_scatter(
+            x=names,
+            y=[record["kl"][n][scheme] for n in names],
+            mode="markers",
+            name=f"as {scheme}",
+            text=[f"chosen: {chosen[n]}" for n in names],
+            row=1,
+            col=1,
+        )
+    curve = record["curve"]
+    fig.add_scatter(
+        x=[c["bits_per_weight"] for c in curve],
+        y=[c["kl_sum"] for c in curve],
+        mode="lines+markers",
+        name="summed KL",
+        row=1,
+        col=2,
+    )
+    fig.update_yaxes(type="log", title_text="KL, nats per token", row=1, col=1)
+    fig.update_xaxes(title_text="bits per weight", row=1, col=2)
+    fig.update_yaxes(type="log", title_text="summed single-layer KL", row=1, col=2)
+    fig.update_layout(height=460, width=1200)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
 def write_report(
     out: Path,
     config_path: str,
@@ -182,6 +317,7 @@ def write_report(
     after: Measurement,
     steps: list[dict],
     drift: dict[str, Divergence],
+    layer_map: DivergenceMap | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -189,8 +325,14 @@ def write_report(
         "before": asdict(before),
         "after": asdict(after),
         "divergence": {name: asdict(d) for name, d in drift.items()},
+        "divergence_map": layer_map.to_dict() if layer_map is not None else None,
         "steps": steps,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(to_markdown(config_path, before, after, steps, drift))
+    (out / "report.md").write_text(to_markdown(config_path, before, after, steps, drift, layer_map))
+    if layer_map is not None:
+        divergence_overview(layer_map, title=f"What {config_path} changed").write_html(
+            out / "divergence.html", include_plotlyjs="cdn"
+        )
     write_plots(out / "report.html", before, after)
+    write_sensitivity_plot(out / "sensitivity.html", steps)

@@ -52,6 +52,10 @@ def load_adapter(model, folder: Path) -> None:
 
     check_adapter(folder, model)
     lora = LoraConfig.from_pretrained(str(folder))
+    # The record names the model (a source such as embedded:...), which is never the folder the
+    # weights were read from; peft would warn that it "was renamed" at every load. recovery.json
+    # is what checks that the adapter fits this model.
+    lora.base_model_name_or_path = None
     peft_model = get_peft_model(model, lora)
     weights = {k: v.to(model.dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
     result = set_peft_model_state_dict(peft_model, weights)
