@@ -21,6 +21,16 @@ from torch import nn
 _ACT = torch.bfloat16
 
 
+_ROWS = 16
+"""The kernel's packing takes outputs in multiples of 16 (the embedded model's all are; a tiny
+test model's 386-token vocabulary is not): extra rows are zeros, and their outputs are cut off."""
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    extra = -t.shape[0] % _ROWS
+    return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
+
+
 class Int4Linear(nn.Linear):
     """`weight` is PyTorch's packed CPU int4 layout (uint8, two weights a byte);
     `scales_and_zeros` one bf16 scale and zero point per `group_size` inputs of each output."""
@@ -48,13 +58,39 @@ class Int4Linear(nn.Linear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int, method: str = "rtn") -> Int4Linear:
+        """Round-to-nearest with tinygemm's min/max qparams (`rtn`), or with qparams HQQ's
+        half-quadratic solver fits to each group's weights (`hqq`): both data-free, both torchao's."""
         from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+        from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
 
+        if method not in ("rtn", "hqq"):
+            raise ValueError(f"Int4Linear.from_linear rounds with rtn or hqq, not {method!r} (gptq: see gptq.py)")
+        algorithm = Int4ChooseQParamsAlgorithm.HQQ if method == "hqq" else Int4ChooseQParamsAlgorithm.TINYGEMM
         w = linear.weight.detach().to(_ACT)
-        # tinygemm qparams (asymmetric, min/max), from_hp's default: HQQ's took 505 s on the embedded model here
-        q = Int4OpaqueTensor.from_hp(w, [1, group_size])
+        q = Int4OpaqueTensor.from_hp(_pad_rows(w), [1, group_size], int4_choose_qparams_algorithm=algorithm)
         return cls(q.qdata, q.scale_and_zero, group_size, cast(tuple[int, int], tuple(w.shape)), linear.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_int4(
+        cls,
+        values: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> Int4Linear:
+        """A layer from values already rounded elsewhere (GPTQ): `values` (out, in) integers
+        0..15, `scales` and `zeros` (out, in / group_size) in tinygemm's convention, so the
+        weight is (values - 8) * scale + zero; packed exactly as torchao packs its own."""
+        from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+        if values.min() < 0 or values.max() > 15:
+            raise ValueError("int4 values must lie in 0..15")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_pad_rows(values.to(torch.int32)).contiguous(), 1)
+        scales_and_zeros = pack_tinygemm_scales_and_zeros(_pad_rows(scales.to(_ACT)), _pad_rows(zeros.to(_ACT)), _ACT)
+        return cls(packed, scales_and_zeros, group_size, cast(tuple[int, int], tuple(values.shape)), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_ACT).contiguous()

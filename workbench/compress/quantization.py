@@ -22,10 +22,18 @@ Schemes:
   0.15 ms for a 576 -> 1536 product here). On CUDA, torchao's Int4WeightOnlyConfig;
 - `int8_dynamic` (int8 activations too): torchao's tensor subclass.
 Where a scheme has no kernel on the model's device the step says so before any work.
+
+int4 layers are rounded by a `method`, for the step or per rule: `rtn` (above), `hqq` (torchao's
+half-quadratic qparams, data-free) or `gptq` (gptq.py: fitted on calibration text, so the
+embedded model keeps its perplexity with lm_head in int4 too). With a budget (`budget_bits` or
+`budget_bytes`) the step measures how much each layer moves the model's output when quantized
+alone and spends the budget where it buys the most (sensitivity.py); the report holds the
+measurements, the choice, and the choice as rules to paste into a config.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -33,9 +41,14 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from workbench.compress import sensitivity
+from workbench.compress.calibration import Calibration, resolve
+from workbench.compress.gptq import GPTQSettings, cached_gptq_quantize
 from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear, kernel_available
+from workbench.metrics import input_device, token_windows
 from workbench.models.anatomy import tensor_bytes
+from workbench.paths import cache_root
 from workbench.step_options import QuantizeOptions
 
 if TYPE_CHECKING:
@@ -55,6 +68,13 @@ class QuantizeReport:
     """bytes of just the layers given a scheme other than keep, before and after"""
     changed_bytes_after: int
     modules: dict[str, str] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)
+    """int4 layer -> how it was rounded (rtn, hqq, gptq)"""
+    calibration: dict | None = None
+    """the calibration data GPTQ or the sensitivity read (Calibration.record), with windows and tokens"""
+    sensitivity: dict | None = None
+    """budget mode: each layer's KL per scheme and bytes, the budget, the choice and its greedy
+    curve, and `rules`: the choice as quantize rules, to fix it in a config without measuring again"""
 
 
 def layer_bytes(module: nn.Linear) -> int:
@@ -67,19 +87,37 @@ def linear_bytes(model: nn.Module) -> int:
     return sum(layer_bytes(m) for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def _rule(name: str, opts: QuantizeOptions):
+    return next((r for r in opts.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+
+
 def plan_schemes(model: nn.Module, opts: QuantizeOptions) -> dict[str, str]:
+    """layer -> scheme. With a budget, only the layers a rule names are planned here (the rest
+    are chosen by sensitivity)."""
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        rule = next((r for r in opts.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+        rule = _rule(name, opts)
         if rule is not None:
             plan[name] = rule.scheme
+        elif opts.budget is not None:
+            continue
         elif name == "lm_head" or name.endswith(".lm_head"):
             plan[name] = "keep"
         else:
             plan[name] = opts.scheme
     return plan
+
+
+def plan_methods(plan: dict[str, str], opts: QuantizeOptions) -> dict[str, str]:
+    """int4 layer -> its rounding method: its rule's, else the step's."""
+    methods = {}
+    for name, scheme in plan.items():
+        if scheme == "int4_weight_only":
+            rule = _rule(name, opts)
+            methods[name] = (rule.method if rule is not None else None) or opts.method
+    return methods
 
 
 def _torchao_config(scheme: str, group_size: int):
@@ -130,11 +168,21 @@ def check_supported(scheme: str, group_size: int, device: torch.device, dtype: t
         ) from None
 
 
+def check_methods(methods: set[str], device: torch.device) -> None:
+    if methods - {"rtn"} and device.type != "cpu":
+        named = ", ".join(sorted(methods - {"rtn"}))
+        raise ValueError(
+            f"int4 method {named} writes the CPU int4 kernel's layout (Int4Linear); the model is on "
+            f"{device.type}: use method rtn there"
+        )
+
+
 def preflight(options: dict, device: torch.device, dtype: torch.dtype) -> None:
     """Check, before a model is loaded, that every scheme the options name runs here."""
     opts = QuantizeOptions.model_validate(options)
-    for scheme in {opts.scheme, *(r.scheme for r in opts.rules)}:
+    for scheme in opts.schemes:
         check_supported(scheme, opts.group_size, device, dtype)
+    check_methods(opts.methods, device)
 
 
 def untie_from_embedding(model: PreTrainedModel, name: str) -> bool:
@@ -179,24 +227,103 @@ def _cast_io(module: nn.Linear, dtype: torch.dtype) -> None:
     cast(CastIOLinear, module).io_dtype = dtype
 
 
+def quantized_copy(linear: nn.Linear, scheme: str, group_size: int, method: str, device_type: str) -> nn.Module:
+    """A new layer: `linear` in `scheme`, the original untouched (sensitivity tries each in turn).
+    int4 is rounded data-free here (gptq measures as rtn: its Hessians come later, in order)."""
+    if scheme in _FLOAT:
+        layer = copy.deepcopy(linear)
+        _cast_io(layer, _FLOAT[scheme])
+        return layer
+    if scheme == "int8_weight_only" and kernel_available(device_type):
+        return Int8Linear.from_linear(linear)
+    if scheme == "int4_weight_only" and device_type == "cpu":
+        return Int4Linear.from_linear(linear, group_size, "hqq" if method == "hqq" else "rtn")
+    holder = nn.Sequential(copy.deepcopy(linear))
+    _quantize_modules(holder, {"0"}, scheme, group_size, device_type)
+    return holder[0]
+
+
+def calibration_windows(
+    session, calibration: Calibration, opts: QuantizeOptions, count: int
+) -> tuple[list[torch.Tensor], dict]:
+    """The first `count` windows of `calibration_tokens` tokens of the calibration data, and its record."""
+    windows = token_windows(session.tokenizer, calibration.texts, window=opts.calibration_tokens, max_windows=count)
+    record = {**calibration.record(), "windows": len(windows), "tokens": sum(len(w) for w in windows)}
+    device = input_device(session.model)
+    return [w.to(device) for w in windows], record
+
+
+def choose_by_sensitivity(
+    session, calibration: Calibration, opts: QuantizeOptions, fixed: dict[str, str]
+) -> tuple[dict[str, str], dict]:
+    """Each linear layer no rule fixed gets one of `opts.precisions`, within the budget; returns
+    that plan and the record of how it was chosen (QuantizeReport.sensitivity)."""
+    model = session.model
+    device_type = input_device(model).type
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in fixed]
+    if not names:
+        raise ValueError("a budget chooses schemes for the layers no rule names, and the rules name every layer")
+    for scheme in opts.precisions:
+        check_supported(scheme, opts.group_size, input_device(model), model.get_input_embeddings().weight.dtype)
+    if "int4_weight_only" in opts.precisions:
+        _check_groups(model, names, opts.group_size)
+    windows, record = calibration_windows(session, calibration, opts, opts.sensitivity_windows)
+    weights = {n: cast(nn.Linear, model.get_submodule(n)).weight.numel() for n in names}
+
+    def variants(name: str):
+        linear = cast(nn.Linear, model.get_submodule(name))
+        for scheme in opts.precisions:
+            if scheme != "keep":
+                layer = quantized_copy(linear, scheme, opts.group_size, opts.method, device_type)
+                yield scheme, layer, layer_bytes(cast(nn.Linear, layer))
+
+    measured = sensitivity.measure(
+        model, names, variants, lambda n: layer_bytes(cast(nn.Linear, model.get_submodule(n))), windows
+    )
+    budget = opts.budget_bytes or int((opts.budget_bits or 0.0) * sum(weights.values()) / 8)
+    choice = sensitivity.choose(measured, list(opts.precisions), weights, budget)
+    return choice.schemes, {
+        "budget_bits": opts.budget_bits,
+        "budget_bytes": choice.budget_bytes,
+        "chosen_bytes": choice.chosen_bytes,
+        "bits_per_weight": choice.bits_per_weight,
+        "weights": choice.weights,
+        "precisions": list(opts.precisions),
+        "int4_measured_with": "hqq" if opts.method == "hqq" else "rtn",
+        "calibration": record,
+        "windows": measured.windows,
+        "tokens": measured.tokens,
+        "kl": measured.kl,
+        "bytes": measured.bytes,
+        "curve": choice.curve,
+        "rules": [{"pattern": n, "scheme": s} for n, s in choice.schemes.items()],
+    }
+
+
+def _check_groups(model: nn.Module, names: list[str], group_size: int) -> None:
+    bad = [n for n in names if cast(nn.Linear, model.get_submodule(n)).in_features % group_size]
+    if bad:
+        raise ValueError(f"int4 group_size {group_size} does not divide the input size of {bad[0]}; use 32 or 64")
+
+
 def quantize(session, **options) -> QuantizeReport:
     opts = QuantizeOptions.model_validate(options)
     model = session.model
-    plan = plan_schemes(model, opts)
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
+    plan = plan_schemes(model, opts)
     for scheme in set(plan.values()):
         check_supported(scheme, opts.group_size, device, dtype)
-    if "int4_weight_only" in plan.values():
-        bad = [
-            n
-            for n, s in plan.items()
-            if s == "int4_weight_only" and model.get_submodule(n).in_features % opts.group_size
-        ]
-        if bad:
-            raise ValueError(
-                f"int4 group_size {opts.group_size} does not divide the input size of {bad[0]}; use 32 or 64"
-            )
+    # before any layer changes: the default mix holds the model's own replies, as loaded
+    calibration = resolve(session, opts.calibration) if opts.reads_calibration else None
+    chosen = None
+    if opts.budget is not None:
+        assert calibration is not None  # a budget reads calibration
+        choice, chosen = choose_by_sensitivity(session, calibration, opts, plan)
+        plan = {n: plan.get(n) or choice[n] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    methods = plan_methods(plan, opts)
+    check_methods(set(methods.values()), device)
+    _check_groups(model, list(methods), opts.group_size)
     before = linear_bytes(model)
     changed = [n for n, scheme in plan.items() if scheme != "keep"]
     for name in changed:
@@ -210,8 +337,21 @@ def quantize(session, **options) -> QuantizeReport:
         elif scheme == "int8_weight_only" and kernel_available(device.type):
             for name in names:
                 _replace(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+        elif scheme == "int4_weight_only" and device.type == "cpu":
+            for name in names:
+                if methods[name] != "gptq":
+                    layer = cast(nn.Linear, model.get_submodule(name))
+                    _replace(model, name, Int4Linear.from_linear(layer, opts.group_size, methods[name]))
         else:
             _quantize_modules(model, names, scheme, opts.group_size, device.type)
+    record = chosen["calibration"] if chosen else None
+    fitted = [n for n, m in methods.items() if m == "gptq"]
+    if fitted:
+        assert calibration is not None  # gptq reads calibration
+        # last, so its calibration passes see every other layer as it will be
+        windows, record = calibration_windows(session, calibration, opts, opts.calibration_windows)
+        settings = GPTQSettings(opts.group_size, opts.damp, opts.act_order)
+        record["gptq_from_cache"] = cached_gptq_quantize(model, fitted, windows, settings, cache_root() / "gptq")
     counts: dict[str, int] = {}
     for scheme in plan.values():
         counts[scheme] = counts.get(scheme, 0) + 1
@@ -223,4 +363,7 @@ def quantize(session, **options) -> QuantizeReport:
         changed_bytes_before=changed_before,
         changed_bytes_after=sum(layer_bytes(model.get_submodule(n)) for n in changed),
         modules=plan,
+        methods=methods,
+        calibration=record,
+        sensitivity=chosen,
     )

@@ -89,8 +89,7 @@ def quantized_schemes(steps) -> set[str]:
                 schemes |= set(step.get("schemes", {}))
             continue
         if step.step == "quantize":
-            opts = QuantizeOptions.model_validate(step.model_extra or {})
-            schemes |= {opts.scheme, *(r.scheme for r in opts.rules)}
+            schemes |= QuantizeOptions.model_validate(step.model_extra or {}).schemes
     return schemes - {"keep"}
 
 
