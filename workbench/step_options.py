@@ -8,9 +8,9 @@ training stack. `compress/` maps each name in `STEP_OPTIONS` to the function tha
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workbench.data import check_calibration
 from workbench.paths import ADAPTER_RECORD, resolve_path
@@ -27,6 +27,10 @@ def _checked_calibration(value: str | None) -> str | None:
         return check_calibration(value)
     except (OSError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+
+
+CalibrationSpec = Annotated[str | None, AfterValidator(_checked_calibration)]
+"""The `calibration:` option of every step that reads calibration text, checked when read."""
 
 
 # --- prune_heads ---------------------------------------------------------------------------
@@ -59,13 +63,8 @@ class PruneOptions(BaseModel):
     compensate_ridge: float | Literal["auto"] = "auto"
     """Ridge term of that fit, relative to the mean diagonal of X^T X; `auto` picks it per layer
     from COMPENSATE_RIDGES by the o_proj output error on held-out calibration texts."""
-    calibration: str | None = None
+    calibration: CalibrationSpec = None
     """Calibration text (see CALIBRATION_DOC); None: `mix`."""
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_readable(cls, value: str | None) -> str | None:
-        return _checked_calibration(value)
 
     @field_validator("compensate_ridge")
     @classmethod
@@ -152,13 +151,8 @@ class RecoverOptions(BaseModel):
     """Where teacher replies are cached; default the workbench cache folder."""
     save_adapter: str | None = None
     """Write the trained LoRA here (lora only)."""
-    calibration: str | None = None
+    calibration: CalibrationSpec = None
     """Calibration text (see CALIBRATION_DOC); None: `mix`."""
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_readable(cls, value: str | None) -> str | None:
-        return _checked_calibration(value)
 
     @property
     def reads_calibration(self) -> bool:
@@ -267,13 +261,8 @@ class QuantizeOptions(BaseModel):
     """Sensitivity mode: the schemes each layer may get."""
     sensitivity_windows: int = Field(2, ge=1, le=64)
     """Sensitivity mode: calibration windows each layer's KL is measured on (one forward each)."""
-    calibration: str | None = None
+    calibration: CalibrationSpec = None
     """Calibration text of the calibrated methods (see CALIBRATION_DOC); None: `mix`."""
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_readable(cls, value: str | None) -> str | None:
-        return _checked_calibration(value)
 
     @property
     def reads_calibration(self) -> bool:
