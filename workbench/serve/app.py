@@ -42,6 +42,7 @@ from workbench.engine.scheduler import GenerationQueue
 from workbench.engine.sequence import Plan
 from workbench.errors import MediaInputError
 from workbench.serve import completions, protocol
+from workbench.serve.errors import APIError
 from workbench.serve.metrics import ServerMetrics
 from workbench.serve.status_page import render_status
 from workbench.session import Session
@@ -56,15 +57,6 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
 }
 """The bodies the POST endpoints read, for /openapi.json: they parse them themselves (the body
 limit, then OpenAI-shaped 400s), so FastAPI does not see them by itself."""
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *, param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(protocol.error_body(self.message, self.type, param=self.param, code=self.code), self.status)
 
 
 @dataclass
