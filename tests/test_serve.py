@@ -216,6 +216,15 @@ def user(text="hi"):
     return [{"role": "user", "content": text}]
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
 BAD_REQUESTS = [
     ("malformed JSON", b'{"model": "x", "messages": [', 400, "invalid_json", None),
     ("not an object", b"[1, 2]", 400, "invalid_json", None),
@@ -229,7 +238,116 @@ BAD_REQUESTS = [
         "invalid_value",
         "messages.0.role",
     ),
-    ("n above one", {"model": MODEL, "messages": user(), "n": 2}, 400, "unsupported_parameter", "n"),
+    ("n of zero", {"model": MODEL, "messages": user(), "n": 0}, 400, "invalid_value", "n"),
+    ("n over the cap", {"model": MODEL, "messages": user(), "n": 17}, 400, "invalid_value", "n"),
+    (
+        "logit_bias over 100",
+        {"model": MODEL, "messages": user(), "logit_bias": {"5": 101}},
+        400,
+        "invalid_value",
+        "logit_bias.5",
+    ),
+    (
+        "logit_bias not an id",
+        {"model": MODEL, "messages": user(), "logit_bias": {"hi": 1}},
+        400,
+        "invalid_value",
+        "logit_bias.hi.[key]",
+    ),
+    (
+        "logit_bias off the vocabulary",
+        {"model": MODEL, "messages": user(), "logit_bias": {"999999": -100}},
+        400,
+        "invalid_value",
+        "logit_bias",
+    ),
+    (
+        "unknown response format",
+        {"model": MODEL, "messages": user(), "response_format": {"type": "yaml"}},
+        400,
+        "invalid_value",
+        "response_format",
+    ),
+    (
+        "json_schema without its schema object",
+        {"model": MODEL, "messages": user(), "response_format": {"type": "json_schema"}},
+        400,
+        "invalid_value",
+        "response_format.json_schema.json_schema",
+    ),
+    (
+        "a schema that cannot be enforced",
+        {
+            "model": MODEL,
+            "messages": user(),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}},
+        },
+        400,
+        "invalid_value",
+        "response_format",
+    ),
+    (
+        "a bad regex",
+        {"model": MODEL, "messages": user(), "guided_regex": "[a-"},
+        400,
+        "invalid_value",
+        "response_format",
+    ),
+    ("empty choice", {"model": MODEL, "messages": user(), "guided_choice": []}, 400, "invalid_value", "guided_choice"),
+    (
+        "two structured outputs",
+        {"model": MODEL, "messages": user(), "guided_regex": "a+", "response_format": {"type": "json_object"}},
+        400,
+        "invalid_value",
+        None,
+    ),
+    (
+        "tool_choice names no offered tool",
+        {
+            "model": MODEL,
+            "messages": user(),
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        400,
+        "invalid_value",
+        "tool_choice",
+    ),
+    (
+        "required with no tools",
+        {"model": MODEL, "messages": user(), "tool_choice": "required"},
+        400,
+        "invalid_value",
+        "tool_choice",
+    ),
+    (
+        "a tool name with spaces",
+        {"model": MODEL, "messages": user(), "tools": [{"type": "function", "function": {"name": "get weather"}}]},
+        400,
+        "invalid_value",
+        "tools.0.function.name",
+    ),
+    (
+        "the same tool twice",
+        {"model": MODEL, "messages": user(), "tools": [WEATHER, WEATHER]},
+        400,
+        "invalid_value",
+        "tools",
+    ),
+    (
+        "tools and a response format",
+        {"model": MODEL, "messages": user(), "tools": [WEATHER], "response_format": {"type": "json_object"}},
+        400,
+        "invalid_value",
+        "tool_choice",
+    ),
+    (
+        "a tool message answering no call",
+        {"model": MODEL, "messages": [*user(), {"role": "tool", "content": "18 C"}]},
+        400,
+        "invalid_value",
+        "messages.1",
+    ),
     ("empty stop string", {"model": MODEL, "messages": user(), "stop": [""]}, 400, "invalid_value", "stop"),
     ("unknown model", {"model": "gpt-9", "messages": user()}, 404, "model_not_found", "model"),
     (

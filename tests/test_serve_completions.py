@@ -231,7 +231,14 @@ def test_a_streamed_echo_sends_the_prompt_first(server):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("suffix", "end"), ("best_of", 2), ("n", 2), ("logit_bias", {"5": 1}), ("tools", [{}])]
+    ("field", "value"),
+    [
+        ("suffix", "end"),
+        ("best_of", 2),
+        ("tools", [{}]),
+        ("response_format", {"type": "json_object"}),
+        ("guided_regex", "a+"),
+    ],
 )
 def test_unsupported_fields_are_refused_naming_the_field(server, field, value):
     reply = complete(server, prompt="hi", **{field: value})

@@ -81,13 +81,11 @@ def test_top_logprobs_without_logprobs_is_refused(server):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "required"),
-        ("logit_bias", {"42": 5}),
-        ("response_format", {"type": "json_object"}),
-        ("n", 2),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", "auto"),
+        ("best_of", 2),
         ("modalities", ["text", "audio"]),
-        ("guided_json", {"type": "object"}),
+        ("audio", {"voice": "alloy", "format": "wav"}),
     ],
 )
 def test_fields_that_change_the_meaning_are_unsupported_not_ignored(server, field, value):
@@ -104,6 +102,7 @@ def test_fields_that_change_the_meaning_are_unsupported_not_ignored(server, fiel
         {"response_format": {"type": "text"}},
         {"n": 1, "logit_bias": {}},
         {"user": "ada"},
+        {"function_call": "none", "best_of": 1, "modalities": ["text"]},
     ],
 )
 def test_harmless_values_of_those_fields_still_work(server, fields):

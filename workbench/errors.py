@@ -16,6 +16,14 @@ class WorkbenchError(ValueError):
     code: str | None = None
     param: str | None = None
 
+    def __init__(self, message: str = "", *, param: str | None = None, code: str | None = None):
+        """`param` and `code` name the request field at fault where the class cannot know it."""
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+
 
 class ConfigError(WorkbenchError):
     """A config file or value the workbench cannot use; the message says what to change."""

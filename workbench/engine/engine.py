@@ -45,7 +45,9 @@ from workbench.engine.request import ChatRequest, PromptRequest
 from workbench.engine.sampling import penalize
 from workbench.engine.scoring import PromptLogprobs, score_prompts
 from workbench.engine.sequence import Plan, Sequence
+from workbench.engine.structured import Constraint, Grammars, constraint_of
 from workbench.engine.template import Prompt, render_prompt
+from workbench.engine.tools import NamedToolChoice, Tool, check_choice, grammar_of
 from workbench.errors import ContextLengthError, RequestError
 from workbench.sampling_params import SamplingParams
 
@@ -99,6 +101,14 @@ class Engine:
         self._compiled_step: Callable | None = None
         self._compiled_lengths: set[int] = set()
         """static cache lengths whose decode graph is compiled already"""
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The tokenizer as the grammar engine reads it: built on the first constrained request."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
 
     def set_cache_policy(self, policy: CachePolicy) -> None:
         """Generate with `policy`'s caches from now on. Its batch limit replaces only the
@@ -161,6 +171,8 @@ class Engine:
         prompt's token ids (PromptRequest) continued as they are, with no thinking split."""
         started = time.perf_counter()
         d = self.defaults
+        constraint: Constraint | None = None
+        tool_names: tuple[str, ...] | None = None
         if isinstance(request, PromptRequest):
             prompt = self.raw_prompt(request.prompt_ids)
             completion, return_reasoning, what = True, False, "the prompt"
@@ -168,9 +180,11 @@ class Engine:
             if not isinstance(request, ChatRequest):
                 request = ChatRequest.model_validate(request)
             enable_thinking = d.enable_thinking if request.enable_thinking is None else request.enable_thinking
-            prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media)
+            constraint, tool_names, offered = self._constraint_and_tools(request)
+            prompt = render_prompt(self.tokenizer, request.messages, enable_thinking, self.media, offered)
             completion, what = False, "the conversation"
             return_reasoning = d.return_reasoning if request.return_reasoning is None else request.return_reasoning
+        bias = self._logit_bias(request.logit_bias)
         n_prompt = len(prompt.ids)
         room = self.context_limit - n_prompt
         if room < 1:
@@ -197,7 +211,52 @@ class Engine:
             started=started,
             logprobs=request.logprobs,
             completion=completion,
+            logit_bias=bias,
+            constraint=constraint,
+            tool_names=tool_names,
         )
+
+    def _constraint_and_tools(
+        self, request: ChatRequest
+    ) -> tuple[Constraint | None, tuple[str, ...] | None, list[Tool] | None]:
+        """The grammar the answer must follow (a structured output, or tool calls that
+        `tool_choice` requires), the function names to read calls of, and the tools to show."""
+        tools = request.tools or []
+        choice = request.tool_choice if request.tool_choice is not None else ("auto" if tools else "none")
+        if choice != "none":
+            check_choice(tools, choice)
+        if request.structured is not None:
+            if tools and choice != "none":
+                raise RequestError(
+                    "a structured output and tool calls cannot both shape one reply: send tool_choice "
+                    "'none' with the response format, or drop the response format",
+                    param="tool_choice",
+                )
+            constraint = constraint_of(request.structured)
+            self.grammars.check(constraint, "response_format")
+            return constraint, None, None
+        if not tools or choice == "none":
+            return None, None, None
+        grammar = grammar_of(tools, choice, request.parallel_tool_calls)
+        calls = Constraint(grammar, "tool_calls") if grammar is not None else None
+        if calls is not None:
+            self.grammars.check(calls, "tools")
+        names: tuple[str, ...]
+        if isinstance(choice, NamedToolChoice):
+            names = (choice.function.name,)
+        else:
+            names = tuple(t.function.name for t in tools)
+        return calls, names, tools
+
+    def _logit_bias(self, bias: dict[int, float] | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        if not bias:
+            return (), ()
+        vocab = self.vocab_size
+        if (bad := next((t for t in bias if not 0 <= t < vocab), None)) is not None:
+            raise RequestError(
+                f"logit_bias names token id {bad}, outside the vocabulary (0 to {vocab - 1})", param="logit_bias"
+            )
+        return tuple(bias), tuple(bias.values())
 
     @property
     def vocab_size(self) -> int:
@@ -315,7 +374,16 @@ class Engine:
 
                 reset_rope_state(self.model)
             first = len(sequences)
-            sequences.extend(Sequence(plan, self.tokenizer, self.eos_ids, device) for plan in new)
+            sequences.extend(
+                Sequence(
+                    plan,
+                    self.tokenizer,
+                    self.eos_ids,
+                    device,
+                    self.grammars.matcher(plan.constraint) if plan.constraint is not None else None,
+                )
+                for plan in new
+            )
             indices = range(first, len(sequences))
             text = [i for i in indices if sequences[i].plan.prompt.inputs is None]
             if text:  # text prompts prefill together; a prompt with images prefills on its own

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from workbench.engine.tools import ToolCall
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -28,11 +30,15 @@ class TokenLogprob:
     """(token id, logprob) of the most likely tokens, best first."""
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+"""OpenAI's: the reply ended by itself (or at a stop string), ran out of tokens, or called tools."""
+
+
 @dataclass(frozen=True)
 class Stats:
     """Token counts and timings of one reply. Times are seconds from the request's start."""
 
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     """All generated tokens, reasoning included (as OpenAI counts them)."""
@@ -57,7 +63,8 @@ class Done:
     stats: Stats
 
 
-Event = TextDelta | ReasoningDelta | TokenLogprob | Done
+Event = TextDelta | ReasoningDelta | TokenLogprob | ToolCall | Done
+"""A reply's ToolCall events come together at its end, just before Done."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class ChatResult:
     stats: Stats
     logprobs: tuple[TokenLogprob, ...] = ()
     """One per generated token when the request asked for logprobs, else empty."""
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def __str__(self) -> str:
         return self.text
@@ -82,6 +90,7 @@ class ReplyBuilder:
         self._reasoning: list[str] = []
         self._stats: Stats | None = None
         self._logprobs: list[TokenLogprob] = []
+        self._tool_calls: list[ToolCall] = []
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
@@ -90,6 +99,8 @@ class ReplyBuilder:
             self._reasoning.append(event.text)
         elif isinstance(event, TokenLogprob):
             self._logprobs.append(event)
+        elif isinstance(event, ToolCall):
+            self._tool_calls.append(event)
         elif isinstance(event, Done):
             self._stats = event.stats
 
@@ -101,4 +112,5 @@ class ReplyBuilder:
             reasoning="".join(self._reasoning),
             stats=self._stats,
             logprobs=tuple(self._logprobs),
+            tool_calls=tuple(self._tool_calls),
         )

@@ -7,6 +7,7 @@ small models may ignore it, and then the reply simply has no reasoning.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workbench.engine.request import Message
 from workbench.engine.thinking import CLOSE_TAG, OPEN_TAG
+from workbench.engine.tools import Tool, call_block, fallback_instruction, response_block, template_has_tools
 from workbench.errors import UnsupportedInputError
 
 if TYPE_CHECKING:
@@ -51,10 +53,14 @@ def has_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(template) and "enable_thinking" in template
 
 
-def _plain_messages(messages: list[Message], media: MediaReader | None) -> tuple[list[dict], list[list]]:
+def _plain_messages(
+    messages: list[Message], media: MediaReader | None, native_tools: bool = False
+) -> tuple[list[dict], list[list]]:
     """Chat-template messages with text content, and each message's images in order.
 
-    Audio parts become their transcript, in place, so speech joins the dialogue as text."""
+    Audio parts become their transcript, in place, so speech joins the dialogue as text. Tool
+    calls and tool answers go to a template that knows them as they are (`native_tools`), to
+    any other written out in the fallback format (tools.py)."""
     out, images = [], []
     for message in messages:
         if media is None and (kinds := message.media_kinds()):
@@ -66,20 +72,51 @@ def _plain_messages(messages: list[Message], media: MediaReader | None) -> tuple
         else:
             text = message.text()
         role = "system" if message.role == "developer" else message.role
-        entry = {"role": role, "content": text}
+        entry: dict[str, Any] = {"role": role, "content": text}
         reasoning = message.reasoning_content or message.reasoning
         if role == "assistant" and reasoning:
             entry["reasoning_content"] = reasoning
+        if message.tool_calls:
+            if native_tools:
+                entry["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)},
+                    }
+                    for c in message.tool_calls
+                ]
+            else:
+                blocks = "\n".join(call_block(c.function.name, c.function.arguments) for c in message.tool_calls)
+                entry["content"] = f"{text}\n{blocks}".strip()
+        if role == "tool":
+            if native_tools:
+                entry["tool_call_id"] = message.tool_call_id
+            else:
+                entry = {"role": "user", "content": response_block(text)}
         out.append(entry)
         images.append(seen)
     return out, images
 
 
+def _arguments(arguments: str) -> Any:
+    """Templates (Qwen's, Hermes') write a call's arguments as a JSON object, not a string."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], enable_thinking: bool, media: Media | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    enable_thinking: bool,
+    media: Media | None = None,
+    tools: list[Tool] | None = None,
 ) -> Prompt:
     """`media` (the session's image and speech inputs) turns image and audio parts into model
-    inputs; without it, such parts are refused."""
+    inputs; without it, such parts are refused. `tools` are offered to the model: through its
+    template when the template takes them, else in a system message."""
     native = media is not None and media.native is not None
     if not tokenizer.chat_template and not native:
         raise UnsupportedInputError(
@@ -87,8 +124,17 @@ def render_prompt(
             "load an instruct/chat model or add a chat_template to its tokenizer_config.json"
         )
     reader = media.reader() if media is not None else None
-    plain, images = _plain_messages(messages, reader)
+    native_tools = template_has_tools(tokenizer.chat_template) and not native
+    plain, images = _plain_messages(messages, reader, native_tools)
     kwargs: dict = {}
+    if tools and native_tools:
+        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+    elif tools:
+        if plain and plain[0]["role"] == "system":
+            plain[0] = {**plain[0], "content": f"{plain[0]['content']}\n\n{fallback_instruction(tools)}".strip()}
+        else:
+            plain.insert(0, {"role": "system", "content": fallback_instruction(tools)})
+            images.insert(0, [])
     thinking_via = None
     if media is not None and media.native is not None and native:
         switch = media.native.has_thinking_switch

@@ -37,11 +37,13 @@ from workbench.engine import (
     TokenLogprob,
     UnsupportedInputError,
 )
-from workbench.engine.events import ReplyBuilder
+from workbench.engine.events import ReplyBuilder, Stats
 from workbench.engine.scheduler import GenerationQueue
 from workbench.engine.sequence import Plan
+from workbench.engine.tools import ToolCall
 from workbench.errors import MediaInputError
 from workbench.serve import completions, protocol
+from workbench.serve.choices import choices_of, merged
 from workbench.serve.errors import APIError
 from workbench.serve.metrics import ServerMetrics
 from workbench.serve.status_page import render_status
@@ -168,37 +170,49 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         except MediaInputError as exc:
             raise APIError(400, str(exc), param="messages", code=exc.code) from None
         except RequestError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=exc.param, code=exc.code or "invalid_value") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = _parse(await _read_body(request, settings.max_body_bytes))
         # Off the event loop: decoding images and transcribing audio take real time.
         plan = await asyncio.to_thread(_plan, req)
+        plans = choices_of(plan, req.n)
         completion_id = protocol.new_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse(generation.events(plan), completion_id, req.model, include_usage, metrics, token_text),
+                _sse(
+                    merged(generation, plans), len(plans), completion_id, req.model, include_usage, metrics, token_text
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         metrics.started()
-        reply = ReplyBuilder()
+        replies = [ReplyBuilder() for _ in plans]
         try:
-            async for event in generation.events(plan):
-                reply.add(event)
-            result = reply.result()
+            async for index, event in merged(generation, plans):
+                replies[index].add(event)
+            results = [reply.result() for reply in replies]
         except Exception:
             metrics.finished(stream=False, stats=None, status=500, outcome="error")
             raise
         finally:
             metrics.ended()
-        metrics.finished(stream=False, stats=result.stats)
-        logprobs = protocol.logprobs_field(list(result.logprobs), token_text) if plan.logprobs is not None else None
-        return JSONResponse(
-            protocol.completion(completion_id, req.model, result.text, result.reasoning, result.stats, logprobs)
-        )
+        stats = [r.stats for r in results]
+        metrics.finished(stream=False, stats=protocol.total_stats(stats))
+        choices = [
+            {
+                "index": index,
+                "message": protocol.choice_message(r.text, r.reasoning, r.tool_calls),
+                "finish_reason": r.stats.finish_reason,
+                "logprobs": protocol.logprobs_field(list(r.logprobs), token_text)
+                if plan.logprobs is not None
+                else None,
+            }
+            for index, r in enumerate(results)
+        ]
+        return JSONResponse(protocol.completion(completion_id, req.model, choices, stats))
 
     def _prepare(req: protocol.CompletionRequest) -> list[completions.PreparedPrompt]:
         try:
@@ -336,50 +350,67 @@ def _document_bodies(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _sse(
-    events: AsyncIterator[Event],
+    events: AsyncIterator[tuple[int, Event]],
+    n: int,
     completion_id: str,
     model: str,
     include_usage: bool,
     metrics: ServerMetrics,
     token_text: Callable[[int], str],
 ) -> AsyncIterator[str]:
+    """OpenAI's chunks: a role chunk per choice, then each choice's deltas as they come (tool
+    calls whole, each in one delta, when the reply ends), a finishing chunk per choice, usage."""
     created = int(time.time())
-    waiting: list[TokenLogprob] = []
+    waiting: list[list[TokenLogprob]] = [[] for _ in range(n)]
     """Logprobs of tokens whose text has not gone out yet (the detokenizer and stop matcher
-    hold text back); they ride on the next chunk, the rest on the finishing one."""
+    hold text back); they ride on the choice's next chunk, the rest on its finishing one."""
 
     def frame(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def logprobs() -> dict | None:
-        if not waiting:
+    def logprobs(index: int) -> dict | None:
+        if not waiting[index]:
             return None
-        field = protocol.logprobs_field(waiting, token_text)
-        waiting.clear()
+        field = protocol.logprobs_field(waiting[index], token_text)
+        waiting[index].clear()
         return field
 
+    def delta(index: int, body: dict[str, Any]) -> str:
+        return frame(protocol.chunk(completion_id, model, created, delta=body, logprobs=logprobs(index), index=index))
+
     metrics.started()
-    stats = None
+    stats: list[Stats] = []
     try:
-        yield frame(protocol.chunk(completion_id, model, created, delta={"role": "assistant", "content": ""}))
-        async for event in events:
+        for index in range(n):
+            yield frame(
+                protocol.chunk(completion_id, model, created, delta={"role": "assistant", "content": ""}, index=index)
+            )
+        async for index, event in events:
             if isinstance(event, TokenLogprob):
-                waiting.append(event)
+                waiting[index].append(event)
             elif isinstance(event, TextDelta):
-                delta = protocol.text_delta(event.text)
-                yield frame(protocol.chunk(completion_id, model, created, delta=delta, logprobs=logprobs()))
+                yield delta(index, protocol.text_delta(event.text))
             elif isinstance(event, ReasoningDelta):
-                delta = protocol.reasoning_delta(event.text)
-                yield frame(protocol.chunk(completion_id, model, created, delta=delta, logprobs=logprobs()))
+                yield delta(index, protocol.reasoning_delta(event.text))
+            elif isinstance(event, ToolCall):
+                yield delta(index, {"tool_calls": protocol.tool_calls_field([event], streamed=True)})
             elif isinstance(event, Done):
-                stats = event.stats
-        assert stats is not None  # the engine ends every stream with Done
-        finish = protocol.chunk(completion_id, model, created, finish_reason=stats.finish_reason, logprobs=logprobs())
-        yield frame(finish | protocol.media_field(stats))
+                stats.append(event.stats)
+                finish = protocol.chunk(
+                    completion_id,
+                    model,
+                    created,
+                    finish_reason=event.stats.finish_reason,
+                    logprobs=logprobs(index),
+                    index=index,
+                )
+                yield frame(finish | protocol.media_field(event.stats))
+        assert len(stats) == n  # the engine ends every choice's stream with Done
+        total = protocol.total_stats(stats)
         if include_usage:
-            yield frame(protocol.chunk(completion_id, model, created, usage_stats=stats))
+            yield frame(protocol.chunk(completion_id, model, created, usage_stats=total))
         yield "data: [DONE]\n\n"
-        metrics.finished(stream=True, stats=stats)
+        metrics.finished(stream=True, stats=total)
     except (asyncio.CancelledError, GeneratorExit):
         metrics.finished(stream=True, stats=None, status=499, outcome="client disconnected")
         raise

@@ -17,19 +17,19 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from workbench.engine import Done, Stats, TextDelta, TokenLogprob
-from workbench.engine.events import ChatResult, ReplyBuilder
+from workbench.engine.events import ChatResult, FinishReason, ReplyBuilder
 from workbench.engine.scheduler import GenerationQueue
 from workbench.engine.scoring import PromptLogprobs
 from workbench.engine.sequence import Plan
 from workbench.errors import RequestError
 from workbench.serve import protocol
+from workbench.serve.choices import choices_of
 from workbench.serve.metrics import ServerMetrics
 from workbench.session import Session
 
-Finish = Literal["stop", "length"] | None
+Finish = FinishReason | None
 
 
 def _event(body: dict) -> str:
@@ -44,13 +44,15 @@ class PreparedPrompt:
     ids: list[int]
     text: str
     plan: Plan | None
+    copy: int = 0
+    """Which of the prompt's n choices this is (its prompt tokens are counted once, on copy 0)."""
 
 
 def prepare(session: Session, req: protocol.CompletionRequest) -> list[PreparedPrompt]:
     """Every prompt of the request tokenized, checked and planned; the first bad one refuses the
     request (RequestError, ContextLengthError), naming its place in a batch, before any work."""
     prompts = req.prompts()
-    prepared = []
+    prepared: list[PreparedPrompt] = []
     for index, prompt in enumerate(prompts):
         try:
             if isinstance(prompt, str):
@@ -66,7 +68,8 @@ def prepare(session: Session, req: protocol.CompletionRequest) -> list[PreparedP
             if len(prompts) == 1:
                 raise
             raise type(exc)(f"prompt {index} of the batch: {exc}") from None
-        prepared.append(PreparedPrompt(ids, text, plan))
+        plans = choices_of(plan, req.n) if plan is not None else [None] * req.n
+        prepared.extend(PreparedPrompt(ids, text, p, copy) for copy, p in enumerate(plans))
     return prepared
 
 
@@ -92,7 +95,7 @@ def _prompt_entries(scored: PromptLogprobs) -> list[protocol.LogprobEntry]:
 
 
 def _usage(prepared: list[PreparedPrompt], stats: list[Stats]) -> protocol.CompletionUsage:
-    prompt_tokens = sum(len(p.ids) for p in prepared)
+    prompt_tokens = sum(len(p.ids) for p in prepared if p.copy == 0)
     completion_tokens = sum(s.completion_tokens for s in stats)
     return protocol.CompletionUsage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
@@ -105,7 +108,7 @@ def _record(stats: list[Stats], prepared: list[PreparedPrompt]) -> Stats | None:
         return None
     return dataclasses.replace(
         stats[0],
-        prompt_tokens=sum(len(p.ids) for p in prepared),
+        prompt_tokens=sum(len(p.ids) for p in prepared if p.copy == 0),
         completion_tokens=sum(s.completion_tokens for s in stats),
         reasoning_tokens=0,
     )

@@ -4,23 +4,34 @@ pydantic models, and their translation to the engine.
 Requests are validated here so that every mistake a client can make becomes an
 OpenAI-shaped 400 naming the field. Fields that do not change the reply (`user`,
 `metadata`, `store`, ...) are accepted and ignored, as vLLM does, so stock clients keep
-working; fields that would change its meaning and are not implemented (tools, a JSON
-response format, `logit_bias`, n > 1, ...) are refused with code `unsupported_parameter`,
-since silently ignoring them hands back a reply the client did not ask for.
+working; fields that would change its meaning and are not implemented (beam search, audio
+output, legacy `functions`, ...) are refused with code `unsupported_parameter`, since
+silently ignoring them hands back a reply the client did not ask for.
+
+A structured output can be asked for four ways, all read into the engine's one
+`StructuredOutput`: OpenAI's `response_format` (`json_object`, `json_schema`), vLLM's older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and its newer
+`structured_outputs` object. Two of them in one request is a 400.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal, Self, cast
+from typing import Annotated, Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workbench.engine.events import Stats, TokenLogprob
-from workbench.engine.request import ChatRequest, Message, PromptRequest
+from workbench.engine.events import FinishReason, Stats, TokenLogprob
+from workbench.engine.request import ChatRequest, LogitBias, Message, PromptRequest, StructuredOutput
+from workbench.engine.tools import Tool, ToolCall, ToolChoice
 from workbench.sampling_params import MaxTokens, SamplingOverrides, TopLogprobs
+
+MAX_CHOICES = 16
+"""n's ceiling: the choices decode as one batch."""
 
 
 class StreamOptions(BaseModel):
@@ -30,6 +41,45 @@ class StreamOptions(BaseModel):
 class ChatTemplateKwargs(BaseModel):
     model_config = ConfigDict(extra="allow")
     enable_thinking: bool | None = None
+
+
+class ResponseFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(BaseModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` request field."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _Addressed(BaseModel):
@@ -50,17 +100,63 @@ class ChatCompletionRequest(SamplingOverrides, _Addressed):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices of one prompt, decoded as one batch; with a seed, choice i draws with seed + i."""
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     ignore_eos: bool = False
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    """A Lark grammar (llguidance's dialect)."""
+    structured_outputs: StructuredOutputs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> Self:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> Self:
+        self.structured()
+        return self
+
+    def structured(self) -> StructuredOutput | None:
+        """The one structured output asked for, however it was spelled; ValueError for two."""
+        asked: dict[str, StructuredOutput] = {}
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJSONObject):
+            asked["response_format"] = StructuredOutput(json_object=True)
+        elif isinstance(fmt, ResponseFormatJSONSchema):
+            asked["response_format"] = StructuredOutput(json_schema=fmt.json_schema.schema_)
+        if self.guided_json is not None:
+            asked["guided_json"] = StructuredOutput(json_schema=_schema(self.guided_json, "guided_json"))
+        if self.guided_regex is not None:
+            asked["guided_regex"] = StructuredOutput(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            asked["guided_choice"] = StructuredOutput(choice=self.guided_choice)
+        if self.guided_grammar is not None:
+            asked["guided_grammar"] = StructuredOutput(grammar=self.guided_grammar)
+        if (so := self.structured_outputs) is not None:
+            fields = {
+                "json_schema": _schema(so.json_, "structured_outputs.json") if so.json_ is not None else None,
+                "regex": so.regex,
+                "choice": so.choice,
+                "grammar": so.grammar,
+                "json_object": bool(so.json_object),
+            }
+            asked["structured_outputs"] = StructuredOutput(**fields)
+        if len(asked) > 1:
+            raise ValueError(f"ask for one structured output, not several: {', '.join(asked)}")
+        return next(iter(asked.values()), None)
 
     def to_engine(self) -> ChatRequest:
         thinking = self.enable_thinking
@@ -77,7 +173,24 @@ class ChatCompletionRequest(SamplingOverrides, _Addressed):
             enable_thinking=thinking,
             return_reasoning=self.return_reasoning,
             ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias,
+            structured=self.structured(),
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
         )
+
+
+def _schema(value: dict[str, Any] | str, field: str) -> dict[str, Any]:
+    """A schema sent as an object or as a JSON string (vLLM takes both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{field} is a string that is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON schema object")
+    return value
 
 
 def _set(value: object) -> bool:
@@ -85,34 +198,34 @@ def _set(value: object) -> bool:
 
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v not in (None, 1), "only n=1 is supported (one choice per request)"),
-    "best_of": (lambda v: v not in (None, 1), "only one candidate is generated (best_of 1)"),
+    "best_of": (
+        lambda v: v not in (None, 1),
+        "only one candidate is generated per choice (best_of 1); n gives several",
+    ),
     "use_beam_search": (_set, "beam search is not implemented; the engine samples or decodes greedily"),
-    "tools": (_set, "tool calling is not implemented; the model would answer in plain text"),
-    "tool_choice": (lambda v: v not in (None, "none"), "tool calling is not implemented"),
-    "functions": (_set, "function calling is not implemented"),
-    "function_call": (lambda v: v not in (None, "none"), "function calling is not implemented"),
-    "logit_bias": (_set, "logit_bias is not implemented"),
-    "response_format": (
-        lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") == "text"),
-        'only response_format {"type": "text"} is supported; JSON output is not enforced',
+    "functions": (_set, "the legacy `functions` field is not implemented: send `tools`"),
+    "function_call": (
+        lambda v: v not in (None, "none"),
+        "the legacy `function_call` is not implemented: send `tool_choice`",
     ),
     "modalities": (lambda v: _set(v) and v != ["text"], "only text output is supported"),
     "audio": (_set, "audio output is not supported"),
     "prediction": (_set, "predicted outputs are not supported"),
-    "guided_json": (_set, "guided decoding is not implemented"),
-    "guided_regex": (_set, "guided decoding is not implemented"),
-    "guided_choice": (_set, "guided decoding is not implemented"),
-    "guided_grammar": (_set, "guided decoding is not implemented"),
-    "structured_outputs": (_set, "structured outputs are not implemented"),
 }
 """Fields that change what a reply means and are not implemented: a 400, not silence."""
 
 
 COMPLETIONS_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = UNSUPPORTED | {
     "suffix": (_set, "inserting text before a suffix is not implemented; the reply only continues the prompt"),
+    "response_format": (_set, "structured outputs are served on /v1/chat/completions"),
+    "guided_json": (_set, "structured outputs are served on /v1/chat/completions"),
+    "guided_regex": (_set, "structured outputs are served on /v1/chat/completions"),
+    "guided_choice": (_set, "structured outputs are served on /v1/chat/completions"),
+    "guided_grammar": (_set, "structured outputs are served on /v1/chat/completions"),
+    "structured_outputs": (_set, "structured outputs are served on /v1/chat/completions"),
+    "tools": (_set, "tool calls are served on /v1/chat/completions"),
 }
-"""The completions API refuses what chat refuses, and a suffix."""
+"""The completions API refuses what chat refuses, a suffix, and what only chat serves."""
 
 
 def unsupported_field(
@@ -156,24 +269,42 @@ def _reasoning_fields(reasoning: str | None) -> dict[str, str]:
     return {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
 
 
-def completion(
-    completion_id: str, model: str, text: str, reasoning: str, stats: Stats, logprobs: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def tool_calls_field(calls: tuple[ToolCall, ...] | list[ToolCall], *, streamed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls`; a streamed delta's entries carry their `index` too."""
+    return [
+        ({"index": c.index} if streamed else {})
+        | {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def choice_message(text: str, reasoning: str, calls: tuple[ToolCall, ...]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = tool_calls_field(calls)
+    return message | _reasoning_fields(reasoning)
+
+
+def total_stats(stats: list[Stats]) -> Stats:
+    """One request's usage over its n choices: the prompt once, every choice's tokens."""
+    first = stats[0]
+    return dataclasses.replace(
+        first,
+        completion_tokens=sum(s.completion_tokens for s in stats),
+        reasoning_tokens=sum(s.reasoning_tokens for s in stats),
+    )
+
+
+def completion(completion_id: str, model: str, choices: list[dict[str, Any]], stats: list[Stats]) -> dict[str, Any]:
+    """A whole chat completion; `choices` as `choice_message` and their finish and logprobs."""
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, **_reasoning_fields(reasoning)},
-                "finish_reason": stats.finish_reason,
-                "logprobs": logprobs,
-            }
-        ],
-        "usage": usage(stats),
-        **media_field(stats),
+        "choices": choices,
+        "usage": usage(total_stats(stats)),
+        **media_field(stats[0]),
     }
 
 
@@ -189,9 +320,10 @@ def chunk(
     created: int,
     *,
     delta: dict[str, Any] | None = None,
-    finish_reason: Literal["stop", "length"] | None = None,
+    finish_reason: FinishReason | None = None,
     usage_stats: Stats | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if usage_stats is not None:
@@ -199,7 +331,7 @@ def chunk(
         body["usage"] = usage(usage_stats)
         body.update(media_field(usage_stats))
     else:
-        body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": logprobs}]
+        body["choices"] = [{"index": index, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": logprobs}]
     return body
 
 
@@ -262,7 +394,9 @@ class CompletionRequest(SamplingOverrides, _Prompted):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices per prompt (index = prompt's position * n + j); with a seed, choice j draws with seed + j."""
+    logit_bias: LogitBias | None = None
     add_special_tokens: bool = True
     """Text prompts: add the tokenizer's special tokens (a BOS), as vLLM does; ids go as they are."""
     ignore_eos: bool = False
@@ -282,7 +416,12 @@ class CompletionRequest(SamplingOverrides, _Prompted):
     def to_engine(self, prompt_ids: TokenIds) -> PromptRequest:
         knobs = {name: getattr(self, name) for name in SamplingOverrides.model_fields}
         return PromptRequest(
-            prompt_ids=prompt_ids, **knobs, logprobs=self.logprobs, stop=self.stop, ignore_eos=self.ignore_eos
+            prompt_ids=prompt_ids,
+            **knobs,
+            logprobs=self.logprobs,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias,
         )
 
 
@@ -302,7 +441,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CompletionUsage(BaseModel):
