@@ -6,6 +6,7 @@ how many replies run to the limit with no penalty, with repetition_penalty=1.1 a
 frequency_penalty=0.5:
 
     PYTHONPATH=. nice -n 10 python scripts/repetition_loops.py [--seeds 4] [--prompt 你是谁?]
+        [--temperature 0.5 --thinking]  # the README's LangChain snippet
 """
 
 import argparse
@@ -17,6 +18,7 @@ import workbench
 SETTINGS = {
     "no penalty": {},
     "repetition_penalty=1.1": {"repetition_penalty": 1.1},
+    "repetition_penalty=1.2": {"repetition_penalty": 1.2},
     "frequency_penalty=0.5": {"frequency_penalty": 0.5},
 }
 
@@ -24,13 +26,23 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--prompt", default="你是谁?")
 parser.add_argument("--seeds", type=int, default=4)
 parser.add_argument("--max-tokens", type=int, default=512)
+parser.add_argument("--temperature", type=float, default=0.7)
+parser.add_argument("--thinking", action="store_true", help="enable_thinking, as the README's LangChain snippet asks")
+parser.add_argument("--config", default="configs/default.yaml")
 args = parser.parse_args()
 torch.set_num_threads(2)
-session = workbench.load("configs/default.yaml", device="cpu")
+session = workbench.load(args.config, device="cpu")
 for name, fields in SETTINGS.items():
     lengths = []
     for seed in range(args.seeds):
-        reply = session.chat(args.prompt, temperature=0.7, seed=seed, max_tokens=args.max_tokens, **fields)
+        reply = session.chat(
+            args.prompt,
+            temperature=args.temperature,
+            seed=seed,
+            max_tokens=args.max_tokens,
+            enable_thinking=args.thinking,
+            **fields,
+        )
         lengths.append(reply.stats.completion_tokens)
         print(
             f"  {name} seed {seed}: {reply.stats.completion_tokens} tokens, {reply.stats.finish_reason}: {reply.text[:60]!r}",

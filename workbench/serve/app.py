@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -113,7 +113,9 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type_).response()
+        response = APIError(exc.status_code, str(exc.detail), type_).response()
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -172,7 +174,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         except RequestError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code or "invalid_value") from None
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion)
     async def chat_completions(request: Request):
         req = _parse(await _read_body(request, settings.max_body_bytes))
         # Off the event loop: decoding images and transcribing audio take real time.
@@ -289,7 +291,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             model_max_length=session.engine.context_limit,
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=protocol.ModelList)
     async def models():
         return {
             "object": "list",
@@ -304,7 +306,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             ],  # vLLM's name for the context length
         }
 
-    @app.get("/health")
+    @app.get("/health", response_model=protocol.Health)
     async def health():
         return {
             "status": "ok",
@@ -317,7 +319,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
             "uptime_s": round(time.time() - started, 1),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -334,18 +336,44 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
     return app
 
 
+STREAMS = {"/v1/chat/completions", "/v1/completions"}
+"""Routes that answer `stream: true` with server-sent events."""
+
+ERRORS = {
+    "400": "The request cannot be served as sent: the error names the field",
+    "401": "Missing or wrong API key (when the server has one)",
+    "404": "No such model here",
+    "413": "The body is over the server's limit",
+}
+"""What any POST route can answer besides its result, all in OpenAI's error shape."""
+
+
 def _document_bodies(schema: dict[str, Any]) -> dict[str, Any]:
-    """/openapi.json with each POST endpoint's request body (REQUEST_BODIES) in its components."""
+    """/openapi.json as the routes behave: each POST endpoint's request body (REQUEST_BODIES,
+    which they parse themselves for the body limit and OpenAI-shaped 400s, so FastAPI does not
+    see them), its errors in OpenAI's shape instead of FastAPI's 422, and the event stream."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in REQUEST_BODIES.items():
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
-        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-        schema["paths"][path]["post"]["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": ref}},
-        }
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = {"content": {"application/json": {"schema": ref(protocol.ErrorResponse)}}}
+    for path, model in REQUEST_BODIES.items():
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(model)}}}
+        responses = operation.setdefault("responses", {})
+        responses.pop("422", None)
+        responses.update({status: {"description": why, **error} for status, why in ERRORS.items()})
+        if path in STREAMS:
+            content = responses["200"].setdefault("content", {})
+            content["text/event-stream"] = {
+                "schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}
+            }
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
     return schema
 
 

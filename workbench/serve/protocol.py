@@ -545,3 +545,111 @@ class TokenizerInfoResponse(BaseModel):
     chat_template: str | None
     model_max_length: int
     """The session's context limit in tokens (not the tokenizer's often unbounded default)."""
+
+
+# --- response shapes, for /openapi.json (the handlers build the same JSON) -------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+    """A JSON object, as a string."""
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    """None when the reply is only tool calls."""
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    """Every choice's tokens, reasoning included."""
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails
+
+
+class ChatCompletion(BaseModel):
+    """A whole reply (`stream: false`); with `stream: true` the body is server-sent
+    `chat.completion.chunk` events instead, ending with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    media: list[dict[str, Any]] | None = None
+    """What the model saw and heard, when the request had images or audio."""
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    source: str
+    device: str
+    vision: Literal["native", "adapter"] | None
+    speech: str | None
+    in_flight: int
+    uptime_s: float
