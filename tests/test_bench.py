@@ -440,3 +440,47 @@ def test_decode_ratio_to_llamacpp_pairs_a_pruned_config_with_the_pruned_gguf():
     assert rows["engine:int8.yaml"]["llamacpp_peer"] == "Q8_0" and rows["engine:int8.yaml"]["ratio_to_llamacpp"] == 0.4
     assert rows["engine:pruned-int8.yaml"]["llamacpp_peer"] == "pruned-q8_0.gguf"
     assert rows["engine:pruned-int8.yaml"]["ratio_to_llamacpp"] == 0.5
+
+
+def test_structured_bench_counts_valid_replies_per_mode_and_writes_results(tmp_path, monkeypatch, capsys):
+    """On a random tiny model, free replies are gibberish and constrained ones follow the
+    (bounded) schemas: the bench must tell them apart."""
+    from workbench.bench import structured
+
+    bounded = {
+        "type": "object",
+        "properties": {"label": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["label", "n"],
+        "additionalProperties": False,
+    }
+    tool = {**structured.WEATHER_TOOL, "function": {**structured.WEATHER_TOOL["function"], "parameters": bounded}}
+    monkeypatch.setattr(
+        structured,
+        "TASKS",
+        (structured.Task("label", "Pick one.", bounded), structured.Task("tool call", "Call.", bounded, tool=True)),
+    )
+    monkeypatch.setattr(structured, "WEATHER_TOOL", tool)
+    main(["structured", "--config", "tiny:llama", "--samples", "2", "--max-tokens", "150", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "structured.json").read_text())
+    rows = {(r["task"], r["mode"]): r for r in data["rows"]}
+    assert rows[("label", "constrained")]["valid"] == 2 and rows[("tool call", "constrained")]["valid"] == 2
+    assert rows[("label", "free")]["valid"] == 0 and rows[("tool call", "free")]["valid"] == 0
+    assert all(r["samples"] == 2 for r in rows.values())
+    assert "| label | constrained | 2/2 |" in (tmp_path / "structured.md").read_text()
+    assert (tmp_path / "structured.html").exists() and data["meta"]["cpu"]
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ('{"label": "a", "n": 3}', True),
+        ('```json\n{"label": "b", "n": 0}\n```', True),
+        ('{"label": "c", "n": 3}', False),
+        ("label a", False),
+    ],
+)
+def test_structured_bench_reads_json_as_lenient_clients_do(text, valid):
+    from workbench.bench import structured
+
+    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label", "n"]}
+    assert structured.is_valid(structured.Task("t", "", schema), text, ()) is valid

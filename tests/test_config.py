@@ -95,3 +95,31 @@ def test_shipped_configs_load_by_their_repository_path_from_any_folder(tmp_path,
     assert load_config("configs/thinking.yaml").model.adapter == "data/thinking"
     with pytest.raises(ConfigError, match="configs/nope.yaml does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_the_models_sampling_defaults_fill_what_the_config_leaves_out(tmp_path):
+    """Config file > the model's generation config > the workbench's defaults, knob by knob."""
+    import workbench
+    from workbench.models.loader import sampling_defaults
+
+    base = workbench.load("tiny:llama", quiet=True)
+    base.model.generation_config.repetition_penalty = 1.3
+    base.model.generation_config.do_sample = True  # saving refuses sampling knobs without it
+    base.model.generation_config.top_k = 20
+    base.model.generation_config.min_p = 7.0  # out of the engine's bounds: ignored
+    assert sampling_defaults(base.model) == {"repetition_penalty": 1.3, "top_k": 20}
+    folder = base.save(tmp_path / "saved")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  source: {folder}\ngeneration:\n  top_k: 5\n  temperature: 0.2\n")
+    defaults = workbench.load(str(config), quiet=True).engine.defaults
+    assert (defaults.repetition_penalty, defaults.top_k, defaults.temperature, defaults.min_p) == (1.3, 5, 0.2, 0.0)
+
+
+def test_every_shipped_config_gets_the_embedded_models_repetition_penalty():
+    import workbench
+
+    assert workbench.load("configs/default.yaml", quiet=True).engine.defaults.repetition_penalty == 1.1
+    # overriding the model section keeps the generation section as the file set it
+    overridden = workbench.load("configs/default.yaml", quiet=True, device="cpu").engine.defaults
+    assert (overridden.repetition_penalty, overridden.temperature) == (1.1, 0.7)
+    assert workbench.load("tiny:llama", quiet=True).engine.defaults.repetition_penalty == 1.0

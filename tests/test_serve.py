@@ -139,6 +139,25 @@ def test_the_langchain_snippet_works(server, streaming):
     assert "<think>" not in content and "</think>" not in content
 
 
+@pytest.mark.embedded
+def test_the_snippet_answers_without_looping_at_the_shipped_defaults(server):
+    """The README's snippet as shipped (no max_tokens: the session's 512): with the embedded
+    model's own sampling defaults (repetition_penalty 1.1) no seed loops to the limit; with the
+    workbench's bare defaults 3 of these 6 seeds did (scripts/repetition_loops.py)."""
+    for seed in range(6):
+        chat_model = ChatOpenAI(
+            model=MODEL,
+            temperature=0.5,
+            base_url=server.base_url + "/v1",
+            api_key="EMPTY",
+            extra_body={"enable_thinking": True, "return_reasoning": True},
+            seed=seed,
+        )
+        reply = chat_model.invoke("你是谁?")
+        assert reply.response_metadata["finish_reason"] == "stop", (seed, reply.content[:200])
+        assert reply.content.strip()
+
+
 # --- reasoning --------------------------------------------------------------------------
 
 

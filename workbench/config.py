@@ -136,6 +136,13 @@ class WorkbenchConfig(_Strict):
     media: MediaConfig = MediaConfig()
     compression: list[CompressionStep] = []
 
+    def to_data(self) -> dict[str, Any]:
+        """The config as plain data to edit and parse again: the `generation` section holds only
+        the knobs it set, so a knob it leaves out stays the model's own default (session.py)."""
+        data = self.model_dump(mode="json")
+        data["generation"] = self.generation.model_dump(mode="json", exclude_unset=True)
+        return data
+
     @field_validator("compression")
     @classmethod
     def _prune_before_quantize(cls, steps: list[CompressionStep]) -> list[CompressionStep]:

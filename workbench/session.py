@@ -13,6 +13,7 @@ from workbench.compress.pipeline import apply
 from workbench.compress.quantization import preflight as quantize_preflight
 from workbench.config import (
     ConfigError,
+    GenerationConfig,
     MediaConfig,
     ModelConfig,
     WorkbenchConfig,
@@ -31,6 +32,15 @@ from workbench.models.loader import resolve_device, resolve_dtype
 SAVED_CONFIG = "workbench.yaml"
 
 
+def generation_defaults(loaded: LoadedModel, generation: GenerationConfig) -> GenerationConfig:
+    """The config's `generation` section over the model's own sampling defaults (its generation
+    config), over the workbench's: what a config file sets wins, what it leaves out comes from
+    the model first, as vLLM applies a model's generation_config.json. A request's own fields
+    win over all three."""
+    chosen = generation.model_dump(include=generation.model_fields_set)
+    return GenerationConfig(**(loaded.sampling_defaults | chosen))
+
+
 class Session:
     """`.model` and `.tokenizer` are the plain transformers objects; `.engine` streams replies."""
 
@@ -44,7 +54,7 @@ class Session:
             self.model,
             self.tokenizer,
             context_limit=config.model.context_limit,
-            defaults=config.generation,
+            defaults=generation_defaults(loaded, config.generation),
             media=self.media,
         )
         if self.media.native is not None:
@@ -68,7 +78,7 @@ class Session:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         (directory / "compression.json").write_text(json.dumps(self.reports, indent=2))
-        config = self.config.model_dump(mode="json")
+        config = self.config.to_data()
         config["model"]["source"] = "."  # this folder, wherever it is moved
         config["compression"] = [step.model_dump(mode="json") for step in reapply or []]
         (directory / SAVED_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -181,7 +191,7 @@ def _config_for(spec_or_path: str | Path | WorkbenchConfig | None, overrides: di
     else:
         config = WorkbenchConfig(model=ModelConfig(source=spec))
     if overrides:
-        data = config.model_dump()
+        data = config.to_data()
         data["model"].update(overrides)
         config = parse_config(data, origin=f"load(..., {', '.join(overrides)}=...)")
     return config

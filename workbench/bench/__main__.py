@@ -10,6 +10,8 @@ compare the comparison table: columns = configs and endpoints, rows = latency, c
         quality, price
 speech  Whisper models on espeak-ng clips of known sentences: WER, real-time factor, load
         time, language detection
+structured  schema-valid replies and decode tok/s of JSON and tool-call tasks, free vs
+        constrained decoding, same prompts and seeds
 """
 
 from __future__ import annotations
@@ -311,6 +313,14 @@ def _speech(args) -> None:
     print(f"Results in {args.out}/speech.json, speech.md, speech.html (clips in {args.out}/clips)")
 
 
+def _structured(args) -> None:
+    from workbench.bench import structured as structured_bench
+
+    if args.samples < 1 or args.max_tokens < 1:
+        raise SystemExit("error: --samples and --max-tokens must be at least 1")
+    structured_bench.main(args)
+
+
 def _target_options(parser) -> None:
     parser.add_argument(
         "--configs",
@@ -485,6 +495,14 @@ def main(argv: list[str] | None = None) -> None:
     speech.add_argument("--threads", type=int, default=2, help="CTranslate2 CPU threads")
     speech.add_argument("--out", type=Path, default=Path("bench-results/speech"), help="results folder")
     speech.set_defaults(run=_speech)
+
+    structured = sub.add_parser("structured", help="schema-valid replies and decode speed, free vs constrained")
+    structured.add_argument("--config", default="configs/default.yaml", help="config file or model source")
+    structured.add_argument("--samples", type=int, default=10, help="sampled replies per task and mode")
+    structured.add_argument("--max-tokens", type=int, default=200, help="reply budget")
+    structured.add_argument("--temperature", type=float, default=0.7)
+    structured.add_argument("--out", type=Path, default=None, help="results folder (default runs/structured-TIMESTAMP)")
+    structured.set_defaults(run=_structured)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -33,7 +33,7 @@ def with_calibration(config: WorkbenchConfig, spec: str, origin: str) -> Workben
     """The config with `calibration: spec` on every step that takes one, except a recover step
     that loads a trained adapter (it reads no text). A prune replayed from that adapter's record
     then no longer matches it, so the importance is measured on `spec`."""
-    data = config.model_dump(mode="json")
+    data = config.to_data()
     for step in data["compression"]:
         if "calibration" in STEP_OPTIONS[step["step"]].model_fields and not step.get("adapter"):
             step["calibration"] = spec

@@ -14,10 +14,11 @@ AutoModelForImageTextToText and its processor; the tokenizer is then `processor.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from workbench.errors import ModelSourceError
 from workbench.models import embedded, tiny, tiny_vlm
 from workbench.models.adapters import merge_adapter
 from workbench.models.anatomy import restore_pruned_shapes, weight_bytes
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,12 +56,41 @@ class LoadedModel:
     processor: ProcessorMixin | None = None
     """A vision-language model's processor (image processor + `tokenizer` + chat template);
     None for text-only models."""
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """The sampling knobs the model's generation config sets (its generation_config.json):
+    a session's defaults where its config's `generation` section is silent, as vLLM applies them."""
 
     def summary(self) -> str:
         return (
             f"Model loaded in {self.load_seconds:.1f}s | weights {self.weight_bytes / 1e9:.2f} GB"
             f" | device {self.device} | dtype {str(self.dtype).removeprefix('torch.')} | {self.source}"
         )
+
+
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""What a generation_config.json may set that the engine's sampler reads."""
+
+
+def sampling_defaults(model: PreTrainedModel) -> dict[str, float]:
+    """The sampling knobs the model's generation config sets away from transformers' defaults,
+    those within the engine's bounds (a value out of them is left out, with a warning)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    diff = config.to_diff_dict()
+    chosen = {k: diff[k] for k in SAMPLING_KNOBS if diff.get(k) is not None}
+    from pydantic import ValidationError
+
+    from workbench.sampling_params import SamplingParams
+
+    for knob in list(chosen):
+        try:
+            SamplingParams(**{knob: chosen[knob]})
+        except ValidationError:
+            log.warning(
+                "the model's generation config sets %s=%r, outside the engine's bounds: ignored", knob, chosen.pop(knob)
+            )
+    return chosen
 
 
 def resolve_device(device: str) -> str:
@@ -255,7 +287,10 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if kind == "embedded":
-        model, tokenizer = _load_local(embedded.converted_dir(cfg.source.split(":", 1)[1]), cfg, device, dtype)
+        name = cfg.source.split(":", 1)[1]
+        model, tokenizer = _load_local(embedded.converted_dir(name), cfg, device, dtype)
+        for knob, value in embedded.EMBEDDED[name].sampling:
+            setattr(model.generation_config, knob, value)  # saved with the model, read back below
     elif kind == "tiny":
         arch = cfg.source.split(":", 1)[1]
         if arch not in tiny.FAMILIES and arch not in tiny_vlm.FAMILIES:
@@ -285,6 +320,7 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
         dtype=dtype,
         load_seconds=time.perf_counter() - start,
         weight_bytes=weight_bytes(model),
+        sampling_defaults=sampling_defaults(model),
     )
     if not quiet:
         print(loaded.summary(), file=sys.stderr, flush=True)
