@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,7 +248,12 @@ def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "structured.json").write_text(json.dumps({"meta": meta, "rows": [r.summary() for r in rows]}, indent=2))
     (out / "structured.md").write_text(to_markdown(rows, meta))
-    figure(rows).write_html(out / "structured.html", include_plotlyjs="cdn")
+    fig = figure(rows)
+    fig.write_html(out / "structured.html", include_plotlyjs="cdn")
+    try:  # kaleido drives a Chromium; without one the HTML is still there
+        fig.write_image(out / "structured.png")
+    except Exception as exc:  # noqa: BLE001 - kaleido fails in many ways; each means no PNG
+        print(f"structured: no PNG ({type(exc).__name__}: {exc}); structured.html has the figure", file=sys.stderr)
 
 
 def main(args) -> None:
@@ -277,7 +283,7 @@ def main(args) -> None:
     out = args.out or Path("runs") / time.strftime("structured-%Y%m%d-%H%M%S")
     write(out, rows, meta)
     print(to_markdown(rows, meta))
-    print(f"Results in {out}/structured.json, structured.md, structured.html")
+    print(f"Results in {out}/structured.json, structured.md, structured.html, structured.png")
 
 
 __all__ = ["TASKS", "Row", "asdict", "is_valid", "main", "parsed_json", "run", "to_markdown", "write"]
