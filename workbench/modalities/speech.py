@@ -193,6 +193,9 @@ class Transcript:
     real_time_factor: float
     """transcribe_seconds / audio_seconds: below 1 is faster than the audio plays."""
     model: str
+    segments: tuple[dict, ...] = ()
+    """Whisper's segments: id, start and end (seconds), text, avg_logprob, no_speech_prob,
+    compression_ratio, temperature (OpenAI's verbose_json shape)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,8 +262,17 @@ class SpeechRecognizer:
             self.load_seconds = time.perf_counter() - start
         return self._whisper
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        """Text of 16 kHz mono float32 `audio` (see audio.load_audio), detecting the language if not given."""
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        language: str | None = None,
+        *,
+        prompt: str | None = None,
+        temperature: float | None = None,
+    ) -> Transcript:
+        """Text of 16 kHz mono float32 `audio` (see audio.load_audio), detecting the language if
+        not given. `prompt` is Whisper's initial prompt (spellings, style); `temperature` fixes
+        the decoding temperature instead of faster-whisper's fallback ladder."""
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1 or audio.size == 0:
             raise AudioInputError(
@@ -276,14 +288,18 @@ class SpeechRecognizer:
         with self._lock:
             whisper = self._load_locked()
             start = time.perf_counter()
+            options: dict = {} if temperature is None else {"temperature": temperature}
             segments, info = whisper.transcribe(
                 audio,
                 language=language,
                 beam_size=self.beam_size,
                 vad_filter=False,
                 condition_on_previous_text=False,
+                initial_prompt=prompt or None,
+                **options,
             )
-            text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the work
+            heard = list(segments)  # the generator does the work
+            text = " ".join(s.text.strip() for s in heard).strip()
             seconds = time.perf_counter() - start
         audio_seconds = audio.size / SAMPLE_RATE
         return Transcript(
@@ -294,4 +310,17 @@ class SpeechRecognizer:
             transcribe_seconds=seconds,
             real_time_factor=seconds / audio_seconds,
             model=self.model,
+            segments=tuple(
+                {
+                    "id": i,
+                    "start": round(float(s.start), 3),
+                    "end": round(float(s.end), 3),
+                    "text": s.text,
+                    "avg_logprob": float(s.avg_logprob),
+                    "no_speech_prob": float(s.no_speech_prob),
+                    "compression_ratio": float(s.compression_ratio),
+                    "temperature": float(s.temperature or 0.0),
+                }
+                for i, s in enumerate(heard)
+            ),
         )

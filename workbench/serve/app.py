@@ -47,6 +47,7 @@ from workbench.serve.choices import choices_of, merged
 from workbench.serve.errors import APIError
 from workbench.serve.metrics import ServerMetrics
 from workbench.serve.status_page import render_status
+from workbench.serve.transcriptions import transcription_routes
 from workbench.session import Session
 
 M = TypeVar("M", bound=BaseModel)
@@ -250,6 +251,8 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         body = await completions.reply(generation, session, req, prepared, token_text, metrics)
         return JSONResponse(body.model_dump())
 
+    app.include_router(transcription_routes(session, served_names, settings.max_body_bytes))
+
     @app.post("/tokenize", response_model=protocol.TokenizeResponse)
     async def tokenize(request: Request):
         req = _parse_as(
@@ -362,9 +365,14 @@ def _document_bodies(schema: dict[str, Any]) -> dict[str, Any]:
 
     error = {"content": {"application/json": {"schema": ref(protocol.ErrorResponse)}}}
     for path, model in REQUEST_BODIES.items():
-        operation = schema["paths"][path]["post"]
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(model)}}}
-        responses = operation.setdefault("responses", {})
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref(model)}},
+        }
+    for path, methods in schema["paths"].items():
+        if "post" not in methods:
+            continue
+        responses = methods["post"].setdefault("responses", {})
         responses.pop("422", None)
         responses.update({status: {"description": why, **error} for status, why in ERRORS.items()})
         if path in STREAMS:
