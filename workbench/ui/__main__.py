@@ -14,6 +14,7 @@ from pathlib import Path
 
 import workbench
 from workbench.ui.app import build_app
+from workbench.ui.model_thread import ModelThread
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -48,7 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     session = workbench.load(args.config)
     label = Path(args.config).name if args.config else None
-    build_app(session, label=label).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    # The page's model work runs here, on the thread that loaded the model (model_thread.py);
+    # Gradio serves from its own threads.
+    runner = ModelThread(own_thread=False)
+    app = build_app(session, label=label, runner=runner).queue()
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from workbench.ui.chat import (
     stream_messages,
     user_message,
 )
+from workbench.ui.model_thread import ModelThread
 from workbench.ui.models import CONFIG_DIR, ModelSlots, config_files, parse_yaml
 
 GENERATING = "_generating…_"
@@ -73,12 +74,18 @@ def _refuse(exc: Exception) -> gr.Error:
     return gr.Error(str(exc), duration=None, title="Not sent")
 
 
-def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.Blocks:
+def build_app(
+    session: Session | ModelSlots, *, label: str | None = None, runner: ModelThread | None = None
+) -> gr.Blocks:
+    """`runner` does every piece of model work (model_thread.py): pass one whose `run()` the
+    thread that loaded the model calls, as `python -m workbench.ui` does; by default the page
+    starts a model thread of its own."""
     slots = session if isinstance(session, ModelSlots) else ModelSlots(session, label)
+    runner = runner or ModelThread()
     first_loaded = slots.compressed or slots.original
     assert first_loaded is not None  # ModelSlots always holds one model
     first = first_loaded.session
-    gen = first.config.generation
+    gen = first.engine.defaults  # the config's generation section over the model's own defaults
     configs = config_files()
     start_config = label if label in configs else None
     start_text = None if start_config else current_yaml(first)
@@ -113,7 +120,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
             frequency_penalty,
             presence_penalty,
         )
-        session, who = slots.chat_session(which)
+        session, who = runner.call(lambda: slots.chat_session(which))  # may load the original
         try:
             messages = [*history_to_messages(history), {"role": "user", "content": media.content(text, files)}]
             events = session.engine.stream(settings.request(messages))
@@ -121,7 +128,7 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
             raise _refuse(exc) from None
         shown = [*history, user_message(text, files)]
         yield shown, None, GENERATING
-        for replies, stats in stream_messages(events, time.perf_counter()):
+        for replies, stats in stream_messages(runner.iterate(events), time.perf_counter()):
             yield shown + replies, None, stats_markdown(stats, session, who) if stats else GENERATING
 
     def compare(
@@ -162,16 +169,17 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         # One after the other: two models decoding at once on a CPU would slow each other
         # and make the timings meaningless.
         for which in ("original", "compressed"):
-            session, who = slots.chat_session(which)
+            session, who = runner.call(lambda: slots.chat_session(which))  # noqa: B023 - called at once
             sessions[which] = session
             try:
                 events = session.engine.stream(request)
             except RequestError as exc:
                 raise _refuse(exc) from None
-            for replies, stats in stream_messages(events, time.perf_counter()):
+            for replies, stats in stream_messages(runner.iterate(events), time.perf_counter()):
                 out[which] = (asked + replies, stats_markdown(stats, session, who) if stats else GENERATING)
                 yield *out["original"], *out["compressed"], None
-        yield *out["original"], *out["compressed"], layer_chart(sessions, asked, out["original"][0][-1].content)
+        reply = out["original"][0][-1].content
+        yield *out["original"], *out["compressed"], runner.call(lambda: layer_chart(sessions, asked, reply))
 
     def show_config(name):
         return (CONFIG_DIR / name).read_text(encoding="utf-8") if name else ""
@@ -183,7 +191,8 @@ def build_app(session: Session | ModelSlots, *, label: str | None = None) -> gr.
         label = "edited steps" if edited else name
         progress(0, desc=f"loading {label}")
         try:
-            slots.apply(parse_yaml(text, origin=label), label)
+            config = parse_yaml(text, origin=label)
+            runner.call(lambda: slots.apply(config, label))
             status = slots.describe()
         except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to see, not a crash
             # A config refused before loading leaves the previous compressed model in place;
