@@ -69,6 +69,22 @@ def test_verbose_json_has_language_duration_and_segments(client, speech_wav):
     assert reply.language == "en" and 2 < reply.duration < 8
     assert reply.segments and reply.segments[0].start >= 0 and reply.segments[-1].end <= reply.duration + 0.5
     assert "".join(s.text for s in reply.segments).strip() == reply.text
+    segment = reply.segments[0].model_dump()
+    assert set(segment) >= {"id", "seek", "start", "end", "text", "tokens", "avg_logprob", "no_speech_prob"}
+    assert segment["tokens"] and all(isinstance(t, int) for t in segment["tokens"])
+
+
+def test_prompt_and_temperature_are_taken(server, speech_wav):
+    reply = post(
+        server,
+        files={"file": ("a.wav", speech_wav)},
+        model=MODEL,
+        prompt="Kitchen lights, bedtime.",
+        temperature="0",
+        response_format="verbose_json",
+    )
+    assert reply.status_code == 200, reply.text
+    assert wer(reply.json()["text"]) <= 0.5 and {s["temperature"] for s in reply.json()["segments"]} == {0.0}
 
 
 @pytest.mark.parametrize("fmt", ["text", "srt", "vtt"])
@@ -118,6 +134,22 @@ def silence(seconds: float, format: str = "WAV") -> bytes:
         ({"file": ("a.wav", silence(1))}, {"model": MODEL, "temperature": "hot"}, 400, "invalid_value", "temperature"),
         ({"file": ("a.flac", silence(130, "FLAC"))}, {"model": MODEL}, 400, "invalid_audio", "file"),
         ({"file": ("a.wav", b"\0" * (3 * 1024 * 1024))}, {"model": MODEL}, 413, "body_too_large", None),
+        (
+            {"file": ("a.wav", silence(1))},
+            {"model": MODEL, "timestamp_granularities[]": ["segment", "word"]},
+            400,
+            "unsupported_parameter",
+            "timestamp_granularities",
+        ),
+        ({"file": ("a.wav", silence(1))}, {"model": MODEL, "stream": "true"}, 400, "unsupported_parameter", "stream"),
+        ({"file": ("a.wav", silence(1))}, {"model": MODEL, "prompt": "x" * 100_000}, 400, "invalid_value", None),
+        (
+            {"file": ("a.wav", silence(1)), "other": ("b.wav", silence(1))},
+            {"model": MODEL},
+            400,
+            "invalid_value",
+            None,
+        ),
     ],
     ids=[
         "no file",
@@ -131,6 +163,10 @@ def silence(seconds: float, format: str = "WAV") -> bytes:
         "temperature not a number",
         "over the length limit",
         "over the size limit",
+        "word timestamps",
+        "stream",
+        "a field over its limit",
+        "two files",
     ],
 )
 def test_bad_uploads_get_openai_errors(server, files, fields, status, code, param):
@@ -146,6 +182,44 @@ def test_a_json_body_is_refused_with_the_form_named(server):
     assert reply.status_code == 400 and "multipart/form-data" in reply.json()["error"]["message"]
 
 
+def test_a_chunked_body_over_the_limit_is_cut_off_while_it_streams(server):
+    boundary = "wb-boundary"
+
+    def body():  # no Content-Length: httpx sends a generator chunked
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{MODEL}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        ).encode()
+        for _ in range(33):  # just over the 2 MiB limit: little is left unsent when the server stops reading
+            yield b"\0" * (64 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    reply = httpx.post(
+        server.base_url + "/v1/audio/transcriptions",
+        content=body(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        timeout=60,
+    )
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_broken_multipart_body_is_a_400(server):
+    reply = httpx.post(
+        server.base_url + "/v1/audio/transcriptions",
+        content=b"not a form",
+        headers={"content-type": "multipart/form-data"},  # no boundary
+    )
+    assert reply.status_code == 400 and "boundary" in reply.json()["error"]["message"]
+
+
+def test_the_openapi_document_declares_the_form_and_replies(server):
+    operation = httpx.get(server.base_url + "/openapi.json").json()["paths"]["/v1/audio/transcriptions"]["post"]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file", "model"] and form["properties"]["file"]["format"] == "binary"
+    assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/plain"}
+    assert {"400", "404", "413"} <= set(operation["responses"])
+
+
 def test_a_session_that_does_not_hear_says_so(tmp_path):
     config = tmp_path / "deaf.yaml"
     config.write_text("model:\n  source: tiny:llama\nmedia:\n  speech: none\n")
@@ -153,4 +227,6 @@ def test_a_session_that_does_not_hear_says_so(tmp_path):
         reply = post(live, files={"file": ("a.wav", silence(1))}, model=MODEL)
     assert reply.status_code == 400
     error = reply.json()["error"]
-    assert error["code"] == "unsupported_content" and "speech" in error["message"]
+    assert (
+        error["code"] == "unsupported_content" and "media.speech" in error["message"] and "tiny.en" in error["message"]
+    )

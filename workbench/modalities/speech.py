@@ -194,8 +194,8 @@ class Transcript:
     """transcribe_seconds / audio_seconds: below 1 is faster than the audio plays."""
     model: str
     segments: tuple[dict, ...] = ()
-    """Whisper's segments: id, start and end (seconds), text, avg_logprob, no_speech_prob,
-    compression_ratio, temperature (OpenAI's verbose_json shape)."""
+    """Whisper's segments: id, seek, start and end (seconds), text, tokens, avg_logprob,
+    no_speech_prob, compression_ratio, temperature (OpenAI's verbose_json shape)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -313,9 +313,11 @@ class SpeechRecognizer:
             segments=tuple(
                 {
                     "id": i,
+                    "seek": int(s.seek),
                     "start": round(float(s.start), 3),
                     "end": round(float(s.end), 3),
                     "text": s.text,
+                    "tokens": [int(t) for t in s.tokens],
                     "avg_logprob": float(s.avg_logprob),
                     "no_speech_prob": float(s.no_speech_prob),
                     "compression_ratio": float(s.compression_ratio),

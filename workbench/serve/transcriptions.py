@@ -6,26 +6,36 @@ The form is OpenAI's (multipart: `file`, `model`, `language`, `prompt`, `respons
 OpenAI's API work unchanged. `model` may be the served model's name, the Whisper model's own
 (`tiny.en`, `base`) or OpenAI's `whisper-1`: clients send the last by default, and each names
 the one recogniser this server has. The form is parsed here, not by FastAPI, so that a body
-over the limit is a 413 before it is read and every mistake is an OpenAI-shaped 400.
+over the limit is a 413 while it streams in (a chunked upload too, not only one that declares
+its length) and every mistake is an OpenAI-shaped 4xx naming its field, never a 422 or a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Literal
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from workbench.errors import RequestError, UnsupportedInputError
+from workbench.errors import RequestError
+from workbench.serve import protocol
 from workbench.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from workbench.modalities.speech import Transcript
+    from workbench.session import Session
 
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 OPENAI_MODEL = "whisper-1"
+MAX_FIELD_BYTES = 64 * 1024
+"""Each text field (a prompt included): Whisper reads at most 224 prompt tokens anyway."""
 
 
 class TranscriptionForm(BaseModel):
@@ -34,19 +44,23 @@ class TranscriptionForm(BaseModel):
     file: bytes
     """The audio file: wav, flac, mp3, ogg, webm, m4a, ..."""
     model: str
+    """The served model's name, the Whisper model's own (tiny.en, base) or whisper-1."""
     language: str | None = None
     """ISO-639-1; detected when left out (a multilingual Whisper only)."""
     prompt: str | None = None
     """Whisper's initial prompt: spellings and style to follow."""
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
     temperature: float | None = None
+    """0 to 1: decode at this temperature instead of Whisper's fallback ladder."""
 
 
 class Segment(BaseModel):
     id: int
+    seek: int
     start: float
     end: float
     text: str
+    tokens: list[int]
     avg_logprob: float
     no_speech_prob: float
     compression_ratio: float
@@ -66,10 +80,26 @@ class Transcription(BaseModel):
 def _form_schema() -> dict[str, Any]:
     schema = TranscriptionForm.model_json_schema()
     schema["properties"]["file"] = {"type": "string", "format": "binary", "description": "the audio file"}
+    schema["properties"]["timestamp_granularities[]"] = {
+        "type": "array",
+        "items": {"type": "string", "enum": ["segment", "word"]},
+        "description": "segment only: `word` is refused with 400 unsupported_parameter",
+    }
     return schema
 
 
-def transcription_routes(session, served_names: set[str], max_body_bytes: int) -> APIRouter:
+_ERROR = {"model": protocol.ErrorResponse}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the transcript"},
+    400: {**_ERROR, "description": "The form cannot be served as sent: the error names the field"},
+    404: {**_ERROR, "description": "No such model here"},
+    413: {**_ERROR, "description": "The body is over the server's limit"},
+}
+
+
+def transcription_routes(session: Session, served_names: set[str], max_body_bytes: int) -> APIRouter:
+    """The route, closed over the session whose Whisper it shares with the chat path (one model
+    loaded once, one lock) and the chat route's names and body limit, so both answer alike."""
     router = APIRouter()
     media = session.media
 
@@ -79,7 +109,7 @@ def transcription_routes(session, served_names: set[str], max_body_bytes: int) -
     @router.post(
         "/v1/audio/transcriptions",
         response_model=Transcription,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses=RESPONSES,
         openapi_extra={
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form_schema()}}}
         },
@@ -92,26 +122,47 @@ def transcription_routes(session, served_names: set[str], max_body_bytes: int) -
                 f"request body is {int(declared)} bytes; the limit is {max_body_bytes} bytes",
                 code="body_too_large",
             )
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "multipart/form-data":
             raise APIError(
                 400,
                 "send the audio as multipart/form-data with a `file` field, as OpenAI's API takes it",
                 param="file",
                 code="invalid_value",
             )
-        try:
-            form = await request.form(max_files=1, max_fields=16, max_part_size=1024 * 1024)
-        except (MultiPartException, ValueError, KeyError) as exc:
-            raise APIError(
-                400, f"the multipart form cannot be read: {exc}", param="file", code="invalid_value"
-            ) from None
+        form = await _read_form(request)
         try:
             return await _answer(form)
         finally:
             await form.close()
 
-    async def _answer(form) -> Response:
-        fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
+    async def _read_form(request: Request) -> FormData:
+        async def limited() -> AsyncGenerator[bytes, None]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > max_body_bytes:
+                    raise APIError(
+                        413, f"request body is over the limit of {max_body_bytes} bytes", code="body_too_large"
+                    )
+                yield chunk
+
+        try:
+            async with aclosing(limited()) as stream:
+                parser = MultiPartParser(
+                    request.headers, stream, max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES
+                )
+                return await parser.parse()  # closes its spooled files itself when this raises
+        except MultiPartException as exc:
+            raise APIError(
+                400,
+                f"the multipart form cannot be read: {exc.message} (one file; text fields of at most "
+                f"{MAX_FIELD_BYTES // 1024} KiB each)",
+                code="invalid_value",
+            ) from None
+
+    async def _answer(form: FormData) -> Response:
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         upload = form.get("file")
         model = fields.get("model")
         if not model:
@@ -122,6 +173,17 @@ def transcription_routes(session, served_names: set[str], max_body_bytes: int) -
                 f"model {model!r} is not served here; this server transcribes with {sorted(known_models())}",
                 param="model",
                 code="model_not_found",
+            )
+        if not media.hears:
+            from workbench.modalities.speech import MODELS
+
+            raise APIError(
+                400,
+                f"this server's session has no speech input ({media.no_speech_reason}): serve a config whose "
+                f"media.speech names a Whisper model ({' or '.join(repr(m) for m in MODELS)}, or a CTranslate2 "
+                "Whisper folder) to transcribe",
+                param="model",
+                code="unsupported_content",
             )
         if not isinstance(upload, UploadFile):
             raise APIError(
@@ -134,6 +196,20 @@ def transcription_routes(session, served_names: set[str], max_body_bytes: int) -
                 f"response_format {response_format!r} is not one of {', '.join(FORMATS)}",
                 param="response_format",
                 code="invalid_value",
+            )
+        if "word" in form.getlist("timestamp_granularities[]"):
+            raise APIError(
+                400,
+                "word timestamps are not implemented here: leave timestamp_granularities at 'segment'",
+                param="timestamp_granularities",
+                code="unsupported_parameter",
+            )
+        if (fields.get("stream") or "").strip().lower() == "true":
+            raise APIError(
+                400,
+                "streamed transcription is not implemented here (OpenAI streams only its gpt-4o models): leave stream off",
+                param="stream",
+                code="unsupported_parameter",
             )
         language = (fields.get("language") or "").strip().lower() or None
         if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
@@ -149,51 +225,49 @@ def transcription_routes(session, served_names: set[str], max_body_bytes: int) -
                 temperature = float(fields["temperature"])
             except ValueError:
                 temperature = -1.0
-            if not 0.0 <= temperature <= 1.0:
+            if not 0.0 <= temperature <= 1.0:  # NaN fails this too
                 raise APIError(
                     400, "temperature must be a number from 0 to 1", param="temperature", code="invalid_value"
                 )
-        blob = await upload.read(max_body_bytes + 1)
-        if len(blob) > max_body_bytes:
-            raise APIError(413, f"the audio is over the limit of {max_body_bytes} bytes", code="body_too_large")
-        suffix = (upload.filename or "").rsplit(".", 1)[-1] if "." in (upload.filename or "") else None
-        try:
-            transcript = await asyncio.to_thread(_transcribe, blob, suffix, language, fields.get("prompt"), temperature)
-        except UnsupportedInputError as exc:
-            raise APIError(400, str(exc), param="model", code=exc.code) from None
-        except RequestError as exc:
-            param = (
-                exc.param
-                if exc.param and exc.param != "messages"
-                else ("language" if "language" in str(exc) else "file")
-            )
-            raise APIError(400, str(exc), param=param, code=exc.code or "invalid_value") from None
+        blob = await upload.read()
+        name = upload.filename or ""
+        suffix = name.rsplit(".", 1)[-1] if "." in name else None
+        transcript = await asyncio.to_thread(_transcribe, blob, suffix, language, fields.get("prompt"), temperature)
         return _reply(transcript, response_format)
 
     def _transcribe(
         blob: bytes, suffix: str | None, language: str | None, prompt: str | None, temperature: float | None
-    ):
+    ) -> Transcript:
+        """Decoding and Whisper, on a worker thread: seconds of CPU that must not stall the loop."""
         from workbench.modalities.audio import AudioInputError, load_audio, normalise_format
+        from workbench.modalities.speech import SpeechModelError
 
-        recognizer = media.recognizer()  # UnsupportedInputError for a session that does not hear
+        try:
+            recognizer = media.recognizer()
+        except SpeechModelError as exc:  # the server's install, not the request: a 500 that says what to fix
+            raise APIError(500, str(exc), "server_error", code="speech_model_unavailable") from None
         try:
             fmt = normalise_format(suffix) if suffix else None
         except AudioInputError:
             fmt = None  # an odd file name is no reason to refuse: the bytes' header decides
-        audio = load_audio(blob, format=fmt, max_seconds=media.limits.max_audio_seconds)
+        try:
+            audio = load_audio(blob, format=fmt, max_seconds=media.limits.max_audio_seconds)
+        except RequestError as exc:
+            raise APIError(400, str(exc), param="file", code=exc.code or "invalid_audio") from None
         try:
             return recognizer.transcribe(
                 audio, language=language or media.limits.speech_language, prompt=prompt, temperature=temperature
             )
-        except ValueError as exc:
-            if isinstance(exc, RequestError):
-                raise
-            raise RequestError(f"cannot transcribe: {exc}", param="language" if language else "file") from None
+        except SpeechModelError as exc:
+            raise APIError(500, str(exc), "server_error", code="speech_model_unavailable") from None
+        except ValueError as exc:  # an English-only model asked for another language; a code Whisper lacks
+            message = str(exc) if isinstance(exc, RequestError) else f"cannot transcribe: {exc}"
+            raise APIError(400, message, param="language", code="invalid_value") from None
 
     return router
 
 
-def _reply(transcript, response_format: str) -> Response:
+def _reply(transcript: Transcript, response_format: str) -> Response:
     if response_format == "text":
         return PlainTextResponse(transcript.text)
     if response_format in ("srt", "vtt"):
@@ -209,7 +283,7 @@ def _reply(transcript, response_format: str) -> Response:
     return JSONResponse(body)
 
 
-def _subtitles(segments, *, vtt: bool) -> str:
+def _subtitles(segments: tuple[dict[str, Any], ...], *, vtt: bool) -> str:
     def stamp(seconds: float) -> str:
         ms = int(round(seconds * 1000))
         h, ms = divmod(ms, 3_600_000)
