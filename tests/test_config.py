@@ -115,11 +115,14 @@ def test_the_models_sampling_defaults_fill_what_the_config_leaves_out(tmp_path):
     assert (defaults.repetition_penalty, defaults.top_k, defaults.temperature, defaults.min_p) == (1.3, 5, 0.2, 0.0)
 
 
-def test_every_shipped_config_gets_the_embedded_models_repetition_penalty():
+def test_every_shipped_config_gets_the_embedded_models_frequency_penalty(tmp_path):
     import workbench
 
-    assert workbench.load("configs/default.yaml", quiet=True).engine.defaults.repetition_penalty == 1.1
+    session = workbench.load("configs/default.yaml", quiet=True)
+    assert session.engine.defaults.frequency_penalty == 0.5
+    # a saved model keeps it (its generation_config.json), as a hub model's comes with it
+    assert workbench.load(str(session.save(tmp_path / "saved")), quiet=True).engine.defaults.frequency_penalty == 0.5
     # overriding the model section keeps the generation section as the file set it
     overridden = workbench.load("configs/default.yaml", quiet=True, device="cpu").engine.defaults
-    assert (overridden.repetition_penalty, overridden.temperature) == (1.1, 0.7)
-    assert workbench.load("tiny:llama", quiet=True).engine.defaults.repetition_penalty == 1.0
+    assert (overridden.frequency_penalty, overridden.temperature, overridden.repetition_penalty) == (0.5, 0.7, 1.0)
+    assert workbench.load("tiny:llama", quiet=True).engine.defaults.frequency_penalty == 0.0

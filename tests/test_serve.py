@@ -142,7 +142,7 @@ def test_the_langchain_snippet_works(server, streaming):
 @pytest.mark.embedded
 def test_the_snippet_answers_without_looping_at_the_shipped_defaults(server):
     """The README's snippet as shipped (no max_tokens: the session's 512): with the embedded
-    model's own sampling defaults (repetition_penalty 1.1) no seed loops to the limit; with the
+    model's own sampling defaults (frequency_penalty 0.5) no seed loops to the limit; with the
     workbench's bare defaults 3 of these 6 seeds did (scripts/repetition_loops.py)."""
     for seed in range(6):
         chat_model = ChatOpenAI(

@@ -67,8 +67,17 @@ class LoadedModel:
         )
 
 
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-"""What a generation_config.json may set that the engine's sampler reads."""
+SAMPLING_KNOBS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
+"""What a generation_config.json may set that the engine's sampler reads (the last two are
+OpenAI's, not transformers': the embedded source sets one)."""
 
 
 def sampling_defaults(model: PreTrainedModel) -> dict[str, float]:
@@ -291,6 +300,8 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
         model, tokenizer = _load_local(embedded.converted_dir(name), cfg, device, dtype)
         for knob, value in embedded.EMBEDDED[name].sampling:
             setattr(model.generation_config, knob, value)  # saved with the model, read back below
+        # no longer a copy of the model config, which loading would rebuild it from (dropping these)
+        model.generation_config._from_model_config = False
     elif kind == "tiny":
         arch = cfg.source.split(":", 1)[1]
         if arch not in tiny.FAMILIES and arch not in tiny_vlm.FAMILIES:
