@@ -28,6 +28,7 @@ import torch
 from workbench.bench import decode as decode_bench
 from workbench.bench import pruning as pruning_bench
 from workbench.bench import serve as serve_bench
+from workbench.bench import structured as structured_bench
 
 
 def _out(path: Path | None, kind: str) -> Path:
@@ -314,8 +315,6 @@ def _speech(args) -> None:
 
 
 def _structured(args) -> None:
-    from workbench.bench import structured as structured_bench
-
     if args.samples < 1 or args.max_tokens < 1:
         raise SystemExit("error: --samples and --max-tokens must be at least 1")
     structured_bench.main(args)

@@ -23,6 +23,9 @@ from typing import Any
 
 import jsonschema
 
+import workbench
+from workbench.bench.cpu import cpu_identity, describe
+
 PERSON = {
     "type": "object",
     "properties": {
@@ -261,9 +264,6 @@ def main(args) -> None:
 
     import torch
     from tqdm.auto import tqdm
-
-    import workbench
-    from workbench.bench.cpu import cpu_identity, describe
 
     session = workbench.load(args.config, quiet=True)
     meta = {

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -35,6 +36,7 @@ from workbench.errors import ModelSourceError
 from workbench.models import embedded, tiny, tiny_vlm
 from workbench.models.adapters import merge_adapter
 from workbench.models.anatomy import restore_pruned_shapes, weight_bytes
+from workbench.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,6 @@ def sampling_defaults(model: PreTrainedModel) -> dict[str, float]:
         return {}
     diff = config.to_diff_dict()
     chosen = {k: diff[k] for k in SAMPLING_KNOBS if diff.get(k) is not None}
-    from pydantic import ValidationError
-
-    from workbench.sampling_params import SamplingParams
-
     for knob in list(chosen):
         try:
             SamplingParams(**{knob: chosen[knob]})

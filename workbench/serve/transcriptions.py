@@ -25,6 +25,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from workbench.errors import RequestError
+from workbench.modalities.audio import AudioInputError, load_audio, normalise_format
+from workbench.modalities.speech import MODELS, SpeechModelError
 from workbench.serve import protocol
 from workbench.serve.errors import APIError
 
@@ -175,8 +177,6 @@ def transcription_routes(session: Session, served_names: set[str], max_body_byte
                 code="model_not_found",
             )
         if not media.hears:
-            from workbench.modalities.speech import MODELS
-
             raise APIError(
                 400,
                 f"this server's session has no speech input ({media.no_speech_reason}): serve a config whose "
@@ -239,9 +239,6 @@ def transcription_routes(session: Session, served_names: set[str], max_body_byte
         blob: bytes, suffix: str | None, language: str | None, prompt: str | None, temperature: float | None
     ) -> Transcript:
         """Decoding and Whisper, on a worker thread: seconds of CPU that must not stall the loop."""
-        from workbench.modalities.audio import AudioInputError, load_audio, normalise_format
-        from workbench.modalities.speech import SpeechModelError
-
         try:
             recognizer = media.recognizer()
         except SpeechModelError as exc:  # the server's install, not the request: a 500 that says what to fix
