@@ -111,7 +111,9 @@ def thinking_client():
         app.close()
 
 
-def test_thinking_streams_into_a_collapsible_thought_with_its_token_count(thinking_client):
+def test_thinking_streams_into_a_collapsible_thought_with_its_token_count(thinking_client, monkeypatch):
+    # The tiny model's 12 tokens take less than one redraw interval: redraw at every token here.
+    monkeypatch.setattr("workbench.ui.chat.STREAM_EVERY_S", 0.0)
     job = thinking_client.submit(
         {"text": "hi", "files": []}, [], **TURN, thinking=True, max_tokens=12, api_name="/chat"
     )
@@ -186,6 +188,75 @@ def test_settings_turn_into_a_valid_request_with_every_sampling_field():
         0.25,
     )
     assert parsed.seed is None and parsed.max_tokens == 64
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("on", "schema", "expected"),
+    [
+        (False, json.dumps(PERSON), None),  # the switch off: the box is ignored
+        (True, "  ", {"json_object": True}),
+        (True, json.dumps(PERSON), {"json_schema": PERSON}),
+    ],
+)
+def test_the_structured_switch_and_schema_box_become_the_engines_format(on, schema, expected):
+    from workbench.engine import ChatRequest
+    from workbench.ui.chat import Settings, structured_output
+
+    answer_format = structured_output(on, schema)
+    assert answer_format == expected
+    request = Settings(False, 0.0, 1.0, 16, -1, structured=answer_format).request([{"role": "user", "content": "hi"}])
+    parsed = ChatRequest.model_validate(request)
+    assert (parsed.structured is None) == (expected is None)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ('{"type": "object",', "the schema is not valid JSON: Expecting"),
+        ("[1, 2]", "the schema holds a JSON list, not an object"),
+    ],
+)
+def test_a_schema_box_that_is_not_a_json_object_is_refused_with_where(schema, message):
+    from workbench.ui.chat import structured_output
+
+    with pytest.raises(ValueError, match=message):
+        structured_output(True, schema)
+
+
+@pytest.mark.embedded
+def test_the_structured_switch_makes_the_reply_match_the_schema(page):
+    import jsonschema
+
+    history, _, stats = say(
+        page[0], "Invent a person.", structured=True, schema=json.dumps(PERSON), max_tokens=64, temperature=0.7, seed=3
+    )
+    jsonschema.validate(json.loads(text_of(history[-1])), PERSON)
+    free, _, _ = say(page[0], "Invent a person.", max_tokens=64, temperature=0.7, seed=3)
+    with pytest.raises(ValueError):  # the same request unconstrained is prose
+        json.loads(text_of(free[-1]))
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ('{"type": "object",', "the schema is not valid JSON"),
+        ('{"type": "frobnicate"}', "cannot be enforced: .*frobnicate"),
+    ],
+)
+def test_a_bad_schema_is_refused_on_the_page_and_the_chat_keeps_working(page, schema, message):
+    with pytest.raises(AppError, match=message):
+        say(page[0], "Invent a person.", structured=True, schema=schema)
+    history, _, _ = say(page[0], "Say hi.", max_tokens=8)
+    assert text_of(history[-1])
 
 
 def test_an_image_for_a_model_that_cannot_see_says_why(thinking_client, tmp_path):
@@ -344,6 +415,21 @@ def test_a_new_config_replaces_the_old_compressed_copy_before_loading(monkeypatc
     assert slots.original.session is original  # same base model: the original stays
     slots.apply(parse_config({"model": {"source": "tiny:llama"}}), "no steps")
     assert slots.compressed is None and "none: pick a config" in slots.describe()
+
+
+def test_a_streamed_reply_is_redrawn_at_most_every_interval_and_always_at_the_end(monkeypatch):
+    from workbench.ui.chat import throttled
+
+    clock = iter([0.0, 0.01, 0.05, 0.12, 0.13, 0.2, 0.21])
+    monkeypatch.setattr("workbench.ui.chat.time.perf_counter", lambda: next(clock))
+    updates = [("a", None), ("ab", None), ("abc", None), ("abcd", None), ("abcde", None), ("abcdef", None)]
+    assert [text for text, _ in throttled(iter(updates), every_s=0.1)] == ["a", "abcd", "abcdef"]
+    done = object()
+    clock = iter([0.0, 0.01, 0.02])
+    assert [stats for _, stats in throttled(iter([("a", None), ("ab", None), ("ab", done)]), every_s=0.1)] == [
+        None,
+        done,
+    ]
 
 
 def test_history_drops_thought_bubbles_and_keeps_text_parts():

@@ -8,6 +8,9 @@ and the message says what to change.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class WorkbenchError(ValueError):
     """Something the user asked for that the workbench cannot do as asked."""
@@ -60,3 +63,16 @@ class MediaInputError(RequestError):
 
     code = "invalid_media"
     param = "messages"
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """`text` read as a JSON object. Schemas and exports arrive as text typed or uploaded by a
+    user, so a failure is a ValueError naming `what` and where the text broke (line, column)
+    or what it held instead of an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} holds a JSON {type(value).__name__}, not an object")
+    return value

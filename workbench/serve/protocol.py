@@ -17,7 +17,6 @@ A structured output can be asked for four ways, all read into the engine's one
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from workbench.engine.events import FinishReason, Stats, TokenLogprob
 from workbench.engine.request import ChatRequest, LogitBias, Message, PromptRequest, StructuredOutput
 from workbench.engine.tools import Tool, ToolCall, ToolChoice
+from workbench.errors import json_object
 from workbench.sampling_params import MaxTokens, SamplingOverrides, TopLogprobs
 
 MAX_CHOICES = 16
@@ -184,10 +184,7 @@ class ChatCompletionRequest(SamplingOverrides, _Addressed):
 def _schema(value: dict[str, Any] | str, field: str) -> dict[str, Any]:
     """A schema sent as an object or as a JSON string (vLLM takes both)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{field} is a string that is not JSON: {exc}") from None
+        return json_object(value, field)
     if not isinstance(value, dict):
         raise ValueError(f"{field} must be a JSON schema object")
     return value

@@ -37,7 +37,8 @@ def launch(app) -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def chrome(width: int = 1360, height: int = 980):
+def chrome(width: int = 1360, height: int = 980, downloads: Path | None = None):
+    """Headless Chromium; files the page downloads land in `downloads`."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -52,6 +53,10 @@ def chrome(width: int = 1360, height: int = 980):
         f"--window-size={width},{height}",
     ):
         options.add_argument(arg)
+    if downloads is not None:
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
     # The system chromedriver: Selenium Manager would otherwise try to download one.
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
@@ -104,6 +109,71 @@ def send_and_wait(driver, message: str, timeout: float = 180) -> list[str]:
             return seen if seen[-1] == final else [*seen, final]
         time.sleep(0.05)
     raise TimeoutError(f"no finished answer within {timeout:.0f}s; last seen: {seen[-1:]!r}")
+
+
+def wait_for(check, timeout: float = 30, what: str = "the page"):
+    """`check()`'s first truthy value, tried until `timeout`; TimeoutError names `what`."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except StaleElementReferenceException:  # re-rendered between find and read
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def reload(driver) -> None:
+    """Reload the page as a person would, and wait until it takes input again."""
+    driver.refresh()
+    open_page(driver, driver.current_url)
+
+
+def chat_texts(driver) -> list[tuple[str, str]]:
+    """(user|bot, text) of each message in the chat, top to bottom."""
+    from selenium.webdriver.common.by import By
+
+    return [
+        ("user" if "user" in (e.get_attribute("class") or "").split() else "bot", e.text.strip())
+        for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot .user, #chatbot .bot")
+    ]
+
+
+def radio_labels(driver, elem_id: str) -> list[str]:
+    """The choices of a gr.Radio, as shown; the selected one marked with a leading '*'."""
+    from selenium.webdriver.common.by import By
+
+    return [
+        ("*" if "selected" in (e.get_attribute("class") or "") else "") + e.text.strip()
+        for e in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} label")
+    ]
+
+
+def download(driver, elem_id: str, folder: Path, timeout: float = 30) -> Path:
+    """Click a gr.DownloadButton and wait for its file in `folder` (chrome(downloads=folder))."""
+    from selenium.webdriver.common.by import By
+
+    before = set(folder.iterdir())
+    driver.find_element(By.ID, elem_id).click()
+
+    def arrived():
+        new = [p for p in set(folder.iterdir()) - before if not p.name.endswith(".crdownload")]
+        return new[0] if new else None
+
+    return wait_for(arrived, timeout, f"the download from #{elem_id}")
+
+
+def upload(driver, elem_id: str, path: Path) -> None:
+    """Hand a file to a gr.UploadButton, as picking it in the file dialog does."""
+    from selenium.webdriver.common.by import By
+
+    # Gradio renders the (hidden) file input beside the button, not inside it.
+    driver.find_element(By.XPATH, f"//*[@id='{elem_id}']/..//input[@type='file']").send_keys(str(path))
 
 
 def stats_text(driver) -> str:
