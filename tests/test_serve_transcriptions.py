@@ -230,3 +230,22 @@ def test_a_session_that_does_not_hear_says_so(tmp_path):
     assert (
         error["code"] == "unsupported_content" and "media.speech" in error["message"] and "tiny.en" in error["message"]
     )
+
+
+def test_transcriptions_are_counted_on_metrics(speech_wav):
+    """A fresh server, so the counts are this test's: one transcript, one refusal."""
+    with LiveServer(workbench.load("tiny:llama", quiet=True), model_name=MODEL) as live:
+        assert post(live, files={"file": ("a.wav", speech_wav)}, model=MODEL).status_code == 200
+        assert post(live, files={"file": ("a.wav", speech_wav)}, model=MODEL, language="english").status_code == 400
+        text = httpx.get(live.base_url + "/metrics").text
+    seconds = len(soundfile.read(io.BytesIO(speech_wav))[0]) / soundfile.info(io.BytesIO(speech_wav)).samplerate
+
+    def value(name: str) -> float:
+        line = next(li for li in text.splitlines() if li.startswith(name + " ") or li.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('workbench_transcriptions_total{status="200"}') == 1
+    assert value('workbench_transcriptions_total{status="400"}') == 1
+    assert value("workbench_transcribed_audio_seconds_total") == pytest.approx(seconds, abs=0.05)
+    assert value("workbench_transcription_seconds_count") == 1 and value("workbench_transcription_seconds_sum") > 0
+    assert 'workbench_requests_total{status="200"}' not in text  # not counted as chat completions

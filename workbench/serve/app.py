@@ -251,7 +251,7 @@ def create_app(session: Session, settings: ServerSettings, *, own_thread: bool =
         body = await completions.reply(generation, session, req, prepared, token_text, metrics)
         return JSONResponse(body.model_dump())
 
-    app.include_router(transcription_routes(session, served_names, settings.max_body_bytes))
+    app.include_router(transcription_routes(session, served_names, settings.max_body_bytes, metrics))
 
     @app.post("/tokenize", response_model=protocol.TokenizeResponse)
     async def tokenize(request: Request):

@@ -43,6 +43,18 @@ class ServerMetrics:
         )
         self.in_flight = Gauge("workbench_requests_in_flight", "Chat completions being served or queued", registry=r)
         self.active = 0
+        self.transcriptions = Counter(
+            "workbench_transcriptions", "Transcription requests by HTTP status", ["status"], registry=r
+        )
+        self.transcribed_audio = Counter(
+            "workbench_transcribed_audio_seconds", "Seconds of audio transcribed", registry=r
+        )
+        self.transcription_time = Histogram(
+            "workbench_transcription_seconds",
+            "Wall time of a transcription: decoding the upload and Whisper",
+            buckets=(0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
 
     def started(self) -> None:
         self.active += 1
@@ -65,3 +77,11 @@ class ServerMetrics:
             record.tokens_per_s = stats.decode_tokens_per_s
             record.outcome = outcome or stats.finish_reason
         self.recent.appendleft(record)
+
+    def transcribed(self, *, status: int, audio_s: float | None = None, wall_s: float | None = None) -> None:
+        """One answered transcription request; `audio_s` and `wall_s` when Whisper ran."""
+        self.transcriptions.labels(status=str(status)).inc()
+        if audio_s is not None:
+            self.transcribed_audio.inc(audio_s)
+        if wall_s is not None:
+            self.transcription_time.observe(wall_s)

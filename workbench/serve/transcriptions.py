@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +30,7 @@ from workbench.modalities.audio import AudioInputError, load_audio, normalise_fo
 from workbench.modalities.speech import MODELS, SpeechModelError
 from workbench.serve import protocol
 from workbench.serve.errors import APIError
+from workbench.serve.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from workbench.modalities.speech import Transcript
@@ -99,9 +101,12 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def transcription_routes(session: Session, served_names: set[str], max_body_bytes: int) -> APIRouter:
+def transcription_routes(
+    session: Session, served_names: set[str], max_body_bytes: int, metrics: ServerMetrics
+) -> APIRouter:
     """The route, closed over the session whose Whisper it shares with the chat path (one model
-    loaded once, one lock) and the chat route's names and body limit, so both answer alike."""
+    loaded once, one lock), the chat route's names and body limit, so both answer alike, and the
+    server's metrics, where each answer is counted by status (/metrics)."""
     router = APIRouter()
     media = session.media
 
@@ -117,6 +122,17 @@ def transcription_routes(session: Session, served_names: set[str], max_body_byte
         },
     )
     async def transcriptions(request: Request) -> Response:
+        try:
+            response = await _transcriptions(request)
+        except APIError as exc:
+            metrics.transcribed(status=exc.status)
+            raise
+        except Exception:
+            metrics.transcribed(status=500)
+            raise
+        return response
+
+    async def _transcriptions(request: Request) -> Response:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             raise APIError(
@@ -232,7 +248,9 @@ def transcription_routes(session: Session, served_names: set[str], max_body_byte
         blob = await upload.read()
         name = upload.filename or ""
         suffix = name.rsplit(".", 1)[-1] if "." in name else None
+        started = time.perf_counter()
         transcript = await asyncio.to_thread(_transcribe, blob, suffix, language, fields.get("prompt"), temperature)
+        metrics.transcribed(status=200, audio_s=transcript.audio_seconds, wall_s=time.perf_counter() - started)
         return _reply(transcript, response_format)
 
     def _transcribe(
