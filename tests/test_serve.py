@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
+from speech_clips import spoken_wav, word_error_rate
 
 import workbench
 from workbench.serve.live import LiveServer, free_port
@@ -122,19 +122,22 @@ def test_max_tokens_gives_finish_reason_length(client):
         assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
 
 
-@pytest.mark.embedded
-@pytest.mark.parametrize("streaming", [True, False])
-def test_the_langchain_snippet_works(server, streaming):
-    chat_model = ChatOpenAI(
+def snippet_model(server, **fields) -> ChatOpenAI:
+    """The README's LangChain snippet against `server`, with `fields` on top."""
+    return ChatOpenAI(
         model=MODEL,
         temperature=0.5,
         base_url=server.base_url + "/v1",
         api_key="EMPTY",
         extra_body={"enable_thinking": True, "return_reasoning": True},
-        streaming=streaming,
-        max_tokens=48,
+        **fields,
     )
-    content = chat_model.invoke("你是谁?").content
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_langchain_snippet_works(server, streaming):
+    content = snippet_model(server, streaming=streaming, max_tokens=48).invoke("你是谁?").content
     assert isinstance(content, str) and content.strip()
     assert "<think>" not in content and "</think>" not in content
 
@@ -145,15 +148,7 @@ def test_the_snippet_answers_without_looping_at_the_shipped_defaults(server):
     model's own sampling defaults (frequency_penalty 0.5) no seed loops to the limit; with the
     workbench's bare defaults 3 of these 6 seeds did (scripts/repetition_loops.py)."""
     for seed in range(6):
-        chat_model = ChatOpenAI(
-            model=MODEL,
-            temperature=0.5,
-            base_url=server.base_url + "/v1",
-            api_key="EMPTY",
-            extra_body={"enable_thinking": True, "return_reasoning": True},
-            seed=seed,
-        )
-        reply = chat_model.invoke("你是谁?")
+        reply = snippet_model(server, seed=seed).invoke("你是谁?")
         assert reply.response_metadata["finish_reason"] == "stop", (seed, reply.content[:200])
         assert reply.content.strip()
 
@@ -664,23 +659,7 @@ def test_a_server_process_that_cannot_start_says_why(tmp_path):
 
 def spoken(text: str, tmp_path) -> str:
     """Base64 WAV of `text` spoken by espeak-ng."""
-    from workbench.bench.speech import espeak, synthesise
-
-    try:
-        espeak()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise  # CI installs espeak-ng (.ci/run): missing there is a failure
-        pytest.skip(f"espeak-ng is needed to speak the test question: {exc}")
-    return base64.b64encode(synthesise(text, tmp_path / "question.wav").read_bytes()).decode()
-
-
-def word_error_rate(reference: str, heard: str) -> float:
-    import jiwer
-
-    from workbench.bench.speech import normalise
-
-    return jiwer.wer(normalise(reference).replace("colour", "color"), normalise(heard).replace("colour", "color"))
+    return base64.b64encode(spoken_wav(text, tmp_path / "question.wav").read_bytes()).decode()
 
 
 @pytest.mark.embedded

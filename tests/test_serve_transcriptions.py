@@ -5,13 +5,13 @@ between CPUs (CTranslate2 picks int8 kernels by CPU), so transcripts are held to
 from __future__ import annotations
 
 import io
-import os
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import soundfile
+from speech_clips import spoken_wav, word_error_rate
 
 import workbench
 from workbench.serve.live import LiveServer
@@ -34,23 +34,11 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> bytes:
-    from workbench.bench.speech import espeak, synthesise
-
-    try:
-        espeak()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise  # CI installs espeak-ng (.ci/run): missing there is a failure
-        pytest.skip(f"espeak-ng is needed to speak the test sentence: {exc}")
-    return synthesise(SENTENCE, tmp_path_factory.mktemp("speech") / "sentence.wav").read_bytes()
+    return spoken_wav(SENTENCE, tmp_path_factory.mktemp("speech") / "sentence.wav").read_bytes()
 
 
 def wer(heard: str) -> float:
-    import jiwer
-
-    from workbench.bench.speech import normalise
-
-    return jiwer.wer(normalise(SENTENCE), normalise(heard))
+    return word_error_rate(SENTENCE, heard)
 
 
 def post(server, files=None, **fields) -> httpx.Response:
