@@ -129,6 +129,9 @@ def test_a_conversation_survives_a_reload_and_exports_and_imports_identical(page
     assert again.read_bytes() == exported.read_bytes()
 
     # Regenerate (greedy: the same answer again, in place) and undo (the question back in the box).
+    # The reload put the generation settings back to the config's (temperature 0.7, 512 tokens).
+    browser.set_number(page, "temperature", 0)
+    browser.set_number(page, "max_tokens", 24)
     page.find_element(By.CSS_SELECTOR, "#chatbot button[aria-label='Retry']").click()
     browser.wait_for(lambda: "tok/s" in browser.stats_text(page), timeout=120, what="the regenerated reply")
     browser.wait_for(lambda: browser.chat_texts(page) == shown, what="the regenerated chat")
