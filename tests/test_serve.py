@@ -562,6 +562,7 @@ def test_models_health_metrics_and_status_page(server, client):
     page = httpx.get(server.base_url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert MODEL in page.text and "Recent requests" in page.text and 'id="health"' in page.text
+    assert "resident weights" in page.text and "load peak" in page.text  # Session.memory()'s split
 
 
 def test_unknown_route_is_an_openai_shaped_404(thinking_server):

@@ -126,7 +126,8 @@ def test_load_line_reports_time_size_and_device(capsys):
     workbench.load("tiny:qwen3")
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("Model loaded in ")
-    assert "| weights 0.00 GB | device cpu | dtype float32 | tiny:qwen3" in line
+    assert "| weights 0.00 GB (float32 " in line and "| resident " in line and ", load peak " in line
+    assert line.endswith("| device cpu | compute float32 | tiny:qwen3")
 
 
 @pytest.mark.embedded

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import cast
 
@@ -27,7 +29,9 @@ from workbench.modalities.adapter import VisionAdapter, shipped_adapter_dir
 from workbench.modalities.native import NativeVision
 from workbench.modalities.speech import SpeechRecognizer
 from workbench.models import LoadedModel, load_model
+from workbench.models.anatomy import weight_bytes, weight_bytes_by_dtype
 from workbench.models.loader import resolve_device, resolve_dtype
+from workbench.models.memory import MemoryReport, measure, process_status
 
 SAVED_CONFIG = "workbench.yaml"
 
@@ -63,6 +67,32 @@ class Session:
             )
         self.reports: list[dict] = []
         """What each compression step applied to this session changed."""
+        self.load_peak = process_status().get("VmHWM", 0)
+        """The process's peak resident bytes once the model was loaded (and, through `load`,
+        compressed): what a phone must have free to get this far, not just to keep running."""
+
+    def memory(self) -> MemoryReport:
+        """This process's resident memory split into runtime, weights by dtype (every resident
+        copy: anonymous tensors, mapped checkpoint pages, stale pages of replaced layers), live KV
+        caches and the freed heap the last forwards left, beside the load peak. Parameter counts
+        cannot show a float32 original that stayed resident behind an int8 model; this can."""
+        return measure(
+            [self.model, self.media.adapter], runtime_anon=self.loaded.runtime_anon, load_peak=self.load_peak
+        )
+
+    def summary(self, seconds: float | None = None) -> str:
+        """The load line: the weights as the model holds them now (after compression, by dtype),
+        and what the process holds; a quantized model no longer reads as its float32 original."""
+        info = self.loaded
+        by_dtype = weight_bytes_by_dtype(self.model)
+        dtypes = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
+        status = process_status()
+        return (
+            f"Model loaded in {info.load_seconds if seconds is None else seconds:.1f}s"
+            f" | weights {sum(by_dtype.values()) / 1e9:.2f} GB ({dtypes})"
+            f" | resident {status.get('VmRSS', 0) / 1e9:.2f} GB, load peak {self.load_peak / 1e9:.2f} GB"
+            f" | device {info.device} | compute {str(info.dtype).removeprefix('torch.')} | {info.source}"
+        )
 
     def save(self, directory: str | Path, *, reapply: list | None = None) -> Path:
         """A transformers checkpoint of the model as it is now (pruned shapes included) that
@@ -114,7 +144,11 @@ class Session:
         return reply.result()
 
     def __repr__(self) -> str:
-        return f"Session({self.loaded.summary()})"
+        return f"Session({self.loaded.source}, {self.loaded.device}, weights {weight_bytes(self.model) / 1e9:.2f} GB)"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
 def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:
@@ -214,11 +248,16 @@ def load(
     `tiny:…`, a hub id) or a saved model directory; nothing means the defaults of configs/default.yaml (the embedded
     model). Keyword arguments override the config's `model:` section,
     e.g. `load("tiny:qwen3", device="cpu", context_limit=1024)`."""
+    start = time.perf_counter()
     config = _config_for(spec_or_path, model_overrides)
     preflight(config)
-    session = Session(load_model(config.model, quiet=quiet), config)
+    session = Session(load_model(config.model, quiet=True), config)
     if config.compression:
         session.reports = apply(session, config.compression)
     if config.model.compile:
         session.engine.compile_decode()
+    session.loaded.weight_bytes = weight_bytes(session.model)  # as compressed, not as read from disk
+    session.load_peak = process_status().get("VmHWM", 0)
+    if not quiet:
+        print(session.summary(time.perf_counter() - start), file=sys.stderr, flush=True)
     return session

@@ -146,6 +146,7 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
                     "decode_tok_s_max": max(tps),
                     "peak_mb": max(r.peak_bytes for r in mine) / 2**20,
                     "weight_mb": info[name]["weight_bytes"] / 2**20,
+                    "resident": info[name].get("resident"),
                     "bits_per_weight": info[name]["bits_per_weight"],
                     "warmup_s": info[name]["warmup_s"],
                     "attention_heads": info[name].get("attention_heads"),
@@ -208,7 +209,33 @@ def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
         "\nPeak MB: CPU targets, the worker process's peak resident memory (Python and torch included); "
         "CUDA targets, peak allocated GPU memory. Warm-up: the first short reply, compilation included."
     )
+    lines += resident_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def resident_lines(rows: list[dict]) -> list[str]:
+    """Each engine worker's resident memory after its warm-up reply, split (Session.memory): MB."""
+    split = {r["target"]: r["resident"] for r in rows if r.get("resident") and r["batch"] == 1}
+    if not split:
+        return []
+    lines = [
+        "",
+        "Resident memory of each engine worker after its warm-up reply (MB, `Session.memory()`): "
+        "weights count every resident copy, a memory-mapped checkpoint's pages included.",
+        "",
+        "| target | resident | runtime | weights (by dtype) | KV cache | activations | unaccounted | load peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, m in split.items():
+        dtypes = ", ".join(
+            f"{k} {v / 2**20:.0f}" for k, v in sorted(m["weights"].items(), key=lambda kv: -kv[1]) if v >= 2**20
+        )
+        lines.append(
+            f"| {target} | {m['rss'] / 2**20:.0f} | {m['runtime'] / 2**20:.0f} | {m['weight_total'] / 2**20:.0f} ({dtypes}) "
+            f"| {m['kv_cache'] / 2**20:.0f} | {m['activations'] / 2**20:.0f} | {m['unaccounted'] / 2**20:.0f} "
+            f"| {m['load_peak'] / 2**20:.0f} |"
+        )
+    return lines
 
 
 def to_html(rows: list[dict], meta: dict) -> str:

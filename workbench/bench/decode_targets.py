@@ -328,6 +328,8 @@ def worker(target: Target, conn, warmup_tokens: int) -> None:
         start = time.perf_counter()
         runner.run(0, warmup_tokens, 1)
         info["warmup_s"] = time.perf_counter() - start
+        if isinstance(runner, _EngineRunner):  # where the worker's memory goes, after a reply
+            info["resident"] = runner.session.memory().as_dict()
         conn.send(("ready", info))
     except Exception as exc:  # noqa: BLE001 -- any failure to load becomes a skipped row with its reason
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 _ACT = torch.bfloat16
+_CHUNK_ROWS = 4096
 
 
 class Int8Linear(nn.Linear):
@@ -47,13 +48,21 @@ class Int8Linear(nn.Linear):
             quantize_affine,
         )
 
-        w = linear.weight.detach().float()
-        block = (1, w.shape[1])
-        scale, zero = choose_qparams_affine(
-            w, MappingType.SYMMETRIC, block, torch.int8, eps=torch.finfo(torch.float32).eps
-        )
-        q = quantize_affine(w, block, scale, zero, torch.int8)
-        return cls(q.contiguous(), scale.reshape(-1).to(_ACT), linear.bias)
+        # Rows are quantized independently (one scale each), so a chunk of rows at a time, written
+        # into the result in place, gives the same values. Whole, the embedded model's 49,152-row
+        # lm_head made float32 temporaries of its full size, several at once: the int8 load peak.
+        weight = linear.weight.detach()
+        values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=_ACT, device=weight.device)
+        for start in range(0, weight.shape[0], _CHUNK_ROWS):
+            w = weight[start : start + _CHUNK_ROWS].float()
+            block = (1, w.shape[1])
+            scale, zero = choose_qparams_affine(
+                w, MappingType.SYMMETRIC, block, torch.int8, eps=torch.finfo(torch.float32).eps
+            )
+            values[start : start + len(w)] = quantize_affine(w, block, scale, zero, torch.int8)
+            scales[start : start + len(w)] = scale.reshape(-1).to(_ACT)
+        return cls(values, scales, linear.bias)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]

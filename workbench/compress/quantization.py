@@ -48,6 +48,7 @@ from workbench.compress.int4_linear import Int4Linear
 from workbench.compress.int8_linear import Int8Linear, kernel_available
 from workbench.metrics import input_device, token_windows
 from workbench.models.anatomy import tensor_bytes
+from workbench.models.memory import CheckpointPages
 from workbench.paths import cache_root
 from workbench.step_options import QuantizeOptions
 
@@ -185,18 +186,21 @@ def preflight(options: dict, device: torch.device, dtype: torch.dtype) -> None:
     check_methods(opts.methods, device)
 
 
-def untie_from_embedding(model: PreTrainedModel, name: str) -> bool:
-    """Give layer `name` its own copy of a weight it shares with the input embedding.
+def untie_from_embedding(model: PreTrainedModel, name: str, *, copy: bool = True) -> bool:
+    """Untie layer `name` from the input embedding it shares a weight with.
 
     Every scheme replaces or recasts the layer's weight; on a tied weight `fp16`/`bf16`
-    would recast the embedding table with it (one Parameter, two modules). Returns whether
+    would recast the embedding table with it (one Parameter, two modules), so those get a
+    copy first (`copy`). A scheme that builds a new layer from the weight needs none: a float32
+    copy of the 49,152 x 576 table would only raise the load peak by 113 MB. Returns whether
     the layer was tied. The config says the model is untied from now on, so nothing ties
     the two back together (transformers' `tie_weights`)."""
     module = cast(nn.Linear, model.get_submodule(name))  # a layer of the plan
     embedding = cast(torch.Tensor, model.get_input_embeddings().weight)
     if module.weight is not embedding and module.weight.data_ptr() != embedding.data_ptr():
         return False
-    module.weight = nn.Parameter(embedding.detach().clone(), requires_grad=False)
+    if copy:
+        module.weight = nn.Parameter(embedding.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
@@ -327,21 +331,27 @@ def quantize(session, **options) -> QuantizeReport:
     before = linear_bytes(model)
     changed = [n for n, scheme in plan.items() if scheme != "keep"]
     for name in changed:
-        untie_from_embedding(model, name)
+        untie_from_embedding(model, name, copy=plan[name] in _FLOAT)
     changed_before = sum(layer_bytes(model.get_submodule(n)) for n in changed)
+    pages = CheckpointPages(model)
     for scheme in sorted(set(plan.values()) - {"keep"}):
         names = {n for n, s in plan.items() if s == scheme}
         if scheme in _FLOAT:
             for name in names:
+                original = cast(nn.Linear, model.get_submodule(name)).weight.data
                 _cast_io(model.get_submodule(name), _FLOAT[scheme])
+                pages.drop(original)
         elif scheme == "int8_weight_only" and kernel_available(device.type):
             for name in names:
-                _replace(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+                layer = cast(nn.Linear, model.get_submodule(name))
+                _replace(model, name, Int8Linear.from_linear(layer))
+                pages.drop(layer.weight)
         elif scheme == "int4_weight_only" and device.type == "cpu":
             for name in names:
                 if methods[name] != "gptq":
                     layer = cast(nn.Linear, model.get_submodule(name))
                     _replace(model, name, Int4Linear.from_linear(layer, opts.group_size, methods[name]))
+                    pages.drop(layer.weight)
         else:
             _quantize_modules(model, names, scheme, opts.group_size, device.type)
     record = chosen["calibration"] if chosen else None

@@ -12,7 +12,7 @@ next-token distributions and top-1 agreement (workbench.metrics.divergence).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -47,6 +47,9 @@ class Measurement:
     ttft_s: float
     memory_bytes: int
     """CUDA: peak allocated during the measurement; CPU: process resident memory after it"""
+    resident: dict = field(default_factory=dict)
+    """Session.memory() after the decode, before perplexity: the process's resident memory split
+    into runtime, weights by dtype (every resident copy), KV cache and activations, load peak"""
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -68,6 +71,7 @@ def measure(session, *, windows: int, decode_tokens: int, harness: tuple[str, ..
         torch.cuda.reset_peak_memory_stats(device)
     request = ChatRequest.from_prompt(BENCH_PROMPT, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     stats = [e.stats for e in session.engine.stream(request) if isinstance(e, Done)][0]
+    resident = session.memory().as_dict()
     ppl = {name: perplexity(model, session.tokenizer, held_out_texts(name), max_windows=windows) for name in HELD_OUT}
     scores = {s.task: s.to_dict() for s in evaluate(session, list(harness))} if harness else {}
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else psutil.Process().memory_info().rss
@@ -83,6 +87,7 @@ def measure(session, *, windows: int, decode_tokens: int, harness: tuple[str, ..
         decode_tokens_per_s=stats.decode_tokens_per_s,
         ttft_s=stats.ttft_s,
         memory_bytes=memory,
+        resident=resident,
     )
 
 
@@ -163,6 +168,7 @@ def to_markdown(
         row("decode tok/s", before.decode_tokens_per_s, after.decode_tokens_per_s, "{:.1f}"),
         row("time to first token, s", before.ttft_s, after.ttft_s, "{:.3f}"),
         row("memory (CUDA peak, or CPU process resident)", before.memory_bytes, after.memory_bytes),
+        *resident_rows(before, after, row),
         "",
         "Weight bytes by storage type: before "
         + ", ".join(f"{k} {v:,}" for k, v in before.bytes_by_dtype.items())
@@ -192,6 +198,33 @@ def to_markdown(
         *layer_map_lines(layer_map),
     ]
     return "\n".join(lines) + "\n"
+
+
+def resident_rows(before: Measurement, after: Measurement, row) -> list[str]:
+    """The resident split after the decode (Session.memory), one row per part: where a
+    compressed model's memory really goes, float32 copies left resident included. Both
+    figures are taken in the same process, so `after` carries what `before` left behind."""
+    if not before.resident or not after.resident:
+        return []
+    parts = [
+        ("resident: runtime (interpreter, libraries)", "runtime"),
+        ("resident: weights, every copy", "weight_total"),
+        ("resident: stale checkpoint pages (in weights)", "stale_checkpoint_pages"),
+        ("resident: KV cache", "kv_cache"),
+        ("resident: activations", "activations"),
+        ("resident: unaccounted", "unaccounted"),
+    ]
+    lines = [row(name, before.resident[key], after.resident[key]) for name, key in parts]
+    dtypes = sorted(set(before.resident["weights"]) | set(after.resident["weights"]))
+    lines += [
+        row(
+            f"resident: weights {dtype}",
+            before.resident["weights"].get(dtype, 0),
+            after.resident["weights"].get(dtype, 0),
+        )
+        for dtype in dtypes
+    ]
+    return lines
 
 
 def calibration_lines(steps: list[dict]) -> list[str]:

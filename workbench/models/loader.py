@@ -33,7 +33,7 @@ from transformers import (
 
 from workbench.config import ModelConfig
 from workbench.errors import ModelSourceError
-from workbench.models import embedded, tiny, tiny_vlm
+from workbench.models import embedded, memory, tiny, tiny_vlm
 from workbench.models.adapters import merge_adapter
 from workbench.models.anatomy import restore_pruned_shapes, weight_bytes
 from workbench.sampling_params import SamplingParams
@@ -61,6 +61,9 @@ class LoadedModel:
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     """The sampling knobs the model's generation config sets (its generation_config.json):
     a session's defaults where its config's `generation` section is silent, as vLLM applies them."""
+    runtime_anon: int = 0
+    """Anonymous resident bytes of the process just before this model loaded: the interpreter
+    and its libraries' heaps, the baseline `Session.memory()` counts as runtime."""
 
     def summary(self) -> str:
         return (
@@ -289,6 +292,7 @@ def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):
 
 
 def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
+    runtime_anon = memory.process_status().get("RssAnon", 0)
     start = time.perf_counter()
     kind = classify(cfg.source)
     device = resolve_device(cfg.device)
@@ -330,6 +334,7 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         weight_bytes=weight_bytes(model),
         sampling_defaults=sampling_defaults(model),
+        runtime_anon=runtime_anon,
     )
     if not quiet:
         print(loaded.summary(), file=sys.stderr, flush=True)

@@ -9,7 +9,6 @@ import sys
 import threading
 from pathlib import Path
 
-import psutil
 import uvicorn
 
 import workbench
@@ -58,9 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         max_batch=args.max_batch,
     )
     app = create_app(session, settings, own_thread=False)
-    rss = psutil.Process().memory_info().rss
     for line in (
-        f"Memory used: {rss / 1e9:.2f} GB (process resident) | weights {session.loaded.weight_bytes / 1e9:.2f} GB | device {session.loaded.device}",
+        f"Memory used: {session.memory().summary()} | device {session.loaded.device}",
         f"Serving model {name!r} at http://{args.host}:{args.port} (status page: /){' | API key required' if args.api_key else ''}",
         "OpenAI-compatible endpoint enabled: /v1/chat/completions",
     ):

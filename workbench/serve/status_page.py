@@ -7,12 +7,27 @@ import time
 
 import yaml
 
+from workbench.models.memory import MemoryReport
 from workbench.serve.metrics import ServerMetrics
 from workbench.session import Session
 
 
-def render_status(session: Session, model_name: str, metrics: ServerMetrics, started: float, rss_bytes: int) -> str:
+def render_status(
+    session: Session, model_name: str, metrics: ServerMetrics, started: float, memory: MemoryReport
+) -> str:
+    """`memory` is Session.memory()'s split of one reading, so its parts add up to the figure
+    shown: an int8 model's weights read as int8, a float32 copy left resident shows up as one."""
     info = session.loaded
+    weights = ", ".join(
+        f"{k} {v / 1e6:.0f} MB" if v >= 1e7 else f"{k} {v / 1e6:.1f} MB"
+        for k, v in sorted(memory.weights.items(), key=lambda kv: -kv[1])
+        if v >= 1e5
+    )
+    stale = (
+        f", stale checkpoint pages {memory.stale_checkpoint_pages / 1e6:.0f} MB"
+        if memory.stale_checkpoint_pages >= 1e6
+        else ""
+    )
     in_flight = metrics.active
     rows = (
         "".join(
@@ -36,7 +51,9 @@ pre {{ background: #f6f6f6; padding: .8rem; }} code {{ background: #f6f6f6; padd
 </style></head><body>
 <h1><span class="light" id="health" title="healthy"></span>workbench server</h1>
 <p>Serving <b>{html.escape(model_name)}</b> ({html.escape(info.source)}) on {html.escape(info.device)},
-{str(info.dtype).removeprefix("torch.")}, weights {info.weight_bytes / 1e9:.2f} GB, process memory {rss_bytes / 1e9:.2f} GB,
+compute dtype {str(info.dtype).removeprefix("torch.")}, process memory {memory.rss / 1e9:.2f} GB: runtime {memory.runtime / 1e9:.2f} GB,
+resident weights {memory.weight_total / 1e9:.2f} GB ({html.escape(weights or "none")}{stale}), KV cache {memory.kv_cache / 1e6:.0f} MB,
+activations {memory.activations / 1e6:.0f} MB, unaccounted {memory.unaccounted / 1e6:.0f} MB; load peak {memory.load_peak / 1e9:.2f} GB;
 context {session.engine.context_limit} tokens; {html.escape(session.media.describe())}. Up {time.time() - started:.0f} s, {in_flight} request(s) in flight.</p>
 <p>OpenAI-compatible endpoint: <code>POST /v1/chat/completions</code> · <a href="/v1/models">/v1/models</a> ·
 <a href="/health">/health</a> · <a href="/metrics">/metrics</a></p>
