@@ -270,13 +270,29 @@ def _live_tensors() -> tuple[dict[int, int], dict[int, int]]:
             for layer in getattr(obj, "layers", []):
                 for name in ("keys", "values"):
                     t = getattr(layer, name, None)
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-                        kv[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    if isinstance(t, torch.Tensor) and (held := _cpu_storage(t)):
+                        kv[held[0]] = held[1]
         elif issubclass(kind, torch.Tensor):
             for leaf in _leaves(obj):
-                if leaf.device.type == "cpu" and not leaf.is_meta:
-                    other[leaf.untyped_storage().data_ptr()] = leaf.untyped_storage().nbytes()
+                if held := _cpu_storage(leaf):
+                    other[held[0]] = held[1]
     return kv, other
+
+
+def _cpu_storage(t: torch.Tensor) -> tuple[int, int] | None:
+    """(address, bytes) of a CPU tensor's storage; None for meta, fake and functional tensors,
+    which hold no memory (torch.compile leaves them alive), and for sparse ones, which have no
+    single storage to read (left uncounted: the workbench makes none)."""
+    if t.device.type != "cpu" or t.is_meta or t.layout != torch.strided or type(t).__name__ in _NO_STORAGE:
+        return None
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+_NO_STORAGE = {"FakeTensor", "FunctionalTensor"}
 
 
 @dataclass
