@@ -266,16 +266,19 @@ def _live_tensors() -> tuple[dict[int, int], dict[int, int]]:
     other: dict[int, int] = {}
     for obj in gc.get_objects():
         kind = type(obj)  # not isinstance: it reads __class__, which some module proxies warn on
-        if issubclass(kind, Cache):
-            for layer in getattr(obj, "layers", []):
-                for name in ("keys", "values"):
-                    t = getattr(layer, name, None)
-                    if isinstance(t, torch.Tensor) and (held := _cpu_storage(t)):
-                        kv[held[0]] = held[1]
-        elif issubclass(kind, torch.Tensor):
-            for leaf in _leaves(obj):
-                if held := _cpu_storage(leaf):
-                    other[held[0]] = held[1]
+        try:
+            if issubclass(kind, Cache):
+                for layer in getattr(obj, "layers", []):
+                    for name in ("keys", "values"):
+                        t = getattr(layer, name, None)
+                        if isinstance(t, torch.Tensor) and (held := _cpu_storage(t)):
+                            kv[held[0]] = held[1]
+            elif issubclass(kind, torch.Tensor):
+                for leaf in _leaves(obj):
+                    if held := _cpu_storage(leaf):
+                        other[held[0]] = held[1]
+        except Exception:  # noqa: BLE001 - the collector hands back half-built and foreign objects too:
+            continue  # one that cannot be read is left uncounted (it shows as unaccounted), never fatal
     return kv, other
 
 
