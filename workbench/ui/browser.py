@@ -162,7 +162,13 @@ def download(driver, elem_id: str, folder: Path, timeout: float = 30) -> Path:
     driver.find_element(By.ID, elem_id).click()
 
     def arrived():
-        new = [p for p in set(folder.iterdir()) - before if not p.name.endswith(".crdownload")]
+        # Chromium writes into a hidden ".org.chromium.Chromium.*" or "*.crdownload" file and
+        # renames it when done; only the renamed file is the download.
+        new = [
+            p
+            for p in set(folder.iterdir()) - before
+            if not p.name.startswith(".") and not p.name.endswith(".crdownload") and p.exists()
+        ]
         return new[0] if new else None
 
     return wait_for(arrived, timeout, f"the download from #{elem_id}")
