@@ -11,6 +11,7 @@ from typing import cast
 import torch
 import yaml
 
+from workbench.compress import checkpoint
 from workbench.compress.pipeline import apply
 from workbench.compress.quantization import preflight as quantize_preflight
 from workbench.config import (
@@ -95,14 +96,13 @@ class Session:
         )
 
     def save(self, directory: str | Path, *, reapply: list | None = None) -> Path:
-        """A transformers checkpoint of the model as it is now (pruned shapes included) that
+        """A checkpoint of the model as it is now (pruned shapes included) that
         `workbench.load(directory)` reads back, plus the compression reports. `reapply` lists
-        compression steps (quantize, kv_cache) not yet applied that loading the folder applies."""
-        if any(report.get("step") == "quantize" for report in self.reports):
-            raise ValueError(
-                "saving a quantized session is not supported (torchao tensors); save before the "
-                "quantize step with reapply=[...], or keep the config and rebuild the model with workbench.load(config)"
-            )
+        compression steps (quantize, kv_cache) not yet applied that loading the folder applies.
+        A quantized model is saved as it is held, int8/int4 tensors and their scales
+        (workbench/compress/checkpoint.py), so loading it quantizes nothing again."""
+        if checkpoint.is_quantized(self.model) or any(report.get("step") == "quantize" for report in self.reports):
+            return checkpoint.save(self, directory, reapply=reapply)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -251,7 +251,7 @@ def load(
     start = time.perf_counter()
     config = _config_for(spec_or_path, model_overrides)
     preflight(config)
-    session = Session(load_model(config.model, quiet=True), config)
+    session = Session(load_model(config.model, quiet=True, quantized_reader=checkpoint.read), config)
     if config.compression:
         session.reports = apply(session, config.compression)
     if config.model.compile:

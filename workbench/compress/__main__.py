@@ -1,7 +1,10 @@
 """`python -m workbench.compress CONFIG --out DIR`: apply a config's compression steps to its
 model and measure before and after in one run; writes report.json, report.md, report.html
-and the compressed model: pruned weights as a checkpoint, quantization and the KV-cache
-policy recorded in its workbench.yaml and re-applied by `workbench.load(DIR/model)`.
+and the compressed model as it is held: pruned shapes, merged adapters and quantized layers
+(int8/int4 tensors and their scales, compress/checkpoint.py), so `workbench.load(DIR/model)`
+reads it without quantizing again; the KV-cache policy is recorded in its workbench.yaml and
+re-applied. Only a scheme whose layers are torchao tensor subclasses (int8_dynamic, int4 off
+the CPU) is still recorded as a step and re-applied at load.
 
 The divergence from the original needs the model as loaded once the compressed one is
 measured: it is loaded again then (from the cache), not kept through the run, so that neither
@@ -13,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from workbench.compress.checkpoint import storable_schemes
 from workbench.compress.pipeline import apply, split_steps
 from workbench.compress.report import (
     divergence_from_original,
@@ -79,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     print("Measuring the original model ...", file=sys.stderr, flush=True)
     before = measure(session, windows=args.windows, decode_tokens=args.decode_tokens, harness=harness)
     in_weights, reapplied = split_steps(config.compression)
+    quantize_steps = [s for s in reapplied if s.step == "quantize"]
+    if quantize_steps and storable_schemes(quantize_steps, session.loaded.device):
+        # saved as quantized: only the KV-cache policy is left to re-apply at load
+        in_weights = [step for step in config.compression if step.step != "kv_cache"]
+        reapplied = [step for step in reapplied if step.step == "kv_cache"]
     session.reports = apply(session, in_weights)
     model_dir = args.out / "model"
     session.save(model_dir, reapply=reapplied)

@@ -117,7 +117,7 @@ def apply(session, steps) -> list[dict]:
         # a step's report is a dataclass instance (is_dataclass also admits a dataclass type)
         reports.append(asdict(report) if is_dataclass(report) else dict(report))  # type: ignore[arg-type]
     del teacher
-    if steps:
+    if any(s.step != "kv_cache" for s in steps):  # a cache policy replaces no weight: nothing to free
         # The steps replaced layers whose originals still sit in the mapped checkpoint, paged in
         # (an int8 session kept ~500 MB of float32 file pages) and in the heap as freed temporaries.
         release([session.model, session.media.adapter])

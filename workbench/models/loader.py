@@ -40,6 +40,10 @@ from workbench.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+QUANTIZED_MANIFEST = "quantization.json"
+"""Marks a folder saved with its quantized layers as they are held (workbench/compress/checkpoint.py):
+its layers are no transformers class, so only that module's reader can build them."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -233,9 +237,15 @@ def _from_pretrained(where: str, cfg: ModelConfig, device: str, dtype: torch.dty
     return model, tokenizer
 
 
-def _load_local(path: Path, cfg: ModelConfig, device: str, dtype: torch.dtype):
+def _load_local(path: Path, cfg: ModelConfig, device: str, dtype: torch.dtype, quantized_reader=None):
     if not path.is_dir():
         raise ModelSourceError(f"model directory {path} does not exist")
+    if (path / QUANTIZED_MANIFEST).is_file():
+        if quantized_reader is None:
+            raise ModelSourceError(
+                f"{path} is a quantized checkpoint (it has {QUANTIZED_MANIFEST}): load it with workbench.load({str(path)!r})"
+            )
+        return quantized_reader(path, device, dtype)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} is not a transformers checkpoint: it has no config.json")
     if "key_value_heads_per_layer" in json.loads((path / "config.json").read_text()):
@@ -291,7 +301,9 @@ def _load_hub(repo_id: str, cfg: ModelConfig, device: str, dtype: torch.dtype):
         ) from exc
 
 
-def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, quiet: bool = False, quantized_reader=None) -> LoadedModel:
+    """`quantized_reader(path, device, dtype) -> (model, tokenizer)` reads a local folder that
+    holds a quantized checkpoint; its layers live a floor above this one, so the caller passes it."""
     runtime_anon = memory.process_status().get("RssAnon", 0)
     start = time.perf_counter()
     kind = classify(cfg.source)
@@ -314,7 +326,7 @@ def load_model(cfg: ModelConfig, *, quiet: bool = False) -> LoadedModel:
         # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): typed as unbound
         model = model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     elif kind == "local":
-        model, tokenizer = _load_local(Path(cfg.source).expanduser(), cfg, device, dtype)
+        model, tokenizer = _load_local(Path(cfg.source).expanduser(), cfg, device, dtype, quantized_reader)
     else:
         model, tokenizer = _load_hub(cfg.source, cfg, device, dtype)
     model.eval()

@@ -129,6 +129,26 @@ def resident_fraction(address: int, nbytes: int) -> float:
     return sum(b & 1 for b in vector) / pages
 
 
+def mapped_fraction(address: int, nbytes: int) -> float:
+    """The share of the pages under [address, address + nbytes) this process has mapped in
+    (/proc/self/pagemap's present bit): for a file mapping, what its RSS counts. Falls back to
+    mincore where pagemap cannot be read."""
+    if nbytes <= 0 or not supported():
+        return resident_fraction(address, nbytes)
+    first = address // PAGE
+    pages = (address + nbytes + PAGE - 1) // PAGE - first
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first * 8)
+            entries = pagemap.read(pages * 8)
+    except OSError:
+        return resident_fraction(address, nbytes)
+    if len(entries) != pages * 8:
+        return resident_fraction(address, nbytes)
+    present = sum(entries[i + 7] >> 7 for i in range(0, len(entries), 8))
+    return present / pages
+
+
 def malloc_trim() -> bool:
     """Hand the C heap's free pages back to the OS (glibc): torch frees a quantized layer's
     float32 temporaries into the heap, where they stay resident until trimmed."""
@@ -377,9 +397,13 @@ def measure(modules, *, runtime_anon: int, load_peak: int) -> MemoryReport:
     file_backed = 0
     covered: Counter[int] = Counter()
     for address, (nbytes, dtype) in storages.items():
-        held = int(nbytes * resident_fraction(address, nbytes))
-        weights[dtype] += held
         mapping = _in(address, files)
+        # mincore answers for the page cache, not this process: a checkpoint just written is all
+        # cached, though only the embedding rows a forward read are mapped in here
+        held = int(
+            nbytes * (resident_fraction(address, nbytes) if mapping is None else mapped_fraction(address, nbytes))
+        )
+        weights[dtype] += held
         if mapping is not None:
             file_backed += held
             covered[mapping.start] += held
