@@ -22,6 +22,7 @@ GROUND = {
     "workbench.metrics",
     "workbench.step_options",
     "workbench.sampling_params",
+    "workbench.lean_imports",
 }
 LOWER_PACKAGES = ("workbench.models", "workbench.modalities")
 FEATURES = (

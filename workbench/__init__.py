@@ -13,6 +13,10 @@ import logging
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
+from workbench.lean_imports import import_transformers_models
+
+import_transformers_models()  # before any module below imports transformers' model classes
+
 from workbench.config import ConfigError, WorkbenchConfig, load_config
 from workbench.engine import ChatRequest, ContextLengthError, Engine, RequestError
 from workbench.models import ModelSourceError
