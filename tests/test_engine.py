@@ -15,6 +15,7 @@ from workbench.engine import (
 )
 from workbench.engine.batch import left_pad, positions_of
 from workbench.engine.template import THINK_INSTRUCTION, render_prompt
+from workbench.inspect.attention import ablate_heads
 
 
 def collect(engine, **fields):
@@ -363,6 +364,16 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
             texts[index] += event.text
     assert texts == expected
     assert steps == ["StaticCache"] * (18 + 3)  # then the pair decodes eagerly
+
+    # A hook added after compiling reaches the compiled step: ablate_heads zeroes o_proj's input
+    # by a pre-hook, and torch 2.13 by default skips the guards that would notice it.
+    heads = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    plain = compiled.chat("hello there", **fields).text
+    with ablate_heads(eager, heads):
+        ablated = eager.chat("hello there", **fields).text
+    with ablate_heads(compiled, heads):
+        assert compiled.chat("hello there", **fields).text == ablated != plain
+    assert compiled.chat("hello there", **fields).text == plain  # and leaves with the hook
 
 
 def test_a_running_request_answers_the_same_when_another_joins_it(tiny):
