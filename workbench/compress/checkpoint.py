@@ -122,7 +122,7 @@ def save(session, directory: str | Path, reapply: list | None = None) -> Path:
     should answer as the session did."""
     if reapply is None:
         reapply = [step for step in session.config.compression if step.step == "kv_cache"]
-    from_steps = [s for s in reapply or [] if s.step in ("quantize", "prune_heads", "recover")]
+    from_steps = [s for s in reapply if s.step in ("quantize", "prune_heads", "recover")]
     if from_steps:
         raise ValueError(
             f"a quantized checkpoint holds its weights as compressed; {from_steps[0].step} cannot be re-applied"
@@ -158,7 +158,7 @@ def save(session, directory: str | Path, reapply: list | None = None) -> Path:
     config = session.config.to_data()
     config["model"]["source"] = "."  # this folder, wherever it is moved
     config["model"]["adapter"] = None  # merged into the saved weights
-    config["compression"] = [step.model_dump(mode="json") for step in reapply or []]
+    config["compression"] = [step.model_dump(mode="json") for step in reapply]
     (directory / "workbench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return directory
 
@@ -197,11 +197,6 @@ def _tensor(f, path: Path, key: str, shape: list[int] | tuple[int, ...], dtype: 
             f"manifest say {str(want).removeprefix('torch.')} {list(shape)}"
         )
     return t
-
-
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def _check_shape(path: Path, name: str, record: dict, meta: nn.Linear) -> None:
@@ -279,7 +274,7 @@ def read(path: Path, device: str, dtype: torch.dtype):
             except AttributeError:
                 raise ModelSourceError(f"{path / QUANTIZED_MANIFEST}: the model has no layer {name}") from None
             layer = _build_layer(f, path, name, record, meta)
-            _replace(model, name, layer)
+            model.set_submodule(name, layer)
             used |= {f"{name}.{k}" for k, _ in layer.state_dict().items()}
         expected = model.state_dict()
         rest = {}

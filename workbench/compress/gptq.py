@@ -194,16 +194,11 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
     return outputs
 
 
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 def _quantize_layers(model: nn.Module, hessians: dict[str, torch.Tensor], settings: GPTQSettings) -> None:
     for name, hessian in hessians.items():
         linear = cast(nn.Linear, model.get_submodule(name))
         values, scales, zeros = gptq_int4(linear.weight, hessian, settings)
-        _set(model, name, Int4Linear.from_int4(values, scales, zeros, settings.group_size, linear.bias))
+        model.set_submodule(name, Int4Linear.from_int4(values, scales, zeros, settings.group_size, linear.bias))
 
 
 @torch.no_grad()
@@ -268,7 +263,7 @@ def cached_gptq_quantize(
             layer = Int4Linear(
                 state[f"{name}.weight"], state[f"{name}.scales_and_zeros"], settings.group_size, shape, linear.bias
             )
-            _set(model, name, layer.to(linear.weight.device))
+            model.set_submodule(name, layer.to(linear.weight.device))
         return True
     gptq_quantize(model, names, windows, settings)
     state = {}

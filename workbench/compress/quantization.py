@@ -136,18 +136,13 @@ def _torchao_config(scheme: str, group_size: int):
     return Int4WeightOnlyConfig(group_size=group_size)
 
 
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 def _quantize_modules(model: nn.Module, names: set[str], scheme: str, group_size: int, device_type: str) -> None:
     """Apply one torchao scheme to these layers (int4 on a CPU: `Int4Linear`)."""
     from torchao.quantization import quantize_
 
     if scheme == "int4_weight_only" and device_type == "cpu":
         for name in names:
-            _replace(model, name, Int4Linear.from_linear(cast(nn.Linear, model.get_submodule(name)), group_size))
+            model.set_submodule(name, Int4Linear.from_linear(cast(nn.Linear, model.get_submodule(name)), group_size))
         return
     quantize_(model, _torchao_config(scheme, group_size), filter_fn=lambda m, fqn: fqn in names)
 
@@ -344,13 +339,13 @@ def quantize(session, **options) -> QuantizeReport:
         elif scheme == "int8_weight_only" and kernel_available(device.type):
             for name in names:
                 layer = cast(nn.Linear, model.get_submodule(name))
-                _replace(model, name, Int8Linear.from_linear(layer))
+                model.set_submodule(name, Int8Linear.from_linear(layer))
                 pages.drop(layer.weight)
         elif scheme == "int4_weight_only" and device.type == "cpu":
             for name in names:
                 if methods[name] != "gptq":
                     layer = cast(nn.Linear, model.get_submodule(name))
-                    _replace(model, name, Int4Linear.from_linear(layer, opts.group_size, methods[name]))
+                    model.set_submodule(name, Int4Linear.from_linear(layer, opts.group_size, methods[name]))
                     pages.drop(layer.weight)
         else:
             _quantize_modules(model, names, scheme, opts.group_size, device.type)

@@ -55,11 +55,6 @@ class Choice:
         return 8 * self.chosen_bytes / self.weights
 
 
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 @torch.no_grad()
 def measure(
     model: PreTrainedModel,
@@ -78,13 +73,13 @@ def measure(
             original = model.get_submodule(name)
             kl[name], sizes[name] = {"keep": 0.0}, {"keep": keep_bytes(name)}
             for scheme, layer, size in variants(name):
-                _set(model, name, layer)
+                model.set_submodule(name, layer)
                 try:
                     drift = log_prob_divergence(
                         (p, _log_probs(model, w), w[1:].cpu()) for p, w in zip(reference, windows)
                     )
                 finally:
-                    _set(model, name, original)
+                    model.set_submodule(name, original)
                 kl[name][scheme], sizes[name][scheme] = drift.kl_mean, size
             bar.update()
     return Sensitivity(kl, sizes, len(windows), sum(len(w) - 1 for w in windows))
