@@ -88,25 +88,36 @@ def test_steps_that_read_no_text_record_no_calibration():
 
 @pytest.fixture
 def few_prompts(monkeypatch, tmp_path):
-    """32 of the recovery prompts (8 in the mix), short replies and a fresh cache: the mix in seconds."""
+    """32 of the recovery prompts (8 in the mix), 6 openings, short replies and samples and a fresh
+    cache: the mix in seconds."""
     from workbench.compress import recovery_data
 
     prompts = recovery_data.load_prompts()[:32]
+    openings = recovery_data.load_openings()[:6]
     monkeypatch.setattr(cal.rd, "load_prompts", lambda: prompts)
+    monkeypatch.setattr(cal.rd, "load_openings", lambda: openings)
     monkeypatch.setattr(cal, "MIX_REPLY_TOKENS", 8)
+    monkeypatch.setattr(cal, "MIX_SAMPLE_TOKENS", 8)
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
     return tmp_path
 
 
-def test_the_mix_interleaves_reference_text_the_models_own_chats_and_everyday_sentences(few_prompts):
+def test_the_mix_interleaves_reference_text_the_models_own_chats_and_text_and_everyday_sentences(few_prompts):
     session = workbench.load("tiny:qwen3", quiet=True)
     mix = cal.resolve(session, None)
-    assert mix.name == "mix" and mix.sources == {"reference": 40, "self_generated_chats": 8, "everyday": 5}
+    assert mix.name == "mix" and mix.sources == {
+        "reference": 40,
+        "self_generated_chats": 8,
+        "self_generated_text": 6,
+        "everyday": 5,
+    }
     reference = calibration_texts()
-    assert mix.texts[0] == reference[0] and mix.texts[3] == reference[1]
+    assert mix.texts[0] == reference[0] and mix.texts[4] == reference[1]
     first_prompt = cal.rd.load_prompts()[0][-1]["content"]
     assert first_prompt in mix.texts[1] and mix.texts[1] != first_prompt  # a chat, in its template
-    assert mix.texts[2] == cal.everyday_sentences()[0]
+    opening = cal.rd.load_openings()[0]
+    assert mix.texts[2].startswith(opening) and len(mix.texts[2]) > len(opening)  # the model's continuation
+    assert mix.texts[3] == cal.everyday_sentences()[0]
     assert mix.record()["sources"] == mix.sources
     assert cal.resolve(session, "mix") is mix  # once per session
 
@@ -115,6 +126,7 @@ def test_the_mix_is_generated_once_per_model_and_read_from_the_cache_after(few_p
     session = workbench.load("tiny:qwen3", quiet=True)
     first = cal.mix(session.model, session.tokenizer)
     monkeypatch.setattr(cal.rd, "greedy_replies", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(cal.rd, "sampled_continuations", lambda *a, **k: pytest.fail("sampled again"))
     again = cal.mix(workbench.load("tiny:qwen3", quiet=True).model, session.tokenizer)
     assert again.sha256 == first.sha256
 

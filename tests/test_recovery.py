@@ -14,7 +14,7 @@ from workbench.compress.pipeline import recorded_removal
 from workbench.compress.pruning import _calibration_batches, prune_groups, prune_heads, split_calibration
 from workbench.compress.recovery import held_out_kl
 from workbench.config import ConfigError, load_config, parse_config
-from workbench.data import calibration_texts, evaluation_texts
+from workbench.data import calibration_texts, evaluation_texts, prose_texts
 from workbench.models.adapters import load_adapter
 from workbench.models.anatomy import attention_layers
 from workbench.step_options import COMPENSATE_RIDGES
@@ -209,8 +209,8 @@ def test_recovery_lowers_the_held_out_kl_to_the_unpruned_model(tmp_path, train):
     teacher = workbench.load("tiny:llama", quiet=True).model
     pruned = workbench.load("tiny:llama", quiet=True)
     prune_heads(pruned, criterion="weight_norm", per_layer=1)
-    recovered = workbench.load(recover_config(tmp_path, train=train, keep="kl"), quiet=True)
-    held_out = evaluation_texts()[5:]  # not the windows the step chose its state on
+    recovered = workbench.load(recover_config(tmp_path, train=train, keep="kl", eval_texts=["reference"]), quiet=True)
+    held_out = evaluation_texts()[5:-2]  # not the windows the step chose its state on (the last ones)
     before = held_out_kl(pruned.model, teacher, pruned.tokenizer, held_out, window=64, windows=6)
     after = held_out_kl(recovered.model, teacher, recovered.tokenizer, held_out, window=64, windows=6)
     report = recovered.reports[1]
@@ -348,6 +348,26 @@ def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tm
             [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "keep": "best"}],
             "keep: Input should be 'perplexity', 'kl' or 'last'",
         ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "calibration_share": 0.6, "sample_share": 0.5}],
+            "calibration_share \\(0.6\\) \\+ sample_share \\(0.5\\) is more than 1",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "eval_texts": ["prose", "news"]}],
+            "eval_texts.1: Input should be 'reference' or 'prose'",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "eval_texts": []}],
+            "eval_texts: List should have at least 1 item",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "eval_texts": ["prose", "prose"]}],
+            "names a text twice",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "openings": "/nowhere.txt"}],
+            "openings file '/nowhere.txt' does not exist",
+        ),
     ],
 )
 def test_bad_recovery_configs_fail_when_read(steps, message):
@@ -398,6 +418,90 @@ def test_teacher_replies_are_cached_and_no_prompt_is_a_facts_question(tmp_path):
         session.model, session.tokenizer, chats[:3], max_tokens=4, cache_dir=tmp_path, progress=False
     )
     assert len(list(tmp_path.glob("teacher-replies-*.json"))) == 2 and len(first) == 3
+
+
+def test_teacher_samples_are_seeded_cached_and_continue_their_openings(tmp_path):
+    from workbench.compress import recovery_data
+
+    openings = recovery_data.load_openings()
+    assert len(openings) >= 30
+    held_out = "\n".join(evaluation_texts() + prose_texts())
+    assert not any(o in held_out for o in openings)  # written for the repository, not cut from a held-out text
+    session = workbench.load("tiny:llama", quiet=True)
+
+    def sample(cache, seed=0):
+        return recovery_data.teacher_samples(
+            session.model,
+            session.tokenizer,
+            openings[:3],
+            per_opening=2,
+            max_tokens=6,
+            seed=seed,
+            cache_dir=cache,
+            batch=4,
+            progress=False,
+        )
+
+    first = sample(tmp_path / "a")
+    assert len(first) == 6 and all(s.startswith(o) for s, o in zip(first, openings[:3] * 2))
+    assert first[0] != first[3]  # two samples of one opening differ
+    assert sample(tmp_path / "b") == first  # seeded: a fresh cache gives the same text
+    assert sample(tmp_path / "b", seed=1) != first
+    assert len(list((tmp_path / "b").glob("teacher-samples-*.json"))) == 2
+    with torch.no_grad():  # another teacher: the cache must not answer for it
+        session.model.lm_head.weight.mul_(2)
+    sample(tmp_path / "a")
+    assert len(list((tmp_path / "a").glob("teacher-samples-*.json"))) == 2
+
+
+def test_the_mixture_draws_each_stream_by_its_share():
+    from workbench.compress.recovery_data import Mixture
+
+    chats, calibration, samples = (torch.full((400,), v) for v in (1, 2, 3))
+    mixture = Mixture(chats, calibration, 8, 0.2, 0, samples=samples, sample_share=0.5)
+    rows = mixture.batch(2000)[:, 0]
+    shares = [float((rows == v).float().mean()) for v in (1, 2, 3)]
+    assert shares == pytest.approx([0.3, 0.2, 0.5], abs=0.04)
+    # an empty stream's draws go to the chats
+    only_chats = Mixture(chats, torch.zeros(0, dtype=torch.long), 8, 0.5, 0).batch(50)
+    assert bool((only_chats == 1).all())
+
+
+def test_recovery_chooses_its_state_on_both_held_out_texts_and_records_each(tmp_path):
+    session = workbench.load(
+        recover_config(tmp_path, keep="kl", sample_share=0.3, samples_per_opening=1, sample_tokens=8), quiet=True
+    )
+    report = session.reports[1]
+    assert set(report["held_out"]) == {"reference", "prose"}
+    for text in report["held_out"].values():
+        assert set(text) == {"perplexity_before", "perplexity_after", "kl_before", "kl_after"}
+        assert text["kl_after"] <= text["kl_before"] * 1.5
+    kl_mean = sum(t["kl_after"] for t in report["held_out"].values()) / 2
+    assert report["kl_after"] == pytest.approx(kl_mean, abs=1e-5)  # per-text figures are rounded to 5 places
+    assert report["kl_after"] == pytest.approx(
+        min([report["kl_before"], *(h["kl"] for h in report["history"])]), abs=1e-5
+    )
+    assert all(set(h["texts"]) == {"reference", "prose"} for h in report["history"])
+    assert len(list((tmp_path / "cache").glob("teacher-samples-*.json"))) == 1
+
+
+def test_recover_knows_every_held_out_text():
+    from workbench.data import HELD_OUT
+    from workbench.step_options import HELD_OUT_TEXTS
+
+    assert set(HELD_OUT_TEXTS) == set(HELD_OUT)
+
+
+def test_recovery_evaluates_on_the_last_windows_of_a_text():
+    from workbench.compress.recovery import _windows
+    from workbench.metrics import token_windows
+
+    session = workbench.load("tiny:llama", quiet=True)
+    texts = evaluation_texts()
+    chosen = _windows(session.tokenizer, texts, 64, 3, "cpu")
+    scored = token_windows(session.tokenizer, texts, window=64, max_windows=8)
+    assert len(chosen) == 3 and all(c.shape == (1, 64) for c in chosen)
+    assert not any(torch.equal(c[0], w) for c in chosen for w in scored)
 
 
 # --- the shipped adapter ---------------------------------------------------------------------

@@ -103,16 +103,26 @@ _TRAINING = (
     "warmup",
     "temperature",
     "calibration_share",
+    "sample_share",
     "prompts",
     "reply_tokens",
+    "openings",
+    "samples_per_opening",
+    "sample_tokens",
     "eval_every",
     "eval_windows",
+    "eval_texts",
     "keep",
     "save_adapter",
     "cache_dir",
     "calibration",
     *_LORA_ONLY,
 )
+
+
+HeldOutText = Literal["reference", "prose"]
+HELD_OUT_TEXTS: tuple[HeldOutText, ...] = ("reference", "prose")
+"""workbench.data.HELD_OUT's names (tests/test_recovery.py checks they agree)."""
 
 
 class RecoverOptions(BaseModel):
@@ -135,15 +145,26 @@ class RecoverOptions(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
     calibration_share: float = Field(0.5, ge=0.0, le=1.0)
-    """Share of training windows drawn from calibration text; the rest are teacher chats."""
+    """Share of training windows drawn from calibration text."""
+    sample_share: float = Field(0.0, ge=0.0, le=1.0)
+    """Share drawn from the teacher's sampled continuations of `openings`; the rest (1 minus both
+    shares) are the teacher's replies to `prompts`."""
     prompts: str | None = None
     """Prompts file for the teacher's replies; default data/recovery/prompts.txt."""
     reply_tokens: int = Field(128, ge=1, le=4096)
+    openings: str | None = None
+    """Openings file the teacher continues by sampling; default data/recovery/openings.txt."""
+    samples_per_opening: int = Field(4, ge=1, le=256)
+    sample_tokens: int = Field(256, ge=1, le=4096)
     eval_every: int = Field(100, ge=1)
     eval_windows: int = Field(4, ge=1)
+    """512-token windows of each held-out text, taken from its end: quality.perplexity and the
+    benches score the first windows, so the state is not chosen on the windows it is judged on."""
+    eval_texts: list[HeldOutText] = Field(default_factory=lambda: list(HELD_OUT_TEXTS), min_length=1)
+    """Held-out texts (workbench.data.HELD_OUT) the state is chosen on."""
     keep: Literal["perplexity", "kl", "last"] = "perplexity"
-    """Which state to end with: the lowest held-out perplexity, the lowest held-out KL to the
-    teacher, or simply the last step's."""
+    """Which state to end with: the lowest held-out perplexity (the geometric mean over
+    `eval_texts`), the lowest held-out KL to the teacher (their mean), or the last step's."""
     seed: int = 0
     threads: int | None = Field(None, ge=1, le=1024)
     """torch CPU threads while recovering (restored afterwards); None leaves torch's setting."""
@@ -185,6 +206,15 @@ class RecoverOptions(BaseModel):
                 )
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
+        if self.calibration_share + self.sample_share > 1.0:
+            raise ValueError(
+                f"calibration_share ({self.calibration_share}) + sample_share ({self.sample_share}) is more than 1: "
+                "they are shares of the training windows (the rest are teacher chats)"
+            )
+        if len(set(self.eval_texts)) != len(self.eval_texts):
+            raise ValueError(f"eval_texts {self.eval_texts} names a text twice")
+        if self.openings is not None and not resolve_path(self.openings).is_file():
+            raise ValueError(f"openings file {self.openings!r} does not exist")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(

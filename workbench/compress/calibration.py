@@ -9,10 +9,13 @@ built-in name:
 - `reference`: data/calibration.txt, the CPython Language Reference (what every step read
   before calibration was a choice; the shipped pruned-25 adapter was fitted after it);
 - `mix` (the default): that text, the original model's own greedy replies to chat prompts of
-  data/recovery/prompts.txt, and everyday sentences, interleaved so that the first n texts a
-  step reads are already mixed. Fitting on one kind of text fits that kind (pruned-25 lost 7%
-  perplexity on the reference text's source and 27% on prose); the model's own replies need no
-  dataset and are the situation it is used in.
+  data/recovery/prompts.txt, its sampled continuations of the openings of
+  data/recovery/openings.txt (stories, letters, news, recipes...), and everyday sentences,
+  interleaved so that the first n texts a step reads are already mixed. Fitting on one kind of
+  text fits that kind (pruned-25 lost 7% perplexity on the reference text's source and 61% on
+  fiction); the model's own replies need no dataset and are the situation it is used in, and its
+  sampled text reaches the parts of its distribution that neither a reference manual nor an
+  assistant's replies do.
 
 The replies come from the model as it is when the mix is first resolved for a session: the
 pipeline resolves every step's calibration before its first step runs, so a step after
@@ -43,6 +46,10 @@ MIX_PROMPT_STRIDE = 4
 """Every 4th prompt of data/recovery/prompts.txt (39 of 154, spread over the file's kinds of
 request): the replies are generated once per model, and a quarter of the prompts is a quarter of
 the time recover's teacher replies take (all 154: about 6 minutes on a quiet 2-core CPU)."""
+
+MIX_SAMPLE_TOKENS = 256
+"""Tokens of each sampled continuation: one per opening (32 texts, about 1.5 minutes on a quiet
+2-core CPU for the embedded model; the first 32 of the recover step's samples with its seed 0)."""
 
 SPEECH_SENTENCES = DATA_DIR / "speech_sentences.txt"
 SENTENCES_PER_DOCUMENT = 8
@@ -147,11 +154,33 @@ def self_generated_chats(model, tokenizer, *, cache_dir: Path | None = None, pro
     return [render(tokenizer, [*chat, {"role": "assistant", "content": reply}]) for chat, reply in zip(chats, replies)]
 
 
+def self_generated_text(model, tokenizer, *, cache_dir: Path | None = None, progress: bool = True) -> list[str]:
+    """One sampled continuation by the model of each opening of data/recovery/openings.txt."""
+    return rd.teacher_samples(
+        model,
+        tokenizer,
+        rd.load_openings(),
+        per_opening=1,
+        max_tokens=MIX_SAMPLE_TOKENS,
+        seed=0,
+        cache_dir=cache_dir or cache_root() / "recovery",
+        progress=progress,
+    )
+
+
 def mix(model, tokenizer, *, cache_dir: Path | None = None) -> Calibration:
     reference = calibration_texts()
     chats = self_generated_chats(model, tokenizer, cache_dir=cache_dir)
+    samples = self_generated_text(model, tokenizer, cache_dir=cache_dir)
     sentences = everyday_sentences()
-    texts = interleave(reference, chats, sentences)
+    texts = interleave(reference, chats, samples, sentences)
     return Calibration.of(
-        "mix", texts, {"reference": len(reference), "self_generated_chats": len(chats), "everyday": len(sentences)}
+        "mix",
+        texts,
+        {
+            "reference": len(reference),
+            "self_generated_chats": len(chats),
+            "self_generated_text": len(samples),
+            "everyday": len(sentences),
+        },
     )

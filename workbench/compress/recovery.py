@@ -6,13 +6,17 @@ distribution (Minitron and Sheared-LLaMA recover this way; LLM-Pruner with LoRA)
 teacher is the model as loaded, before any step: the pipeline keeps a copy of it when a
 config lists `recover`. The loss is the KL divergence of the student's from the teacher's
 token distribution at temperature T (x T^2, as in Hinton et al., so the gradient scale does
-not depend on T), on every position of windows drawn from the teacher's own chat replies and
-the step's calibration text (recovery_data.py; `calibration:`, calibration.py).
+not depend on T), on every position of windows drawn from the teacher's own chat replies, its
+sampled continuations of varied openings and the step's calibration text (recovery_data.py;
+`calibration:`, calibration.py).
 
 Two ways to train: `lora` (peft adapters on the chosen linear layers, merged into the weights
 at the end, so the result is a plain pruned model) or `attention` (the q/k/v/o weights of
-every layer trained fully). Held-out perplexity is measured every `eval_every` steps and the
-best state is kept, so a run that starts to overfit the small corpus ends at its best point.
+every layer trained fully). Perplexity and KL to the teacher on held-out texts (`eval_texts`:
+the reference text and fiction by default) are measured every `eval_every` steps and the best
+state is kept, so a run that starts to fit its corpus rather than the model ends at its best
+point. Those windows are the last of each text; quality.perplexity and the benches judge the
+first ones.
 
 `adapter: DIR` loads a trained LoRA instead of training (seconds): the folder records which
 model and which pruned shapes it was trained on and refuses any other. `save_adapter: DIR`
@@ -37,7 +41,8 @@ from tqdm.auto import tqdm
 
 from workbench.compress import recovery_data as rd
 from workbench.compress.calibration import resolve
-from workbench.data import evaluation_texts
+from workbench.data import held_out_texts
+from workbench.metrics import token_windows
 from workbench.models.adapters import load_adapter, save_adapter
 from workbench.models.anatomy import pruned_shape
 from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
@@ -57,9 +62,12 @@ class RecoverReport:
     perplexity_after: float | None = None
     kl_before: float | None = None
     kl_after: float | None = None
-    """held-out KL(teacher || student) per token, at the start and for the state kept"""
+    """held-out KL(teacher || student) per token, at the start and for the state kept; perplexity
+    is the geometric mean over the held-out texts, KL their mean (what `keep` compares)"""
+    held_out: dict[str, dict] = field(default_factory=dict)
+    """per held-out text: {"perplexity_before", "perplexity_after", "kl_before", "kl_after"}"""
     history: list[dict] = field(default_factory=list)
-    """[{"step", "loss", "perplexity", "kl"}] at every evaluation"""
+    """[{"step", "loss", "perplexity", "kl", "texts": {text: {"perplexity", "kl"}}}] at every evaluation"""
     adapter: str | None = None
     trainable_params: int = 0
     calibration: dict | None = None
@@ -70,11 +78,9 @@ class RecoverReport:
 
 
 def _windows(tokenizer, texts: list[str], window: int, count: int, device) -> list[torch.Tensor]:
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
-    chunks = [c for c in chunks if len(c) > 1][:count]
-    if not chunks:
-        raise ValueError("recover: the evaluation text is too short for a perplexity")
+    """The last `count` whole windows of the texts (the first ones are what the benches score)."""
+    chunks = token_windows(tokenizer, texts, window=window, max_windows=None)
+    chunks = ([c for c in chunks if len(c) == window] or chunks)[-count:]
     return [c.to(device)[None] for c in chunks]
 
 
@@ -159,7 +165,7 @@ def train(
     opts: RecoverOptions,
     *,
     calibration: list[str],
-    evaluation: list[str],
+    evaluation: dict[str, list[str]],
     progress: bool = True,
 ) -> tuple[RecoverReport, Any]:
     """Distil `teacher` into `student` in place; returns the report and the peft wrapper (lora; else None)."""
@@ -178,39 +184,71 @@ def train(
         if chats
         else []
     )
+    openings = rd.load_openings(resolve_path(opts.openings) if opts.openings else None) if opts.sample_share > 0 else []
+    samples = (
+        rd.teacher_samples(
+            teacher,
+            tokenizer,
+            openings,
+            per_opening=opts.samples_per_opening,
+            max_tokens=opts.sample_tokens,
+            seed=opts.seed,
+            cache_dir=cache,
+            progress=progress,
+        )
+        if openings
+        else []
+    )
     data = rd.Mixture(
         rd.chat_stream(tokenizer, chats, replies),
         rd.text_stream(tokenizer, calibration),
         opts.seq_len,
         opts.calibration_share,
         opts.seed,
+        samples=rd.text_stream(tokenizer, samples) if samples else None,
+        sample_share=opts.sample_share,
     )
 
-    windows = _windows(tokenizer, evaluation, 512, opts.eval_windows, device)
+    windows = {name: _windows(tokenizer, texts, 512, opts.eval_windows, device) for name, texts in evaluation.items()}
 
-    def evaluate(model) -> tuple[float, float]:
-        """Held-out perplexity (as quality.perplexity: the same 512-token windows) and KL to the
-        teacher, from one forward of each model per window."""
+    def evaluate(model) -> dict[str, tuple[float, float]]:
+        """Per held-out text: perplexity and KL to the teacher, from one forward of each model
+        per window."""
         model.eval()
-        nll, kl, tokens = 0.0, 0.0, 0
+        out = {}
         with torch.inference_mode():
-            for w in windows:
-                student_logits = model(input_ids=w, use_cache=False).logits.float()
-                n = w.shape[1] - 1
-                nll += float(torch.nn.functional.cross_entropy(student_logits[0, :-1], w[0, 1:], reduction="sum"))
-                kl += float(kl_loss(student_logits, teacher(input_ids=w, use_cache=False).logits, opts.temperature)) * n
-                tokens += n
-        return math.exp(nll / tokens), kl / tokens
+            for name, text_windows in windows.items():
+                nll, kl, tokens = 0.0, 0.0, 0
+                for w in text_windows:
+                    student_logits = model(input_ids=w, use_cache=False).logits.float()
+                    n = w.shape[1] - 1
+                    nll += float(torch.nn.functional.cross_entropy(student_logits[0, :-1], w[0, 1:], reduction="sum"))
+                    teacher_logits = teacher(input_ids=w, use_cache=False).logits
+                    kl += float(kl_loss(student_logits, teacher_logits, opts.temperature)) * n
+                    tokens += n
+                out[name] = (math.exp(nll / tokens), kl / tokens)
+        return out
 
-    def score(ppl: float, kl: float) -> float:
+    def overall(result: dict[str, tuple[float, float]]) -> tuple[float, float]:
+        """(geometric mean perplexity, mean KL) over the held-out texts."""
+        ppl = math.exp(sum(math.log(p) for p, _ in result.values()) / len(result))
+        return ppl, sum(k for _, k in result.values()) / len(result)
+
+    def score(result: dict[str, tuple[float, float]]) -> float:
+        ppl, kl = overall(result)
         return {"perplexity": ppl, "kl": kl, "last": 0.0}[opts.keep]
 
-    report.perplexity_before, report.kl_before = evaluate(student)
+    first = evaluate(student)
+    report.perplexity_before, report.kl_before = overall(first)
+    report.held_out = {
+        name: {"perplexity_before": round(p, 4), "kl_before": round(k, 5)} for name, (p, k) in first.items()
+    }
+    kept = first
     module, params, peft_model = _trainable(student, opts)
     report.trainable_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=opts.peak_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))
-    best = score(report.perplexity_before, report.kl_before)
+    best = score(first)
     best_state, running = _snapshot(params), []
     report.perplexity_after, report.kl_after = report.perplexity_before, report.kl_before
     bar = tqdm(range(opts.steps), desc="recover", disable=not progress, file=sys.stderr)
@@ -228,22 +266,31 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         running.append(loss.item())
         if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
-            ppl, kl = evaluate(module)
+            result = evaluate(module)
+            ppl, kl = overall(result)
             mean_loss = sum(running) / len(running)
             running = []
             report.history.append(
-                {"step": step + 1, "loss": round(mean_loss, 5), "perplexity": round(ppl, 4), "kl": round(kl, 5)}
+                {
+                    "step": step + 1,
+                    "loss": round(mean_loss, 5),
+                    "perplexity": round(ppl, 4),
+                    "kl": round(kl, 5),
+                    "texts": {n: {"perplexity": round(p, 4), "kl": round(k, 5)} for n, (p, k) in result.items()},
+                }
             )
-            if score(ppl, kl) <= best:
-                best, best_state, report.best_step = score(ppl, kl), _snapshot(params), step + 1
+            if score(result) <= best:
+                best, best_state, report.best_step, kept = score(result), _snapshot(params), step + 1, result
                 report.perplexity_after, report.kl_after = ppl, kl
-            bar.set_postfix(loss=f"{mean_loss:.4f}", ppl=f"{ppl:.2f}", kl=f"{kl:.4f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", **{n: f"{p:.2f}/{k:.3f}" for n, (p, k) in result.items()})
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
     for p in params:
         p.requires_grad_(False)
     module.eval()
+    for name, (p, k) in kept.items():
+        report.held_out[name].update(perplexity_after=round(p, 4), kl_after=round(k, 5))
     report.steps = opts.steps
     report.seconds = round(time.perf_counter() - start, 1)
     return report, peft_model
@@ -270,6 +317,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             seconds=round(time.perf_counter() - start, 2),
             perplexity_before=record.get("perplexity_before"),
             perplexity_after=record.get("perplexity_after"),
+            held_out=record.get("held_out", {}),
         )
     if teacher is None:
         raise ValueError(
@@ -288,7 +336,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             session.tokenizer,
             opts,
             calibration=calibration.texts if calibration is not None else [],
-            evaluation=evaluation_texts(),
+            evaluation={name: held_out_texts(name) for name in opts.eval_texts},
         )
         report.calibration = calibration.record() if calibration is not None else None
         if peft_model is not None:
@@ -299,6 +347,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
                     "prune": prune or {},
                     "perplexity_before": report.perplexity_before,
                     "perplexity_after": report.perplexity_after,
+                    "held_out": report.held_out,
                     "best_step": report.best_step,
                     "seconds": report.seconds,
                     "history": report.history,
