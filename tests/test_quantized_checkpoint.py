@@ -222,3 +222,19 @@ def test_compress_saves_quantized_only_what_has_plain_tensors_here():
     assert storable_schemes(int4, "cpu")
     assert storable_schemes(steps(), "cpu")  # the default scheme: int8 through PyTorch's kernel
     assert not storable_schemes(steps(rules=[{"pattern": "*.mlp.*", "scheme": "int8_dynamic"}]), "cpu")
+
+
+def test_a_half_precision_layer_with_a_bias_loads_frozen(tmp_path):
+    """GLM-4's q/k/v carry a bias: read back, it is half precision and, like the weight, frozen
+    (the layer is the checkpoint's cast, not a parameter to train)."""
+    config = tmp_path / "glm4-fp16.yaml"
+    config.write_text(
+        "model:\n  source: tiny:glm4\ncompression:\n  - step: quantize\n    scheme: fp16\n"
+        "    rules:\n      - pattern: lm_head\n        scheme: keep\n"
+    )
+    session = workbench.load(str(config), quiet=True)
+    again = workbench.load(str(session.save(tmp_path / "model")), quiet=True)
+    q_proj = again.model.model.layers[0].self_attn.q_proj
+    assert q_proj.bias is not None and q_proj.bias.dtype == torch.float16
+    assert not q_proj.weight.requires_grad and not q_proj.bias.requires_grad
+    assert torch.equal(_logits(again), _logits(session))

@@ -239,7 +239,9 @@ def _build_layer(f, path: Path, name: str, record: dict, meta: nn.Linear) -> nn.
             _tensor(f, path, f"{name}.weight", meta.weight.shape, _FLOAT_DTYPES[kind]), requires_grad=False
         )
         if meta.bias is not None:
-            layer.bias = nn.Parameter(_tensor(f, path, f"{name}.bias", meta.bias.shape, _FLOAT_DTYPES[kind]))
+            layer.bias = nn.Parameter(
+                _tensor(f, path, f"{name}.bias", meta.bias.shape, _FLOAT_DTYPES[kind]), requires_grad=False
+            )
         _cast_io(layer, _FLOAT_DTYPES[kind])
         return layer
     raise ModelSourceError(f"{path / QUANTIZED_MANIFEST}: {name} has an unknown layer kind {kind!r}")
