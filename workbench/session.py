@@ -32,7 +32,7 @@ from workbench.modalities.speech import SpeechRecognizer
 from workbench.models import LoadedModel, load_model
 from workbench.models.anatomy import weight_bytes, weight_bytes_by_dtype
 from workbench.models.loader import resolve_device, resolve_dtype
-from workbench.models.memory import MemoryReport, measure, process_status
+from workbench.models.memory import MemoryReport, measure, megabytes, process_status
 
 SAVED_CONFIG = "workbench.yaml"
 
@@ -86,7 +86,7 @@ class Session:
         and what the process holds; a quantized model no longer reads as its float32 original."""
         info = self.loaded
         by_dtype = weight_bytes_by_dtype(self.model)
-        dtypes = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
+        dtypes = ", ".join(f"{k} {megabytes(v)}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
         status = process_status()
         return (
             f"Model loaded in {info.load_seconds if seconds is None else seconds:.1f}s"
@@ -145,10 +145,6 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({self.loaded.source}, {self.loaded.device}, weights {weight_bytes(self.model) / 1e9:.2f} GB)"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
 def media_for(loaded: LoadedModel, config: MediaConfig) -> Media:

@@ -31,6 +31,12 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 """Mapped files whose resident pages are weights, not code."""
 
 
+def megabytes(n: float) -> str:
+    """Bytes as the load line, the status page and the reports print them: whole MB from 10 MB,
+    two decimals below (a norm layer's 0.05 MB is not 0)."""
+    return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
 def supported() -> bool:
     return sys.platform.startswith("linux") and os.path.exists("/proc/self/smaps")
 

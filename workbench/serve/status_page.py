@@ -7,7 +7,7 @@ import time
 
 import yaml
 
-from workbench.models.memory import MemoryReport
+from workbench.models.memory import MemoryReport, megabytes
 from workbench.serve.metrics import ServerMetrics
 from workbench.session import Session
 
@@ -19,9 +19,7 @@ def render_status(
     shown: an int8 model's weights read as int8, a float32 copy left resident shows up as one."""
     info = session.loaded
     weights = ", ".join(
-        f"{k} {v / 1e6:.0f} MB" if v >= 1e7 else f"{k} {v / 1e6:.1f} MB"
-        for k, v in sorted(memory.weights.items(), key=lambda kv: -kv[1])
-        if v >= 1e5
+        f"{k} {megabytes(v)}" for k, v in sorted(memory.weights.items(), key=lambda kv: -kv[1]) if v >= 1e5
     )
     stale = (
         f", stale checkpoint pages {memory.stale_checkpoint_pages / 1e6:.0f} MB"
