@@ -40,6 +40,12 @@ VARIANTS = {  # every linear layer in int4 (lm_head too, unless the name says ot
         "method": "gptq",
         "rules": [{"pattern": "lm_head", "scheme": "int8_weight_only"}],
     },
+    "gptq-64-windows": {
+        "scheme": "int4_weight_only",
+        "method": "gptq",
+        "calibration_windows": 64,
+        "rules": EVERY,
+    },
     "gptq-no-act_order": {"scheme": "int4_weight_only", "method": "gptq", "act_order": False, "rules": EVERY},
 }
 CALIBRATED = ("gptq",)
