@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,27 +77,72 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def greedy_replies(model, tokenizer, texts: list[str], max_tokens: int) -> list[str]:
-    """The model's greedy continuation of each rendered prompt, one padded batch (special
-    tokens dropped, text otherwise as generated)."""
+def _continuations(model, tokenizer, texts: list[str], max_tokens: int, **decoding) -> list[str]:
+    """The model's continuation of each text under `decoding` (generate's options), one
+    left-padded batch (special tokens dropped, text otherwise as generated)."""
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from each row's right end
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=max_tokens,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=pad, **decoding)
     finally:
         tokenizer.padding_side = side
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def greedy_replies(model, tokenizer, texts: list[str], max_tokens: int) -> list[str]:
+    """The model's greedy continuation of each rendered prompt, one padded batch."""
+    return _continuations(
+        model, tokenizer, texts, max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None
+    )
+
+
+def sampled_continuations(model, tokenizer, texts: list[str], max_tokens: int, seed: int) -> list[str]:
+    """Each text followed by the model's sampled continuation (SAMPLE_TEMPERATURE, SAMPLE_TOP_P),
+    one padded batch, seeded: the same seed, weights and kernels give the same text."""
+    torch.manual_seed(seed)
+    continuations = _continuations(
+        model, tokenizer, texts, max_tokens, do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, top_k=0
+    )
+    return [f"{text} {continuation.strip()}" for text, continuation in zip(texts, continuations)]
+
+
+def _cached_batches(
+    cache_dir: Path | None,
+    name: str,
+    key: list,
+    items: list,
+    batch: int,
+    make: Callable[[int, list], list[str]],
+    progress: bool,
+) -> list[str]:
+    """`make(start, items[start : start + batch])` over all items, batch by batch, kept in
+    `cache_dir` as NAME-KEY.json (KEY: a hash of `key`, which must name everything that shapes
+    the text). What was made so far is saved after every batch, so an interrupted run resumes
+    where it stopped."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    cached = cache_dir / f"{name}-{digest}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    from tqdm.auto import tqdm
+
+    partial = cached.with_suffix(".partial.json") if cached is not None else None
+    made: list[str] = (
+        json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
+    )
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(len(made), len(items), batch), desc=name.replace("-", " "), disable=not progress):
+        made += make(start, items[start : start + batch])
+        if partial is not None:
+            partial.write_text(json.dumps(made, ensure_ascii=False), encoding="utf-8")
+    if cached is not None:
+        cached.write_text(json.dumps(made, indent=1, ensure_ascii=False), encoding="utf-8")
+        assert partial is not None  # set whenever `cached` is
+        partial.unlink(missing_ok=True)
+    return made
 
 
 def teacher_replies(
@@ -110,59 +156,13 @@ def teacher_replies(
     progress: bool = True,
 ) -> list[str]:
     """The teacher's greedy reply to every chat, read from `cache_dir` when it was made before."""
-    key = hashlib.sha256(
-        json.dumps([fingerprint(teacher), chats, max_tokens, tokenizer.chat_template]).encode()
-    ).hexdigest()[:16]
-    cached = cache_dir / f"teacher-replies-{key}.json" if cache_dir else None
-    if cached is not None and cached.is_file():
-        return json.loads(cached.read_text(encoding="utf-8"))
-    from tqdm.auto import tqdm
 
-    # Replies so far are kept after every batch, so an interrupted run resumes where it stopped.
-    partial = cached.with_suffix(".partial.json") if cached is not None else None
-    replies: list[str] = (
-        json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
-    )
-    if partial is not None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(len(replies), len(chats), batch), desc="teacher replies", disable=not progress):
-        texts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in chats[start : start + batch]
-        ]
-        replies += [r.strip() for r in greedy_replies(teacher, tokenizer, texts, max_tokens)]
-        if partial is not None:
-            partial.write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
-    if cached is not None:
-        cached.write_text(json.dumps(replies, indent=1, ensure_ascii=False), encoding="utf-8")
-        assert partial is not None  # set whenever `cached` is
-        partial.unlink(missing_ok=True)
-    return replies
+    def reply(start: int, chunk: list) -> list[str]:
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+        return [r.strip() for r in greedy_replies(teacher, tokenizer, texts, max_tokens)]
 
-
-def sampled_continuations(model, tokenizer, texts: list[str], max_tokens: int, seed: int) -> list[str]:
-    """Each text followed by the model's sampled continuation (SAMPLE_TEMPERATURE, SAMPLE_TOP_P),
-    one padded batch, seeded: the same seed, weights and kernels give the same text."""
-    device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=SAMPLE_TEMPERATURE,
-                top_p=SAMPLE_TOP_P,
-                top_k=0,
-                max_new_tokens=max_tokens,
-                pad_token_id=pad,
-            )
-    finally:
-        tokenizer.padding_side = side
-    continuations = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [f"{text} {continuation.strip()}" for text, continuation in zip(texts, continuations)]
+    key = [fingerprint(teacher), chats, max_tokens, tokenizer.chat_template]
+    return _cached_batches(cache_dir, "teacher-replies", key, chats, batch, reply, progress)
 
 
 def teacher_samples(
@@ -179,32 +179,13 @@ def teacher_samples(
 ) -> list[str]:
     """`per_opening` sampled continuations of every opening by the teacher, read from `cache_dir`
     when they were made before (and resumed from the batches saved so far)."""
-    key = hashlib.sha256(
-        json.dumps(
-            [fingerprint(teacher), openings, per_opening, max_tokens, seed, SAMPLE_TEMPERATURE, SAMPLE_TOP_P]
-        ).encode()
-    ).hexdigest()[:16]
-    cached = cache_dir / f"teacher-samples-{key}.json" if cache_dir else None
-    if cached is not None and cached.is_file():
-        return json.loads(cached.read_text(encoding="utf-8"))
-    from tqdm.auto import tqdm
 
+    def sample(start: int, chunk: list) -> list[str]:
+        return sampled_continuations(teacher, tokenizer, chunk, max_tokens, seed + start)
+
+    key = [fingerprint(teacher), openings, per_opening, max_tokens, seed, SAMPLE_TEMPERATURE, SAMPLE_TOP_P]
     texts = [opening for _ in range(per_opening) for opening in openings]
-    partial = cached.with_suffix(".partial.json") if cached is not None else None
-    samples: list[str] = (
-        json.loads(partial.read_text(encoding="utf-8")) if partial is not None and partial.is_file() else []
-    )
-    if partial is not None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(len(samples), len(texts), batch), desc="teacher samples", disable=not progress):
-        samples += sampled_continuations(teacher, tokenizer, texts[start : start + batch], max_tokens, seed + start)
-        if partial is not None:
-            partial.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
-    if cached is not None:
-        cached.write_text(json.dumps(samples, indent=1, ensure_ascii=False), encoding="utf-8")
-        assert partial is not None  # set whenever `cached` is
-        partial.unlink(missing_ok=True)
-    return samples
+    return _cached_batches(cache_dir, "teacher-samples", key, texts, batch, sample, progress)
 
 
 def chat_stream(tokenizer, chats: list[list[dict]], replies: list[str]) -> torch.Tensor:
