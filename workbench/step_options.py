@@ -238,7 +238,7 @@ Scheme = Literal["fp16", "bf16", "int8_weight_only", "int8_dynamic", "int4_weigh
 
 Method = Literal["rtn", "hqq", "gptq"]
 METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq")
-_GPTQ_ONLY = ("calibration_windows", "damp", "act_order")
+_GPTQ_ONLY = ("calibration_windows", "damp", "act_order", "refine")
 _BUDGET_ONLY = ("precisions", "sensitivity_windows")
 _PRECISIONS: tuple[Scheme, ...] = ("int4_weight_only", "int8_weight_only", "keep")
 _SCHEME_BITS = {"int4_weight_only": 4.0, "int8_weight_only": 8.0, "int8_dynamic": 8.0, "fp16": 16.0, "bf16": 16.0}
@@ -281,6 +281,9 @@ class QuantizeOptions(BaseModel):
     """gptq: added to the Hessian's diagonal as a share of its mean, for a stable inverse"""
     act_order: bool = True
     """gptq: round the columns with the largest inputs first (groups keep their qparams)"""
+    refine: int = Field(2, ge=0, le=8)
+    """gptq: rounds of refitting each group's scale and zero to the rounded values (least squares
+    on the layer's outputs) and rounding again with them; 0 is plain GPTQ"""
     budget_bits: float | None = Field(None, gt=0.0, le=32.0)
     """Sensitivity mode: mean bits per weight over the layers no rule names (their weights and
     quantization parameters); each such layer, lm_head included, gets one of `precisions`,

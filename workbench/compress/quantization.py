@@ -355,7 +355,7 @@ def quantize(session, **options) -> QuantizeReport:
         assert calibration is not None  # gptq reads calibration
         # last, so its calibration passes see every other layer as it will be
         windows, record = calibration_windows(session, calibration, opts, opts.calibration_windows)
-        settings = GPTQSettings(opts.group_size, opts.damp, opts.act_order)
+        settings = GPTQSettings(opts.group_size, opts.damp, opts.act_order, opts.refine)
         record["gptq_from_cache"] = cached_gptq_quantize(model, fitted, windows, settings, cache_root() / "gptq")
     counts: dict[str, int] = {}
     for scheme in plan.values():
