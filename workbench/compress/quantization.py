@@ -356,7 +356,10 @@ def quantize(session, **options) -> QuantizeReport:
         # last, so its calibration passes see every other layer as it will be
         windows, record = calibration_windows(session, calibration, opts, opts.calibration_windows)
         settings = GPTQSettings(opts.group_size, opts.damp, opts.act_order, opts.refine)
+        originals = [cast(nn.Linear, model.get_submodule(n)).weight for n in fitted]
         record["gptq_from_cache"] = cached_gptq_quantize(model, fitted, windows, settings, cache_root() / "gptq")
+        for weight in originals:  # GPTQ's passes paged every one of them in (405 MB for the embedded model)
+            pages.drop(weight)
     counts: dict[str, int] = {}
     for scheme in plan.values():
         counts[scheme] = counts.get(scheme, 0) + 1

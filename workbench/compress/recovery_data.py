@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from workbench.data import SHORT_ANSWER_PROMPT
+from workbench.models.memory import drop_if_mapped, weight_file_spans
 from workbench.paths import DATA_DIR
 
 PROMPTS = DATA_DIR / "recovery" / "prompts.txt"
@@ -68,12 +69,20 @@ def load_openings(path: str | Path | None = None) -> list[str]:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights: a cache made by another teacher is never reused."""
+    """A short hash of the weights: a cache made by another teacher is never reused. Reading every
+    weight pages a mapped checkpoint in whole, so each one's pages are given back once hashed, and
+    a tensor is summed 4M values at a time: whole, an int8 lm_head's float32 copy and its absolute
+    values raised a quantized load's peak by 225 MB."""
     digest = hashlib.sha256()
+    spans = weight_file_spans()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().float().flatten()
+        total = absolute = 0.0
+        for chunk in tensor.detach().flatten().split(1 << 22):
+            t = chunk.float()
+            total, absolute = total + float(t.sum()), absolute + float(t.abs().sum())
         digest.update(name.encode())
-        digest.update(repr((tuple(tensor.shape), round(float(t.sum()), 3), round(float(t.abs().sum()), 3))).encode())
+        digest.update(repr((tuple(tensor.shape), round(total, 3), round(absolute, 3))).encode())
+        drop_if_mapped(tensor, spans)
     return digest.hexdigest()[:16]
 
 

@@ -251,6 +251,18 @@ def _drop_pages(t: torch.Tensor) -> None:
         madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
+def drop_if_mapped(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
+    """Give back `t`'s resident pages if it lies, unwritten, in a mapped checkpoint (`spans`, from
+    `weight_file_spans`); a later read pages in what it touches again. For passes that read every
+    weight once (a fingerprint): without it the whole float32 file stays resident after them, and
+    a quantized config's load peaks there. Returns whether pages were given back."""
+    address = t.data_ptr()
+    if t.device.type != "cpu" or not any(a <= address < b for a, b in spans) or not _unwritten(t):
+        return False
+    _drop_pages(t)
+    return True
+
+
 def materialise(modules) -> int:
     """Settle every parameter and buffer that lives in a memory-mapped checkpoint once a step
     has replaced what it replaced. One still holding the file's bytes stays mapped with its
