@@ -44,12 +44,18 @@ def _output_error(layer: nn.Module, reference: nn.Linear, x: torch.Tensor) -> fl
         return float(((layer(x) - reference(x)) ** 2).mean())
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_rounds_a_layer_with_outlier_inputs_closer_to_its_outputs_than_rtn(act_order):
+def _layer_and_inputs() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """(a random 256 -> 512 layer, the Hessian of calibration inputs with outlier channels, fresh
+    inputs of the same kind it never saw)."""
     torch.manual_seed(0)
     linear = nn.Linear(256, 512, bias=False)
     calibration, fresh = _correlated_inputs(4096, 256, seed=1), _correlated_inputs(4096, 256, seed=2)
-    hessian = calibration.t() @ calibration / len(calibration)
+    return linear, calibration.t() @ calibration / len(calibration), fresh
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rounds_a_layer_with_outlier_inputs_closer_to_its_outputs_than_rtn(act_order):
+    linear, hessian, fresh = _layer_and_inputs()
     values, scales, zeros = gptq_int4(linear.weight, hessian, GPTQSettings(32, 0.01, act_order))
     gptq = Int4Linear.from_int4(values, scales, zeros, 32, None)
     rtn = Int4Linear.from_linear(linear, 32)
@@ -144,10 +150,7 @@ def clipped_qparams_per_row(w: torch.Tensor, importance: torch.Tensor) -> tuple[
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_refined_gptq_keeps_a_layers_outputs_closer_on_inputs_it_never_saw(act_order):
-    torch.manual_seed(0)
-    linear = nn.Linear(256, 512, bias=False)
-    calibration, fresh = _correlated_inputs(4096, 256, seed=1), _correlated_inputs(4096, 256, seed=2)
-    hessian = calibration.t() @ calibration / len(calibration)
+    linear, hessian, fresh = _layer_and_inputs()
     errors = []
     for refine in (0, 2):
         values, scales, zeros = gptq_int4(linear.weight, hessian, GPTQSettings(32, 0.01, act_order, refine))

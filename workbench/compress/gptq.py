@@ -81,17 +81,20 @@ def clipped_qparams(w: torch.Tensor, importance: torch.Tensor, group_size: int) 
     weighted by `importance` (the Hessian's diagonal: how much that input moves the outputs)."""
     g = w.float().reshape(w.shape[0], -1, group_size)
     weight = importance.float().reshape(1, -1, group_size)
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return ((_round(g, scale[..., None], zero[..., None])[1] - g) ** 2 * weight).sum(dim=-1)
+
     low, high = g.amin(dim=-1), g.amax(dim=-1)
     centre, half = (low + high) / 2, (high - low) / 2
     scales, zeros = tinygemm_qparams(w, group_size)  # the full span, exactly as RTN has it
-    best = ((_round(g, scales[..., None], zeros[..., None])[1] - g) ** 2 * weight).sum(dim=-1)
+    best = error(scales, zeros)
     for share in _SHRINK:
         scale = (2 * half * share / _LEVELS).clamp(min=_EPS).bfloat16().float()
         zero = (centre - half * share + scale * _MID).bfloat16().float()
-        _, dq = _round(g, scale[..., None], zero[..., None])
-        error = ((dq - g) ** 2 * weight).sum(dim=-1)
-        better = error < best
-        best = torch.where(better, error, best)
+        candidate = error(scale, zero)
+        better = candidate < best
+        best = torch.where(better, candidate, best)
         scales, zeros = torch.where(better, scale, scales), torch.where(better, zero, zeros)
     return scales, zeros
 

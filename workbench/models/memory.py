@@ -239,16 +239,22 @@ def _copy_out(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _drop_pages(t: torch.Tensor) -> None:
+def _drop_pages(t: torch.Tensor) -> int:
     """Give back the resident pages wholly inside a mapped tensor (its neighbours keep theirs);
-    the file has the bytes, and a read pages in only what it touches."""
+    the file has the bytes, and a read pages in only what it touches. Returns the bytes given
+    back (0 where madvise is missing or refuses)."""
     madvise = getattr(_LIBC, "madvise", None)
-    if madvise is None:
-        return
     first = -(-t.data_ptr() // PAGE) * PAGE
     last = (t.data_ptr() + t.untyped_storage().nbytes()) // PAGE * PAGE
-    if last > first:
-        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+    if madvise is None or last <= first:
+        return 0
+    if madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
+def _in_spans(address: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a <= address < b for a, b in spans)
 
 
 def drop_if_mapped(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
@@ -256,11 +262,9 @@ def drop_if_mapped(t: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
     `weight_file_spans`); a later read pages in what it touches again. For passes that read every
     weight once (a fingerprint): without it the whole float32 file stays resident after them, and
     a quantized config's load peaks there. Returns whether pages were given back."""
-    address = t.data_ptr()
-    if t.device.type != "cpu" or not any(a <= address < b for a, b in spans) or not _unwritten(t):
+    if t.device.type != "cpu" or not _in_spans(t.data_ptr(), spans) or not _unwritten(t):
         return False
-    _drop_pages(t)
-    return True
+    return _drop_pages(t) > 0
 
 
 def materialise(modules) -> int:
@@ -321,15 +325,10 @@ class CheckpointPages:
         the replaced layer held it. The heap is trimmed too: a layer's quantization temporaries
         are freed into it, and untrimmed they piled up to 100 MB over the peak by the last layer."""
         malloc_trim()
-        madvise = getattr(_LIBC, "madvise", None)
         address = tensor.data_ptr()
-        if madvise is None or self.holders[address] != 1 or not any(a <= address < b for a, b in self.spans):
+        if self.holders[address] != 1 or not _in_spans(address, self.spans):
             return 0
-        first = -(-address // PAGE) * PAGE  # only pages wholly inside the tensor: its neighbours keep theirs
-        last = (address + tensor.untyped_storage().nbytes()) // PAGE * PAGE
-        if last <= first or madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
-            return 0
-        return last - first
+        return _drop_pages(tensor)
 
 
 def release(modules) -> int:
