@@ -32,7 +32,7 @@ from workbench.compress.quantization import CastIOLinear, _cast_io
 from workbench.errors import ModelSourceError
 from workbench.models.anatomy import restore_pruned_shapes
 from workbench.models.loader import QUANTIZED_MANIFEST
-from workbench.models.memory import malloc_trim
+from workbench.models.memory import aligned, malloc_trim
 from workbench.step_options import QuantizeOptions
 
 FORMAT = "workbench-quantized"
@@ -218,13 +218,14 @@ def _build_layer(f, path: Path, name: str, record: dict, meta: nn.Linear) -> nn.
     kind = record.get("kind")
     if kind == "int8":
         out, inp = record["shape"]
-        weight = _tensor(f, path, f"{name}.weight", (out, inp), torch.int8)
-        scales = _tensor(f, path, f"{name}.scales", (out,), torch.bfloat16)
+        # the kernels' operands start where the tensor before them in the file ended: aligned here
+        weight = aligned(_tensor(f, path, f"{name}.weight", (out, inp), torch.int8))
+        scales = aligned(_tensor(f, path, f"{name}.scales", (out,), torch.bfloat16))
         return Int8Linear(weight, scales, _bias(f, path, name, meta))
     if kind == "int4":
         expected = record["tensors"]
-        packed = _tensor(f, path, f"{name}.weight", *expected["weight"])
-        sz = _tensor(f, path, f"{name}.scales_and_zeros", *expected["scales_and_zeros"])
+        packed = aligned(_tensor(f, path, f"{name}.weight", *expected["weight"]))
+        sz = aligned(_tensor(f, path, f"{name}.scales_and_zeros", *expected["scales_and_zeros"]))
         group_size = int(record["group_size"])
         out, inp = record["shape"]
         rows = out + (-out % 16)

@@ -162,12 +162,22 @@ def mapped_fraction(address: int, nbytes: int) -> float:
     return present / (len(entries) // 8)
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a tensor spans: a contiguous view's own (a chunk of rows), else its storage's
+    from where the tensor starts."""
+    if t.is_contiguous():
+        return t.data_ptr(), t.data_ptr() + t.nbytes
+    storage = t.untyped_storage()
+    return t.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
 def _unwritten(t: torch.Tensor) -> bool:
     """Whether every page of a mapped tensor still holds the file's bytes: none present as a
     private copy (pagemap bit 63 present without bit 61 file-page) or swapped out (bit 62), which
     is what writing into a copy-on-write mapping leaves (an adapter merged in place). False where
     pagemap cannot be read."""
-    entries = _pagemap(t.data_ptr(), t.untyped_storage().nbytes())
+    start, end = _extent(t)
+    entries = _pagemap(start, end - start)
     if entries is None:
         return False
     for i in range(0, len(entries), 8):
@@ -239,13 +249,31 @@ def _copy_out(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+ALIGNMENT = 64
+"""Bytes: torch's CPU allocator starts every tensor on such a boundary, and kernels may rely on it."""
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself where its data starts on an ALIGNMENT-byte boundary, else a copy that does
+    (mapped pages given back chunk by chunk as copied). A safetensors file packs its tensors
+    back to back, so a mapped tensor starts wherever the one before it ended; PyTorch's packed
+    int8 CPU kernel on an AVX-512 machine reads its weight with aligned 16-byte loads once four or
+    more rows are multiplied, and a saved int8 weight at offset 12 crashed the process (SIGSEGV)."""
+    if t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0:
+        return t
+    if _in_spans(t.data_ptr(), weight_file_spans()) and _unwritten(t):
+        return _copy_out(t)
+    return t.clone()  # anonymous memory: its pages may hold other tensors, so none is given back
+
+
 def _drop_pages(t: torch.Tensor) -> int:
     """Give back the resident pages wholly inside a mapped tensor (its neighbours keep theirs);
     the file has the bytes, and a read pages in only what it touches. Returns the bytes given
     back (0 where madvise is missing or refuses)."""
     madvise = getattr(_LIBC, "madvise", None)
-    first = -(-t.data_ptr() // PAGE) * PAGE
-    last = (t.data_ptr() + t.untyped_storage().nbytes()) // PAGE * PAGE
+    start, end = _extent(t)
+    first = -(-start // PAGE) * PAGE
+    last = end // PAGE * PAGE
     if madvise is None or last <= first:
         return 0
     if madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
