@@ -48,9 +48,14 @@ class Int8Linear(nn.Linear):
             quantize_affine,
         )
 
+        from workbench.models.memory import drop_if_mapped, weight_file_spans
+
         # Rows are quantized independently (one scale each), so a chunk of rows at a time, written
         # into the result in place, gives the same values. Whole, the embedded model's 49,152-row
         # lm_head made float32 temporaries of its full size, several at once: the int8 load peak.
+        # Each chunk read from a mapped checkpoint gives its pages back once quantized: the lm_head
+        # tied to the embedding table otherwise paged all 113 MB of it in, the next load peak.
+        spans = weight_file_spans()
         weight = linear.weight.detach()
         values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scales = torch.empty(weight.shape[0], dtype=_ACT, device=weight.device)
@@ -62,6 +67,7 @@ class Int8Linear(nn.Linear):
             )
             values[start : start + len(w)] = quantize_affine(w, block, scale, zero, torch.int8)
             scales[start : start + len(w)] = scale.reshape(-1).to(_ACT)
+            drop_if_mapped(weight[: start + _CHUNK_ROWS], spans)  # all rows read so far: pages that span chunks too
         return cls(values, scales, linear.bias)
 
     def dequantized(self) -> torch.Tensor:
