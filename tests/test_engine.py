@@ -365,15 +365,52 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
     assert texts == expected
     assert steps == ["StaticCache"] * (18 + 3)  # then the pair decodes eagerly
 
-    # A hook added after compiling reaches the compiled step: ablate_heads zeroes o_proj's input
-    # by a pre-hook, and torch 2.13 by default skips the guards that would notice it.
+    # A hook added after compiling: ablate_heads zeroes o_proj's input by a pre-hook, which the
+    # graph (compiled without dynamo's guards on modules) would never run. The engine sees the
+    # hook at the request's start and decodes that request eagerly, then compiled once it is gone.
     heads = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
     plain = compiled.chat("hello there", **fields).text
     with ablate_heads(eager, heads):
         ablated = eager.chat("hello there", **fields).text
+    before = len(steps)
     with ablate_heads(compiled, heads):
         assert compiled.chat("hello there", **fields).text == ablated != plain
+    assert len(steps) == before
     assert compiled.chat("hello there", **fields).text == plain  # and leaves with the hook
+    assert len(steps) == before + 9
+    assert sum("changed since its decode step was compiled" in r.getMessage() for r in caplog.records) == 1
+
+
+class _Favouring(torch.nn.Linear):
+    """An lm_head that always prefers token 7: the same tensors as nn.Linear, another class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + 100.0 * (torch.arange(y.shape[-1]) == 7)
+
+
+def test_a_compiled_step_serves_only_the_model_it_was_compiled_for(tmp_path):
+    # The graph is compiled without dynamo's module guards, so nothing in torch tells two models of
+    # one class apart: each engine keeps its own graphs, and checks its model per request.
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  source: tiny:llama\n  compile: true\n")
+    fields = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
+    first, second = workbench.load(str(config), quiet=True), workbench.load(str(config), quiet=True)
+    reference = workbench.load("tiny:llama", quiet=True)
+    plain = first.chat("hello there", **fields).text  # compiles the first engine's graph
+    reference.model.lm_head.__class__ = _Favouring
+    favoured = reference.chat("hello there", **fields).text
+    assert favoured != plain
+
+    second.model.lm_head.__class__ = _Favouring
+    second.engine.compile_decode()  # a graph of its own, not the first engine's
+    steps = []
+    inner = second.engine._compiled_step
+    second.engine._compiled_step = lambda **kw: steps.append(1) or inner(**kw)
+    assert second.chat("hello there", **fields).text == favoured and len(steps) == 5
+
+    first.model.lm_head.__class__ = _Favouring  # swapped after compiling: that request decodes eagerly
+    assert first.chat("hello there", **fields).text == favoured
 
 
 def test_a_running_request_answers_the_same_when_another_joins_it(tiny):

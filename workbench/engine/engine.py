@@ -101,6 +101,8 @@ class Engine:
         self._compiled_step: Callable | None = None
         self._compiled_lengths: set[int] = set()
         """static cache lengths whose decode graph is compiled already"""
+        self._compiled_layout: tuple = ()
+        self._changed_since_compile = False
         self._grammars: Grammars | None = None
 
     @property
@@ -150,13 +152,22 @@ class Engine:
         """Decode single requests through a compiled graph over a static KV cache.
 
         The first request of each cache-length bucket pays the compilation (seconds on a
-        GPU, a minute or more on a small CPU); later ones reuse it."""
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        # torch skips the guards on module hooks by default, so a hook added later (ablate_heads,
-        # a probe) would never run in the graph: wrong answers, no error. Guarding them costs
-        # nothing measurable (int4 on 2 cores: 36.0 / 40.5 tok/s skipped, 40.0 / 37.8 guarded).
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-        self._compiled_step = torch.compile(self.model.forward, fullgraph=True, dynamic=False, mode=mode)
+        GPU, a minute or more on a small CPU); later ones reuse it.
+
+        Before every step dynamo checks some 6,000 guards on the model's modules (their classes,
+        hooks, attributes); for int4-calibrated on a 2-core EPYC that was 2.4 of 13.5 ms a token.
+        The graph is compiled without them, and the engine checks instead, once per request, that
+        the model is the one it compiled (`_layout`: its modules, their hooks and mode, every
+        tensor's shape and dtype); a request that finds it changed (a probe's hook, a swapped
+        layer) decodes eagerly. `isolate_recompiles`: graphs of one model class are shared between
+        engines by default, and without the module guards nothing would tell two models apart."""
+        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.device.type == "cuda":
+            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+        self._compiled_step = torch.compile(  # type: ignore[call-overload]  # torch's overloads omit isolate_recompiles
+            self.model.forward, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True
+        )
+        self._compiled_layout = _layout(self.model)
 
     @property
     def compiled(self) -> bool:
@@ -343,6 +354,15 @@ class Engine:
         plan = plans[0]
         if plan.prompt.solo:  # a VLM's multimodal positions: eager only
             return None
+        if _layout(self.model) != self._compiled_layout:
+            if not self._changed_since_compile:
+                log.warning(
+                    "the model changed since its decode step was compiled (a hook, a replaced layer or "
+                    "tensor, train mode): requests decode eagerly while it differs"
+                )
+            self._changed_since_compile = True
+            return None
+        self._changed_since_compile = False
         needed = len(plan.prompt.ids) + plan.max_new_tokens
         length = min(_bucket(needed), self.context_limit)
         return lambda: StaticCache(config=self.model.config, max_cache_len=length)
@@ -423,6 +443,28 @@ class Engine:
                 return
             batch.keep(keep)
             batch.step(tokens)
+
+
+def _layout(model: torch.nn.Module) -> tuple:
+    """What a compiled decode step took as fixed about `model`, in what dynamo's module guards
+    would have checked at every step: each module's class, mode and hooks (the global ones too),
+    each parameter's and buffer's shape, stride and dtype, and the attention implementation.
+    About 1 ms for the embedded model's 400 modules, once per request."""
+    hooks = torch.nn.modules.module
+    modules = tuple(
+        (name, type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    tensors = tuple(
+        (name, t.dtype, t.shape, t.stride(), t.device)
+        for name, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    )
+    worldwide = (tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks))
+    attention = getattr(model.config, "_attn_implementation", None)
+    return modules, tensors, worldwide, attention
 
 
 def _bucket(tokens: int) -> int:
