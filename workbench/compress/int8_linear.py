@@ -18,6 +18,8 @@ import functools
 import torch
 from torch import nn
 
+from workbench.models.memory import drop_if_mapped, weight_file_spans
+
 _ACT = torch.bfloat16
 _CHUNK_ROWS = 4096
 
@@ -47,8 +49,6 @@ class Int8Linear(nn.Linear):
             choose_qparams_affine,
             quantize_affine,
         )
-
-        from workbench.models.memory import drop_if_mapped, weight_file_spans
 
         # Rows are quantized independently (one scale each), so a chunk of rows at a time, written
         # into the result in place, gives the same values. Whole, the embedded model's 49,152-row
