@@ -72,8 +72,9 @@ def test_int8_and_int4_keep_no_float32_copy_and_the_split_adds_up(embedded, embe
         assert report["rss"] < fp32["rss"] - 0.8 * saving
         # quantizing no longer pages the whole float32 checkpoint in (int8 peak 1344-1563 MiB before,
         # 689 then), nor the embedding table under the tied int8 lm_head (load peak 1.12x / 1.15x the
-        # steady RSS of int8 / int4 before each chunk gave its pages back; 0.94x / 0.97x now)
-        assert report["load_peak"] < 1.06 * report["rss"]
+        # steady RSS of int8 / int4 before each chunk gave its pages back; 0.94x / 0.97x now, 1.00x
+        # and 1.03x in a bench worker)
+        assert report["load_peak"] < 1.10 * report["rss"]
 
 
 GPTQ_CONFIG = """
