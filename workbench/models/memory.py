@@ -237,15 +237,10 @@ def _copy_out(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     src, dst = t.view(-1), out.view(-1)
     step = max(1, _CHUNK // t.element_size())
-    madvise = getattr(_LIBC, "madvise", None)
     for i in range(0, src.numel(), step):
         piece = src[i : i + step]
         dst[i : i + step].copy_(piece)
-        if madvise is not None:
-            first = -(-piece.data_ptr() // PAGE) * PAGE
-            last = (piece.data_ptr() + piece.nbytes) // PAGE * PAGE
-            if last > first:
-                madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+        _drop_pages(piece)  # a contiguous view: its own pages only
     return out
 
 
