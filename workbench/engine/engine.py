@@ -11,13 +11,14 @@ consumer that stops iterating stops generation at the next token.
 
 With `compile_decode()`, a request that decodes alone (plain dynamic cache policy) writes
 its KV cache into a `StaticCache` of a fixed bucket length instead, so every decode step
-has the same shapes and runs as one `torch.compile`d graph (on CUDA replayed as a CUDA
-graph): the Python and dispatch work per token, which is most of the time a small model
+has the same shapes and runs as one compiled step (on CPU a library AOTInductor built,
+`packaged_step`; on CUDA a `torch.compile`d graph replayed as a CUDA graph): the Python and dispatch work per token, which is most of the time a small model
 spends per token, goes away. The prefill stays eager: prompt lengths vary and it runs once
 per request. The server's lone requests take this path too: when another request arrives
 mid-reply (continuous batching), the filled part of the static cache moves into a dynamic
 one and the batch goes on eagerly, so nobody waits for a compiled reply to end. The first
-request of each cache length logs that it compiles (minutes on a small CPU).
+request of each cache length logs that it compiles (a minute on a small CPU; on CPU once
+per model structure, then loaded from disk).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from workbench.config import GenerationConfig
 from workbench.engine.batch import Batch, can_join, to_dynamic
 from workbench.engine.events import Event
 from workbench.engine.media import Media
+from workbench.engine.packaged_step import PackagedStep
 from workbench.engine.request import ChatRequest, PromptRequest
 from workbench.engine.sampling import penalize
 from workbench.engine.scoring import PromptLogprobs, score_prompts
@@ -102,6 +104,7 @@ class Engine:
         self._compiled_lengths: set[int] = set()
         """static cache lengths whose decode graph is compiled already"""
         self._compiled_layout: tuple = ()
+        self._packaged: PackagedStep | None = None
         self._changed_since_compile = False
         self._grammars: Grammars | None = None
 
@@ -149,24 +152,33 @@ class Engine:
         return min(limits, key=lambda limit: limit[0], default=None)
 
     def compile_decode(self) -> None:
-        """Decode single requests through a compiled graph over a static KV cache.
+        """Decode single requests through a compiled step over a static KV cache.
 
         The first request of each cache-length bucket pays the compilation (seconds on a
         GPU, a minute or more on a small CPU); later ones reuse it.
 
-        Before every step dynamo checks some 6,000 guards on the model's modules (their classes,
-        hooks, attributes); for int4-calibrated on a 2-core EPYC that was 2.4 of 13.5 ms a token.
-        The graph is compiled without them, and the engine checks instead, once per request, that
-        the model is the one it compiled (`_layout`: its modules, their hooks and mode, every
+        On CPU the step is compiled ahead of time (`packaged_step`: AOTInductor, in a child
+        process, stored on disk by the model's structure), so the compiler neither stays in this
+        process's memory nor runs again in the next one, and no Python runs between kernels. On
+        CUDA it is `torch.compile`d and replayed as a CUDA graph.
+
+        Neither checks the model at every step (dynamo's some 6,000 module guards cost 2.4 of
+        13.5 ms a token on a 2-core EPYC): the engine checks instead, once per request, that the
+        model is the one it compiled (`_layout`: its modules, their hooks and mode, every
         tensor's shape and dtype); a request that finds it changed (a probe's hook, a swapped
         layer) decodes eagerly. `isolate_recompiles`: graphs of one model class are shared between
         engines by default, and without the module guards nothing would tell two models apart."""
-        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if self.device.type == "cuda":
-            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-        self._compiled_step = torch.compile(  # type: ignore[call-overload]  # torch's overloads omit isolate_recompiles
-            self.model.forward, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True
-        )
+        if self.device.type == "cpu":
+            self._packaged = PackagedStep(self.model)
+            self._compiled_step = self._packaged
+        else:
+            options: dict = {
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                "triton.cudagraphs": self.device.type == "cuda",  # what mode="reduce-overhead" sets
+            }
+            self._compiled_step = torch.compile(  # type: ignore[call-overload]  # torch's overloads omit isolate_recompiles
+                self.model.forward, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True
+            )
         self._compiled_layout = _layout(self.model)
 
     @property
@@ -344,7 +356,10 @@ class Engine:
         logits = self._forward(input_ids, cache, forward=self._compiled_step).clone()
         if length not in self._compiled_lengths:
             self._compiled_lengths.add(length)
-            log.warning("compiled the decode step for %d-token caches in %.1f s", length, time.perf_counter() - started)
+            if self._packaged is None or not self._packaged.failed(length):
+                log.warning(
+                    "compiled the decode step for %d-token caches in %.1f s", length, time.perf_counter() - started
+                )
         return logits
 
     def _static_cache_for(self, plans: list[Plan]) -> Callable[[], Cache] | None:
@@ -363,6 +378,8 @@ class Engine:
             self._changed_since_compile = True
             return None
         self._changed_since_compile = False
+        if self._packaged is not None:
+            self._packaged.bind()
         needed = len(plan.prompt.ids) + plan.max_new_tokens
         length = min(_bucket(needed), self.context_limit)
         return lambda: StaticCache(config=self.model.config, max_cache_len=length)
