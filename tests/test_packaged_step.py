@@ -47,6 +47,13 @@ def test_a_step_is_compiled_once_per_structure_stored_without_weights_and_loaded
     assert sum(" compiled in " in m for m in said) == 1 and sum(" loaded from " in m for m in said) == 1, said
     assert len(list(steps_home.iterdir())) == 1
 
+    (home / "step.pt2").write_bytes(b"half a package")  # a stored step that will not load: made anew
+    third = _compiled(tmp_path, "e.yaml")
+    assert third.chat("hello there", **FIELDS).text == expected
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("did not load" in m for m in said) == 1 and sum(" compiled in " in m for m in said) == 2, said
+    assert zipfile.is_zipfile(home / "step.pt2")
+
 
 def test_the_step_reads_the_models_tensors_replaced_or_changed_in_place(tmp_path, steps_home):
     compiled, eager = _compiled(tmp_path), workbench.load("tiny:llama", quiet=True)
@@ -70,7 +77,7 @@ def test_the_step_reads_the_models_tensors_replaced_or_changed_in_place(tmp_path
 
 
 def test_a_step_that_cannot_be_compiled_leaves_its_length_to_the_eager_path(tmp_path, steps_home, caplog, monkeypatch):
-    def broken(model, cache, out):
+    def broken(model, cache, out, threads):
         raise RuntimeError("no C++ compiler on this machine")
 
     monkeypatch.setattr(packaged_step, "_package", broken)  # the forked child inherits it

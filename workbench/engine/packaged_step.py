@@ -93,43 +93,46 @@ class PackagedStep:
         home = cache_root() / "decode-steps" / key if key else None
         started = time.perf_counter()
         if home is not None and (home / "record.json").is_file():
-            made, source = home, "loaded from"
-        else:
-            made = Path(tempfile.mkdtemp(prefix="workbench-step-"))
-            error, peak = _compile_elsewhere(self.model, cache, made)
-            if error is not None:
+            try:
+                return self._load(length, home, "loaded from", started)
+            except Exception as unloadable:  # noqa: BLE001  # a stored package that will not load is compiled anew
+                log.warning("the stored decode step %s did not load (%s); compiling it anew", home, unloadable)
+                shutil.rmtree(home, ignore_errors=True)
+        made = Path(tempfile.mkdtemp(prefix="workbench-step-"))
+        error, peak = _compile_elsewhere(self.model, cache, made)
+        if error is not None:
+            shutil.rmtree(made, ignore_errors=True)
+            self._failed.add(length)
+            log.warning(
+                "could not compile the decode step for %d-token caches ahead of time; they decode eagerly:\n%s",
+                length,
+                error,
+            )
+            return None
+        record = json.loads((made / "record.json").read_text())
+        if home is not None and record["portable"]:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                made.rename(home)
+                made = home
+            except OSError:  # another process stored it first: theirs is the same
+                pass
+        source = f"compiled in {record['seconds']:.0f} s (the compiler's process peaked at {peak:.0f} MB) to"
+        try:
+            return self._load(length, made, source, started)
+        finally:
+            if made != home:  # the library is loaded: a package for this process only goes
                 shutil.rmtree(made, ignore_errors=True)
-                self._failed.add(length)
-                log.warning(
-                    "could not compile the decode step for %d-token caches ahead of time; they decode eagerly:\n%s",
-                    length,
-                    error,
-                )
-                return None
-            record = json.loads((made / "record.json").read_text())
-            source = f"compiled in {record['seconds']:.0f} s (compiler's peak {peak:.0f} MB, its own process) to"
-            if home is not None and record["portable"]:
-                home.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    made.rename(home)
-                    made = home
-                except OSError:  # another process stored it first: theirs is the same
-                    pass
+
+    def _load(self, length: int, made: Path, source: str, started: float) -> torch._C._aoti.AOTIModelPackageLoader:
         runner = torch._C._aoti.AOTIModelPackageLoader(str(made / "step.pt2"), "model", False, 1, -1)
         folded = torch.load(made / "folded.pt", weights_only=True)
         constants = _constants(self.model, folded)
         runner.load_constants(constants, False, True, True)
-        if made != home:  # the library is loaded: a package tied to this process's weights goes
-            shutil.rmtree(made, ignore_errors=True)
         self._runners[length] = runner
         self._bound[length] = (tuple(t.data_ptr() for t in constants.values()), folded)
-        log.info(
-            "decode step for %d-token caches %s %s (%.1f s)",
-            length,
-            source,
-            home or "a temporary folder",
-            time.perf_counter() - started,
-        )
+        where = made if made.parent.name == "decode-steps" else "a temporary folder (this process only)"
+        log.info("decode step for %d-token caches %s %s (%.1f s)", length, source, where, time.perf_counter() - started)
         return runner
 
 
@@ -212,7 +215,7 @@ def _key(model: PreTrainedModel, length: int) -> str | None:
     for path in sorted(sources):
         digest.update(Path(path).read_bytes())
     digest.update(model.config.to_json_string(use_diff=False).encode())
-    digest.update(f"{_FORMAT}:{torch.__version__}:{length}:{_cpu_flags()}".encode())
+    digest.update(f"{_FORMAT}:{torch.__version__}:{length}:{torch.get_num_threads()}:{_cpu_flags()}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -232,11 +235,12 @@ def _compile_elsewhere(model: PreTrainedModel, cache: StaticCache, out: Path) ->
     (the child's error, or None; its peak resident MB). Without fork, in this process."""
     if not hasattr(os, "fork"):
         try:
-            _package(model, cache, out)
+            _package(model, cache, out, torch.get_num_threads())
         except Exception:  # noqa: BLE001  # export and inductor fail in many types; any means eager
             return traceback.format_exc(limit=-3), 0.0
         return None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     errors = out / "error.txt"
+    threads = torch.get_num_threads()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -244,7 +248,7 @@ def _compile_elsewhere(model: PreTrainedModel, cache: StaticCache, out: Path) ->
         code = 1
         try:
             torch.set_num_threads(1)
-            _package(model, cache, out)
+            _package(model, cache, out, threads)
             code = 0
         except BaseException:  # noqa: BLE001  # whatever ends the child is the parent's warning
             errors.write_text(traceback.format_exc(limit=-4))
@@ -257,9 +261,11 @@ def _compile_elsewhere(model: PreTrainedModel, cache: StaticCache, out: Path) ->
     return None, peak
 
 
-def _package(model: PreTrainedModel, cache: StaticCache, out: Path) -> None:
+def _package(model: PreTrainedModel, cache: StaticCache, out: Path, threads: int) -> None:
     """Export the step and compile it with AOTInductor into `out`: step.pt2 without the model's
-    tensors, folded.pt with the few constants the compiler made itself, and record.json."""
+    tensors, folded.pt with the few constants the compiler made itself, and record.json.
+    `threads`: the serving process's; inductor writes its kernels for a fixed team size, and a
+    package made for one thread beside ATen's two-thread products ran slower than one thread."""
     started = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():  # a reply runs under inference mode
         template = StaticCache(config=model.config, max_cache_len=_layers(cache)[0].max_cache_len)
@@ -280,6 +286,7 @@ def _package(model: PreTrainedModel, cache: StaticCache, out: Path) -> None:
                 inductor_configs={
                     "aot_inductor.package_constants_in_so": False,
                     "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+                    "cpp.threads": threads,
                 },
             )
             folded, names = _strip(full, out / "step.pt2", _model_tensors(model))
