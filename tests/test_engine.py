@@ -322,7 +322,7 @@ def test_joined_rows_compute_what_they_would_alone(tiny):
 
 
 def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path, caplog):
-    # One compilation (tens of seconds on a small CPU): greedy replies must not change, the
+    # One compilation (seconds for the tiny model), at load: greedy replies must not change, the
     # decode steps must go through the compiled graph, and a batch keeps the eager path.
     # A served lone request (continuous batching: `admit`) takes the compiled path too, and
     # hands over to the eager batch when another request joins it, both replies unchanged.
@@ -342,10 +342,9 @@ def test_compiled_static_cache_decode_answers_exactly_as_the_eager_path(tmp_path
     plans = [compiled.engine.plan(ChatRequest.from_prompt(p, max_tokens=4, temperature=0)) for p in ("a", "b c")]
     list(compiled.engine.generate(plans))
     assert len(steps) == 18  # two requests together decode eagerly on a dynamic cache
-    compiling = [r.getMessage() for r in caplog.records if "compiling the decode step" in r.getMessage()]
-    assert (
-        len(compiling) == 1 and "256-token static cache" in compiling[0]
-    )  # once per cache length, said before it starts
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("preparing the decode step for 256-token caches" in m for m in said) == 1, said  # at load
+    assert not any("compiling the decode step" in m for m in said)  # so no request waited for it
 
     fields = {"temperature": 0, "max_tokens": 10, "ignore_eos": True}
     expected = [eager.chat(p, **fields).text for p in ("hello there", "a late request")]

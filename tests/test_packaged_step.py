@@ -43,15 +43,20 @@ def test_a_step_is_compiled_once_per_structure_stored_without_weights_and_loaded
 
     second = _compiled(tmp_path, "d.yaml")  # another engine, the same structure: no compiler
     assert second.chat("hello there", **FIELDS).text == expected
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.name == packaged_step.__name__]
     assert sum(" compiled in " in m for m in said) == 1 and sum(" loaded from " in m for m in said) == 1, said
     assert len(list(steps_home.iterdir())) == 1
+    long = second.chat("hello there", **{**FIELDS, "max_tokens": 300})  # past 256 tokens: compiled on demand
+    assert long.text == eager.chat("hello there", **{**FIELDS, "max_tokens": 300}).text
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("compiling the decode step for a 512-token static cache" in m for m in said) == 1, said
+    assert len(list(steps_home.iterdir())) == 2
 
     (home / "step.pt2").write_bytes(b"half a package")  # a stored step that will not load: made anew
     third = _compiled(tmp_path, "e.yaml")
     assert third.chat("hello there", **FIELDS).text == expected
-    said = [r.getMessage() for r in caplog.records]
-    assert sum("did not load" in m for m in said) == 1 and sum(" compiled in " in m for m in said) == 2, said
+    said = [r.getMessage() for r in caplog.records if r.name == packaged_step.__name__]
+    assert sum("did not load" in m for m in said) == 1 and sum(" compiled in " in m for m in said) == 3, said
     assert zipfile.is_zipfile(home / "step.pt2")
 
 

@@ -207,7 +207,7 @@ def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
         lines.append(f"\nSkipped {name}: {reason}")
     lines.append(
         "\nPeak MB: CPU targets, the worker process's peak resident memory (Python and torch included); "
-        "CUDA targets, peak allocated GPU memory. Warm-up: the first short reply, compilation included."
+        "CUDA targets, peak allocated GPU memory. Warm-up: the first short reply, compilation included (on CPU the compiled step is prepared at load, so its time is the load's)."
     )
     lines += resident_lines(rows)
     return "\n".join(lines) + "\n"

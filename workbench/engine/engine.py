@@ -180,6 +180,26 @@ class Engine:
                 self.model.forward, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True
             )
         self._compiled_layout = _layout(self.model)
+        if self._packaged is not None:
+            self._prepare(min(_bucket(1), self.context_limit))
+
+    def _prepare(self, length: int) -> None:
+        """Compile (or load) the CPU step of the common cache length now, so that the first
+        request, a server's included, does not wait for the compiler."""
+        assert self._packaged is not None
+        log.warning(
+            "preparing the decode step for %d-token caches: compiled once per model structure (about "
+            "a minute on a small CPU), loaded from the cache folder after",
+            length,
+        )
+        started = time.perf_counter()
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        token = torch.tensor([[self.pad_id]], device=self.device)
+        self._forward(token, cache)  # the cache's tensors exist once a forward wrote them
+        self._packaged.prepare(cache)
+        self._compiled_lengths.add(length)
+        if not self._packaged.failed(length):
+            log.warning("prepared the decode step for %d-token caches in %.1f s", length, time.perf_counter() - started)
 
     @property
     def compiled(self) -> bool:

@@ -70,6 +70,10 @@ class PackagedStep:
         (logits,) = runner.run([input_ids, *tensors])
         return SimpleNamespace(logits=logits.unsqueeze(1))
 
+    def prepare(self, cache: StaticCache) -> None:
+        """Compile or load the package for this (written) cache's length before any request."""
+        self._runner(_layers(cache)[0].max_cache_len, cache)
+
     def failed(self, length: int) -> bool:
         """Whether compiling for this cache length failed, so its steps run eagerly."""
         return length in self._failed

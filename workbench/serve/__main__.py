@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="decode lone requests through the compiled step (the config's model.compile); the first "
-        "request of each cache length waits for the compilation",
+        help="decode lone requests through the compiled step (the config's model.compile); on CPU the "
+        "common length is compiled (once per model structure, then loaded from disk) before serving",
     )
     args = parser.parse_args(argv)
 
