@@ -180,7 +180,8 @@ class Engine:
                 self.model.forward, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True
             )
         self._compiled_layout = _layout(self.model)
-        if self._packaged is not None:
+        native_vlm = self.media is not None and self.media.native is not None  # its prompts decode eagerly
+        if self._packaged is not None and not native_vlm:
             self._prepare(min(_bucket(1), self.context_limit))
 
     def _prepare(self, length: int) -> None:
