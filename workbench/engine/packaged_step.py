@@ -252,6 +252,10 @@ def _compile_elsewhere(model: PreTrainedModel, cache: StaticCache, out: Path) ->
         code = 1
         try:
             torch.set_num_threads(1)
+            # Another thread of the parent (a server's HTTP thread) may have held a stream's or a
+            # handler's lock at the fork: the child writes only to files of its own.
+            logging.disable(logging.CRITICAL)
+            sys.stdout = sys.stderr = (out / "compiler.log").open("w")
             _package(model, cache, out, threads)
             code = 0
         except BaseException:  # noqa: BLE001  # whatever ends the child is the parent's warning
