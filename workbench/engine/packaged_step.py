@@ -98,11 +98,13 @@ class PackagedStep:
         started = time.perf_counter()
         if home is not None and (home / "record.json").is_file():
             try:
-                return self._load(length, home, "loaded from", started)
+                return self._load(length, home, f"loaded from {home}", started)
             except Exception as unloadable:  # noqa: BLE001  # a stored package that will not load is compiled anew
                 log.warning("the stored decode step %s did not load (%s); compiling it anew", home, unloadable)
                 shutil.rmtree(home, ignore_errors=True)
-        made = Path(tempfile.mkdtemp(prefix="workbench-step-"))
+        if home is not None:  # made beside its final place: a rename across file systems fails
+            home.parent.mkdir(parents=True, exist_ok=True)
+        made = Path(tempfile.mkdtemp(prefix=".making-", dir=home.parent if home is not None else None))
         error, peak = _compile_elsewhere(self.model, cache, made)
         if error is not None:
             shutil.rmtree(made, ignore_errors=True)
@@ -115,13 +117,13 @@ class PackagedStep:
             return None
         record = json.loads((made / "record.json").read_text())
         if home is not None and record["portable"]:
-            home.parent.mkdir(parents=True, exist_ok=True)
             try:
                 made.rename(home)
                 made = home
             except OSError:  # another process stored it first: theirs is the same
                 pass
-        source = f"compiled in {record['seconds']:.0f} s (the compiler's process peaked at {peak:.0f} MB) to"
+        where = made if made == home else "a temporary folder (this process only)"
+        source = f"compiled in {record['seconds']:.0f} s (the compiler's process peaked at {peak:.0f} MB) to {where}"
         try:
             return self._load(length, made, source, started)
         finally:
@@ -135,8 +137,7 @@ class PackagedStep:
         runner.load_constants(constants, False, True, True)
         self._runners[length] = runner
         self._bound[length] = (tuple(t.data_ptr() for t in constants.values()), folded)
-        where = made if made.parent.name == "decode-steps" else "a temporary folder (this process only)"
-        log.info("decode step for %d-token caches %s %s (%.1f s)", length, source, where, time.perf_counter() - started)
+        log.info("decode step for %d-token caches %s (%.1f s)", length, source, time.perf_counter() - started)
         return runner
 
 
