@@ -103,5 +103,9 @@ def test_a_model_with_a_hook_gets_a_step_of_its_own_that_is_never_stored(tmp_pat
     handle.remove()
     key = packaged_step._key(session.model, 256)
     assert key is not None and key != packaged_step._key(session.model, 512)
+    session.model.config._attn_implementation = "eager"  # another attention: another package
+    assert packaged_step._key(session.model, 256) != key
+    session.model.config._attn_implementation = "sdpa"
+    assert packaged_step._key(session.model, 256) == key
     session.model.model.layers[0].mlp.act_fn = torch.nn.Tanh()  # another class: another package
     assert packaged_step._key(session.model, 256) != key

@@ -220,6 +220,7 @@ def _key(model: PreTrainedModel, length: int) -> str | None:
     for path in sorted(sources):
         digest.update(Path(path).read_bytes())
     digest.update(model.config.to_json_string(use_diff=False).encode())
+    digest.update(str(getattr(model.config, "_attn_implementation", None)).encode())  # not in the JSON
     digest.update(f"{_FORMAT}:{torch.__version__}:{length}:{torch.get_num_threads()}:{_cpu_flags()}".encode())
     return digest.hexdigest()[:32]
 
