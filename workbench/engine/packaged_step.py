@@ -10,7 +10,8 @@ child's and goes with it; the serving process loads the library and runs it from
 The package holds no weights: the library reads the model's own tensors (`load_constants`,
 user-managed), so quantized weights are not copied, a weight changed in place is seen, and a
 package depends on the model's structure only (module classes and their source, tensor shapes
-and dtypes, config, torch version, CPU flags, cache length). That structure names it on disk
+and dtypes, config and attention implementation, torch version, thread count, CPU flags, cache
+length). That structure names it on disk
 (`<cache>/decode-steps/<key>`), so a second process, or a second model of the same shape, loads
 it in a second instead of compiling for a minute. The one exception, constants the compiler
 folds from weight values, keeps that package in the process that made it (see `_package`)."""
