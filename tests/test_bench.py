@@ -129,9 +129,9 @@ def test_serve_bench_puts_the_compiled_server_beside_the_eager_one(tmp_path, cap
     ]  # interleaved level by level
     assert all(level["failed"] == 0 for level in data["levels"])
     assert all(r["completion_tokens"] == 4 for r in data["runs"])
-    assert data["meta"]["paths"] == ["eager", "compiled"] and data["meta"]["compiled_first_request_s"] > 0
+    assert data["meta"]["paths"] == ["eager", "compiled"] and data["meta"]["compiled_first_request_s"] >= 0
     out = capsys.readouterr().out
-    assert "| compiled | 1 | 1 (0) |" in out and "first request (compiling) took" in out
+    assert "| compiled | 1 | 1 (0) |" in out and "the compiled server's first request took" in out
 
 
 @pytest.mark.parametrize(

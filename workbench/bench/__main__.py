@@ -107,7 +107,7 @@ def _serve(args) -> None:
                 live = stack.enter_context(ServerProcess(args.config, compile=path == "compiled"))
                 servers[path] = (live.base_url + "/v1", live.model_name)
             target = f"`python -m workbench.serve --config {args.config or '(the embedded model)'}`"
-            if "compiled" in servers:  # the first lone request compiles; time it apart, as a user meets it
+            if "compiled" in servers:  # the first lone request (compiling, on CUDA) is timed apart, as a user meets it
                 warmup["compiled_first_request_s"] = serve_bench.warm_up(*servers["compiled"], tokens=args.tokens)
         rows, runs = serve_bench.run_paths(
             servers, api_key=api_key, levels=levels, requests_per_client=args.requests, tokens=args.tokens

@@ -149,6 +149,7 @@ def summarise(runs: list[Run], info: dict) -> list[dict]:
                     "resident": info[name].get("resident"),
                     "bits_per_weight": info[name]["bits_per_weight"],
                     "warmup_s": info[name]["warmup_s"],
+                    "load_s": info[name].get("load_s"),
                     "attention_heads": info[name].get("attention_heads"),
                 }
             )
@@ -190,24 +191,27 @@ def to_markdown(rows: list[dict], meta: dict, skipped: dict) -> str:
         "",
         (
             "| target | batch | bits/weight | weights MB | peak MB | time to first token, ms (median, min–max) "
-            "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | warm-up s |"
+            "| decode tok/s (median, min–max) | vs generate | vs llama.cpp at equal bits | load s | warm-up s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gen = f"{r['ratio_to_generate']:.2f}x" if "ratio_to_generate" in r else "–"
         llama = f"{r['ratio_to_llamacpp']:.2f}x ({r['llamacpp_peer']})" if "ratio_to_llamacpp" in r else "–"
+        load = "–" if r.get("load_s") is None else f"{r['load_s']:.1f}"
         lines.append(
             f"| {r['target']} | {r['batch']} | {r['bits_per_weight']:.1f} | {r['weight_mb']:.1f} | {r['peak_mb']:.0f} "
             f"| {r['ttft_ms_median']:.0f} ({r['ttft_ms_min']:.0f}–{r['ttft_ms_max']:.0f}) "
             f"| {r['decode_tok_s_median']:.1f} ({r['decode_tok_s_min']:.1f}–{r['decode_tok_s_max']:.1f}) "
-            f"| {gen} | {llama} | {r['warmup_s']:.1f} |"
+            f"| {gen} | {llama} | {load} | {r['warmup_s']:.1f} |"
         )
     for name, reason in skipped.items():
         lines.append(f"\nSkipped {name}: {reason}")
     lines.append(
         "\nPeak MB: CPU targets, the worker process's peak resident memory (Python and torch included); "
-        "CUDA targets, peak allocated GPU memory. Warm-up: the first short reply, compilation included (on CPU the compiled step is prepared at load, so its time is the load's)."
+        "CUDA targets, peak allocated GPU memory. Load: the worker's `workbench.load`, which on CPU "
+        "prepares a compiled target's decode step (compiled on a machine's first load of that model structure, "
+        "read from disk after). Warm-up: the first short reply (on CUDA, compilation included)."
     )
     lines += resident_lines(rows)
     return "\n".join(lines) + "\n"

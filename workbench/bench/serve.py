@@ -176,7 +176,8 @@ def run_serve(
 
 
 def warm_up(base_url: str, model: str, *, tokens: int) -> float:
-    """Seconds of one lone request: on a compiled server, the compilation of its cache bucket."""
+    """Seconds of one lone request: on a compiled CUDA server, the compilation of its cache bucket
+    (a CPU server has compiled its step before it serves)."""
     (run,), _ = asyncio.run(_level(base_url, model, None, 1, 1, tokens, "warm-up"))
     if not run.ok:
         raise RuntimeError(f"the warm-up request failed: {run.error}")
@@ -188,7 +189,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"Serve bench: {meta['target']} model {meta['model']!r}, {meta['tokens']} max tokens, greedy, "
         f"{meta['requests_per_client']} requests per client, streaming"
         + (
-            f"; the compiled server's first request (compiling) took {meta['compiled_first_request_s']} s, not counted"
+            f"; the compiled server's first request took {meta['compiled_first_request_s']} s, not counted "
+            "(on CPU the server compiles its step before serving; on CUDA this request compiles it)"
             if meta.get("compiled_first_request_s") is not None
             else ""
         ),
