@@ -12,13 +12,13 @@ consumer that stops iterating stops generation at the next token.
 With `compile_decode()`, a request that decodes alone (plain dynamic cache policy) writes
 its KV cache into a `StaticCache` of a fixed bucket length instead, so every decode step
 has the same shapes and runs as one compiled step (on CPU a library AOTInductor built,
-`packaged_step`; on CUDA a `torch.compile`d graph replayed as a CUDA graph): the Python and dispatch work per token, which is most of the time a small model
-spends per token, goes away. The prefill stays eager: prompt lengths vary and it runs once
+`packaged_step`; on CUDA a `torch.compile`d graph replayed as a CUDA graph): the Python and
+dispatch work per token, which is most of the time a small model spends per token, goes away. The prefill stays eager: prompt lengths vary and it runs once
 per request. The server's lone requests take this path too: when another request arrives
 mid-reply (continuous batching), the filled part of the static cache moves into a dynamic
-one and the batch goes on eagerly, so nobody waits for a compiled reply to end. The first
-request of each cache length logs that it compiles (a minute on a small CPU; on CPU once
-per model structure, then loaded from disk).
+one and the batch goes on eagerly, so nobody waits for a compiled reply to end. Compiling
+is logged: on CPU the 256-token step at `compile_decode()` (a minute, once per model
+structure, then loaded from disk), any other length at its first request.
 """
 
 from __future__ import annotations
@@ -154,8 +154,9 @@ class Engine:
     def compile_decode(self) -> None:
         """Decode single requests through a compiled step over a static KV cache.
 
-        The first request of each cache-length bucket pays the compilation (seconds on a
-        GPU, a minute or more on a small CPU); later ones reuse it.
+        On CPU the 256-token step is compiled (or loaded) here; any other cache-length bucket,
+        and on CUDA every one, is compiled by its first request (seconds on a GPU, a minute on a
+        small CPU); later ones reuse it.
 
         On CPU the step is compiled ahead of time (`packaged_step`: AOTInductor, in a child
         process, stored on disk by the model's structure), so the compiler neither stays in this

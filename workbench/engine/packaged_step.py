@@ -82,8 +82,9 @@ class PackagedStep:
     def bind(self) -> None:
         """Point every loaded package at the model's tensors again if any was replaced (a
         `Parameter` assigned anew has another address; one changed in place needs nothing)."""
+        own = _model_tensors(self.model)
         for length, runner in self._runners.items():
-            constants = _constants(self.model, self._bound[length][1])
+            constants = _constants(own, self._bound[length][1])
             addresses = tuple(t.data_ptr() for t in constants.values())
             if addresses != self._bound[length][0]:
                 runner.load_constants(constants, False, True, True)
@@ -134,7 +135,7 @@ class PackagedStep:
     def _load(self, length: int, made: Path, source: str, started: float) -> torch._C._aoti.AOTIModelPackageLoader:
         runner = torch._C._aoti.AOTIModelPackageLoader(str(made / "step.pt2"), "model", False, 1, -1)
         folded = torch.load(made / "folded.pt", weights_only=True)
-        constants = _constants(self.model, folded)
+        constants = _constants(_model_tensors(self.model), folded)
         runner.load_constants(constants, False, True, True)
         self._runners[length] = runner
         self._bound[length] = (tuple(t.data_ptr() for t in constants.values()), folded)
@@ -151,7 +152,7 @@ class _Step(torch.nn.Module):
         self.model = model
         self.length = _layers(cache)[0].max_cache_len
         self.fixed = [
-            {k: v for k, v in vars(layer).items() if not isinstance(v, torch.Tensor)} for layer in cache.layers
+            {k: v for k, v in vars(layer).items() if not isinstance(v, torch.Tensor)} for layer in _layers(cache)
         ]
         self.names = [[name for name, _ in _cache_tensors(layer)] for layer in _layers(cache)]
 
@@ -187,9 +188,10 @@ def _model_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return found
 
 
-def _constants(model: PreTrainedModel, folded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    own = _model_tensors(model)
-    names = [*folded["__names__"]] if "__names__" in folded else []
+def _constants(own: dict[str, torch.Tensor], folded: dict) -> dict[str, torch.Tensor]:
+    """What the library reads, by name (`folded["__names__"]`, as `_package` stored them): the
+    compiler's own constants from `folded`, every other one the model's tensor (`own`)."""
+    names = folded["__names__"]
     missing = [n for n in names if n not in own and n not in folded]
     if missing:
         raise RuntimeError(f"the packaged decode step reads tensors the model lacks: {missing[:3]}")
