@@ -1,12 +1,16 @@
 """Structured head pruning: it removes exactly what it says, and the model still works."""
 
+import copy
+
 import pytest
 import torch
 from tiny_models import ARCHS, IDS, logits
 from transformers import DynamicCache
 
 import workbench
+from workbench.compress import compensation
 from workbench.compress.pruning import (
+    _calibration_batches,
     attention_layers,
     choose_groups,
     importance,
@@ -14,8 +18,11 @@ from workbench.compress.pruning import (
     kv_groups,
     prune_groups,
     prune_heads,
+    split_calibration,
 )
+from workbench.compress.recovery import kl_loss
 from workbench.config import ConfigError, parse_config
+from workbench.data import calibration_texts as shipped_calibration_texts
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -63,7 +70,7 @@ def test_saved_pruned_model_loads_back_with_the_same_outputs(arch, tmp_path):
     assert reloaded.chat("hi", temperature=0, max_tokens=5).text == session.chat("hi", temperature=0, max_tokens=5).text
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "attention_entropy", "weight_norm", "random"])
+@pytest.mark.parametrize("criterion", ["taylor", "kl", "attention_entropy", "weight_norm", "random"])
 def test_every_criterion_scores_every_group_and_the_pruned_model_streams(tiny, criterion):
     session = workbench.load(tiny.loaded.source, quiet=True)
     scores = importance(session.model, session.tokenizer, criterion, calibration_texts=2, calibration_tokens=64)
@@ -81,6 +88,50 @@ def test_taylor_importance_finds_a_silenced_group():
         attn.o_proj.weight[:, : attn.num_key_value_groups * attn.head_dim] = 0
     scores = importance(session.model, session.tokenizer, "taylor", calibration_texts=2, calibration_tokens=64)
     assert scores[0, 0] < 1e-6 < scores[0, 1]
+
+
+@pytest.mark.parametrize("ridge", [None, 0.01, "auto"])
+def test_kl_importance_is_the_divergence_of_the_prune_it_stands_for(ridge):
+    """Each group's score is what removing it alone does, compensated as the step compensates:
+    the masked, refitted model the criterion measures equals the pruned, refitted one."""
+    session = workbench.load("tiny:llama", quiet=True)
+    model, tokenizer = session.model, session.tokenizer
+    texts = shipped_calibration_texts()
+    before = logits(model)
+    scores = importance(model, tokenizer, "kl", calibration_texts=4, calibration_tokens=64, compensate_ridge=ridge)
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)  # every weight restored
+    assert (scores > 0).all()
+    if ridge is None:
+        fit = _calibration_batches(tokenizer, texts, 4, 64, "cpu")
+    else:
+        fit_texts, held_texts = split_calibration(texts, 4)
+        fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), 64, "cpu")
+        held = _calibration_batches(tokenizer, held_texts, len(held_texts), 64, "cpu")
+    measured = fit[: (len(fit) + 1) // 2]
+    for layer, group in [(0, 1), (1, 0)]:
+        pruned = copy.deepcopy(model)
+        attns = attention_layers(pruned)
+        if ridge is not None:
+            stats = compensation.collect(attns, [layer], pruned, fit)
+            held_stats = compensation.collect(attns, [layer], pruned, held)
+        prune_groups(pruned, {layer: [group]})
+        if ridge is not None:
+            compensation.refit(attns, {layer: [1 - group]}, stats, ridge, held_out=held_stats)
+        with torch.inference_mode():
+            kl = sum(
+                float(kl_loss(pruned(input_ids=ids).logits, model(input_ids=ids).logits, 1.0)) * ids.shape[1]
+                for ids in measured
+            ) / sum(ids.shape[1] for ids in measured)
+        assert scores[layer, group] == pytest.approx(kl, rel=1e-4)
+
+
+def test_kl_importance_scores_a_silenced_group_zero():
+    session = workbench.load("tiny:qwen3", quiet=True)
+    attn = attention_layers(session.model)[1]
+    with torch.no_grad():
+        attn.o_proj.weight[:, attn.num_key_value_groups * attn.head_dim :] = 0
+    scores = importance(session.model, session.tokenizer, "kl", calibration_texts=2, calibration_tokens=64)
+    assert scores[1, 1] < 1e-9 < float(scores.flatten()[:3].min())
 
 
 def test_global_ratio_ranks_across_layers_and_keeps_the_floor():

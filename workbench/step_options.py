@@ -35,8 +35,8 @@ CalibrationSpec = Annotated[str | None, AfterValidator(_checked_calibration)]
 
 # --- prune_heads ---------------------------------------------------------------------------
 
-Criterion = Literal["taylor", "attention_entropy", "weight_norm", "random"]
-CRITERIA: tuple[str, ...] = ("taylor", "attention_entropy", "weight_norm", "random")
+Criterion = Literal["taylor", "kl", "attention_entropy", "weight_norm", "random"]
+CRITERIA: tuple[str, ...] = ("taylor", "kl", "attention_entropy", "weight_norm", "random")
 COMPENSATE_RIDGES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 """The ridge values `compensate_ridge: auto` chooses among, per layer."""
 
@@ -75,7 +75,7 @@ class PruneOptions(BaseModel):
 
     @property
     def reads_calibration(self) -> bool:
-        return self.compensate or (self.remove is None and self.criterion in ("taylor", "attention_entropy"))
+        return self.compensate or (self.remove is None and self.criterion in ("taylor", "kl", "attention_entropy"))
 
     @model_validator(mode="after")
     def _one_budget(self) -> Self:

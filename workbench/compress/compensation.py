@@ -116,32 +116,51 @@ def refit(
     "held_out_before", "held_out_after", "compensated"}}; the held-out entries only with `held_out`."""
     if ridge == "auto" and held_out is None:
         raise ValueError("compensate_ridge: auto chooses on held-out calibration text; none was given")
-    grid = COMPENSATE_RIDGES if ridge == "auto" else (float(ridge),)
     summary: dict[int, dict[str, float | bool]] = {}
     for layer, groups in kept.items():
-        s, attn = stats[layer], attns[layer]
-        o_proj = attn.o_proj
-        keep = query_index(attn, groups)
-        fits = {r: solve(s, keep, r) for r in grid}
-        entry: dict[str, float | bool] = {"error_before": round(relative_error(s, keep, o_proj.weight), 6)}
-        if held_out is None:
-            chosen = grid[0]
-            better = True
-        else:
-            scores = {r: relative_error(held_out[layer], keep, w) for r, w in fits.items()}
-            chosen = min(scores, key=lambda r: scores[r])
-            baseline = relative_error(held_out[layer], keep, o_proj.weight)
-            # A ridge given as a number is a fit asked for (the shipped configs pin the one their
-            # adapter was trained after): it is reported, and only the whole-model check can undo it.
-            better = scores[chosen] < baseline or ridge != "auto"
-            entry |= {"held_out_before": round(baseline, 6), "held_out_after": round(scores[chosen], 6)}
-        entry |= {
-            "ridge": chosen,
-            "error_after": round(relative_error(s, keep, fits[chosen]), 6),
-            "compensated": better,
-        }
-        if better:
+        o_proj = attns[layer].o_proj
+        weight, entry = fit(
+            stats[layer],
+            None if held_out is None else held_out[layer],
+            query_index(attns[layer], groups),
+            o_proj.weight,
+            ridge,
+        )
+        if weight is not None:
             with torch.no_grad():
-                o_proj.weight.copy_(fits[chosen].to(o_proj.weight.dtype))
+                o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
         summary[layer] = entry
     return summary
+
+
+def fit(
+    stats: OProjStatistics,
+    held_out: OProjStatistics | None,
+    keep: torch.Tensor,
+    weight: torch.Tensor,
+    ridge: float | str,
+) -> tuple[torch.Tensor | None, dict[str, float | bool]]:
+    """One layer's refit for the kept o_proj input columns `keep`, whose current (uncompensated)
+    weight is `weight` [d_out, len(keep)]: (the new weight in float64, or None where the held-out
+    error says keep `weight`; the summary entry `refit` reports). Also what the `kl` pruning
+    criterion measures each candidate removal with, so it ranks groups as they will be compensated."""
+    grid = COMPENSATE_RIDGES if ridge == "auto" else (float(ridge),)
+    fits = {r: solve(stats, keep, r) for r in grid}
+    entry: dict[str, float | bool] = {"error_before": round(relative_error(stats, keep, weight), 6)}
+    if held_out is None:
+        chosen = grid[0]
+        better = True
+    else:
+        scores = {r: relative_error(held_out, keep, w) for r, w in fits.items()}
+        chosen = min(scores, key=lambda r: scores[r])
+        baseline = relative_error(held_out, keep, weight)
+        # A ridge given as a number is a fit asked for (the shipped configs pin the one their
+        # adapter was trained after): it is reported, and only the whole-model check can undo it.
+        better = scores[chosen] < baseline or ridge != "auto"
+        entry |= {"held_out_before": round(baseline, 6), "held_out_after": round(scores[chosen], 6)}
+    entry |= {
+        "ridge": chosen,
+        "error_after": round(relative_error(stats, keep, fits[chosen]), 6),
+        "compensated": better,
+    }
+    return (fits[chosen] if better else None), entry

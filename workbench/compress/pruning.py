@@ -12,7 +12,13 @@ Importance, after Michel et al. 2019 ("Are Sixteen Heads Really Better than One?
   calibration text, normalised per layer;
 - `attention_entropy`: groups whose heads attend diffusely (high entropy) go first;
 - `weight_norm`: Frobenius norm of the group's q/k/v rows and o_proj columns;
-- `random`: the control every criterion must beat.
+- `random`: the control every criterion must beat;
+- `kl`: measured rather than estimated: the KL divergence of the model's next-token
+  distributions from the original's when that one group is removed (and, with `compensate`, its
+  layer's o_proj refit as the step will refit it), one forward pass per group. Taylor's gradient
+  is a first-order guess that cannot see the refit; on the embedded model with the `mix`
+  calibration the kl prune, before any recovery, is 1.38x the unpruned perplexity on fiction
+  where taylor's is 2.25x (docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from workbench.compress import compensation
 from workbench.compress.calibration import resolve
@@ -114,6 +121,56 @@ def entropy_importance(model, attns, batches) -> torch.Tensor:
     return -entropy / len(batches)
 
 
+def _log_probs(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1) for ids in batches]
+
+
+def kl_importance(
+    model, attns, fit: list[torch.Tensor], held: list[torch.Tensor], ridge: float | str | None
+) -> torch.Tensor:
+    """Mean KL(original || without the group) per token, each group removed alone (its query
+    heads' o_proj input zeroed) and, where `ridge` is given, its layer's o_proj refit on `fit`
+    and checked on `held` exactly as `compensate` will. The KL is read on the first half of the
+    `fit` texts: one forward pass of them per group (90 groups x 8 x 256 tokens, 5.5 min for the
+    embedded model on a 2-core CPU)."""
+    counts = [kv_groups(a) for a in attns]
+    stats = held_stats = None
+    if ridge is not None:
+        stats = compensation.collect(attns, range(len(attns)), model, fit)
+        held_stats = compensation.collect(attns, range(len(attns)), model, held)
+    measured = fit[: (len(fit) + 1) // 2]
+    original = _log_probs(model, measured)
+    tokens = sum(ids.shape[1] for ids in measured)
+    scores = torch.zeros(len(attns), max(counts))
+    bar = tqdm(total=sum(counts), desc="kl: each KV group removed", unit="group")
+    for layer, attn in enumerate(attns):
+        weight = attn.o_proj.weight
+        unpruned = weight.detach().clone()
+        for group in range(counts[layer]):
+            mask = torch.ones(counts[layer], device=weight.device)
+            mask[group] = 0
+            handle = mask_o_proj_input(attn, mask)
+            try:
+                if stats is not None and held_stats is not None:
+                    keep = compensation.query_index(attn, [g for g in range(counts[layer]) if g != group])
+                    refit, _ = compensation.fit(stats[layer], held_stats[layer], keep, unpruned[:, keep], ridge)
+                    if refit is not None:
+                        with torch.no_grad():
+                            weight[:, keep.to(weight.device)] = refit.to(weight.device, weight.dtype)
+                total = 0.0
+                for p, q in zip(original, _log_probs(model, measured)):
+                    total += float((p.exp() * (p - q)).sum())
+                scores[layer, group] = total / tokens
+            finally:
+                handle.remove()
+                with torch.no_grad():
+                    weight.copy_(unpruned)
+            bar.update()
+    bar.close()
+    return scores
+
+
 def weight_norm_importance(attns) -> torch.Tensor:
     groups = max(kv_groups(a) for a in attns)
     scores = torch.zeros(len(attns), groups)
@@ -142,8 +199,10 @@ def importance(
     seed: int = 0,
     calibration_texts: int = 16,
     calibration_tokens: int = 256,
+    compensate_ridge: float | str | None = None,
 ) -> torch.Tensor:
-    """[layer, kv group] scores; higher means keep."""
+    """[layer, kv group] scores; higher means keep. `compensate_ridge`: the `kl` criterion
+    measures each removal with the o_proj refit of that ridge (None: uncompensated)."""
     attns = attention_layers(model)
     if criterion == "random":
         return random_importance(attns, seed)
@@ -152,6 +211,14 @@ def importance(
     if texts is None:
         texts = shipped_calibration_texts()
     device = attns[0].q_proj.weight.device
+    if criterion == "kl":
+        if compensate_ridge is None:
+            fit = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
+            return kl_importance(model, attns, fit, [], None)
+        fit_texts, held_texts = split_calibration(texts, calibration_texts)
+        fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), calibration_tokens, device)
+        held = _calibration_batches(tokenizer, held_texts, len(held_texts), calibration_tokens, device)
+        return kl_importance(model, attns, fit, held, compensate_ridge)
     batches = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
     if criterion == "taylor":
         return taylor_importance(model, attns, batches).detach().cpu()
@@ -354,6 +421,7 @@ def prune_heads(session, *, replay: dict | None = None, **options) -> PruneRepor
             seed=opts.seed,
             calibration_texts=opts.calibration_texts,
             calibration_tokens=opts.calibration_tokens,
+            compensate_ridge=opts.compensate_ridge if opts.compensate else None,
         )
         removed = choose_groups(
             scores, counts, ratio=opts.ratio, per_layer=opts.per_layer, min_groups_per_layer=opts.min_groups_per_layer
