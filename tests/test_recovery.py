@@ -1,11 +1,13 @@
 """Quality recovery after head pruning: o_proj compensation and the `recover` step, on tiny models."""
 
 import json
+import shutil
 import warnings
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from tiny_models import ARCHS, logits
 
 import workbench
@@ -279,6 +281,60 @@ def test_a_saved_adapter_reproduces_the_recovery_and_replays_the_recorded_prune(
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny:glm4"
     # The adapter is stored in fp16: the same model up to that rounding.
     torch.testing.assert_close(logits(loaded.model), logits(trained.model), atol=2e-3, rtol=0)
+
+
+def test_an_adapter_carries_the_compensated_base_it_was_trained_on(tmp_path):
+    """Loaded after a plain prune (no compensation, no calibration read), the adapter puts back
+    the refitted o_proj it was trained on top of: the trained model, up to fp16 rounding."""
+    adapter = tmp_path / "adapter"
+    prune = {"remove": {0: [1], 1: [0]}, "compensate": True, "compensate_ridge": 0.01, "calibration_texts": 4}
+    trained = workbench.load(recover_config(tmp_path, prune=prune, save_adapter=str(adapter)), quiet=True)
+    assert trained.reports[0]["compensation_check"]["kept"]
+    record = json.loads((adapter / "recovery.json").read_text())
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    assert record["base_weights"] == names and set(load_file(adapter / "base_weights.safetensors")) == set(names)
+
+    def plain(folder):
+        return parse_config(
+            {
+                "model": {"source": "tiny:llama"},
+                "compression": [
+                    {"step": "prune_heads", "remove": {0: [1], 1: [0]}},
+                    {"step": "recover", "adapter": str(folder)},
+                ],
+            }
+        )
+
+    loaded = workbench.load(plain(adapter), quiet=True)
+    assert loaded.reports[0]["calibration"] is None  # nothing read, nothing generated
+    torch.testing.assert_close(logits(loaded.model), logits(trained.model), atol=2e-3, rtol=0)
+    bare = tmp_path / "bare"
+    shutil.copytree(adapter, bare)
+    (bare / "base_weights.safetensors").unlink()
+    without = workbench.load(plain(bare), quiet=True)
+    assert (logits(without.model) - logits(trained.model)).abs().max() > 10 * 2e-3
+
+
+def test_a_base_weight_the_model_has_no_place_for_is_refused_by_name(tmp_path):
+    adapter = tmp_path / "adapter"
+    workbench.load(recover_config(tmp_path, save_adapter=str(adapter)), quiet=True)
+    weights = load_file(adapter / "base_weights.safetensors")
+    save_file(
+        {**weights, "model.layers.7.self_attn.o_proj.weight": torch.zeros(2, 2)}, adapter / "base_weights.safetensors"
+    )
+    config = parse_config(
+        {
+            "model": {"source": "tiny:llama"},
+            "compression": [
+                {"step": "prune_heads", "criterion": "weight_norm", "per_layer": 1},
+                {"step": "recover", "adapter": str(adapter)},
+            ],
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"base weight model.layers.7.self_attn.o_proj.weight \(2, 2\).*no such weight"
+    ):
+        workbench.load(config, quiet=True)
 
 
 def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tmp_path):

@@ -44,7 +44,7 @@ from workbench.compress.calibration import resolve
 from workbench.data import held_out_texts
 from workbench.metrics import token_windows
 from workbench.models.adapters import load_adapter, save_adapter
-from workbench.models.anatomy import pruned_shape
+from workbench.models.anatomy import attention_layers, pruned_shape
 from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
 from workbench.step_options import RecoverOptions
 
@@ -329,6 +329,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             "recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first"
         )
     calibration = resolve(session, opts.calibration, model=teacher) if opts.reads_calibration else None
+    base = pruned_o_proj(model, teacher) if opts.save_adapter is not None else None
     with _threads(opts.threads):
         report, peft_model = train(
             model,
@@ -356,11 +357,20 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
                 # the training machine) and warns when it differs at load; the source is what
                 # names the model (recovery.json checks its shape).
                 peft_model.peft_config["default"].base_model_name_or_path = session.loaded.source
-                save_adapter(peft_model, model, resolve_path(opts.save_adapter), record)
+                save_adapter(peft_model, model, resolve_path(opts.save_adapter), record, base)
                 report.adapter = opts.save_adapter
             merged = peft_model.merge_and_unload()
             assert merged is model
     return report
+
+
+def pruned_o_proj(model, teacher) -> dict[str, torch.Tensor]:
+    """The o_proj weights of the layers pruning changed, as they are before training: the base
+    a saved adapter carries (compensation refits them from calibration text; models/adapters.py)."""
+    pruned = [i for i, (a, b) in enumerate(zip(pruned_shape(model), pruned_shape(teacher))) if a != b]
+    names = {id(m): n for n, m in model.named_modules()}
+    attns = attention_layers(model)
+    return {f"{names[id(attns[i].o_proj)]}.weight": attns[i].o_proj.weight.detach().clone() for i in pruned}
 
 
 def teacher_copy(model):

@@ -2,7 +2,12 @@
 
 A folder holds peft's `adapter_config.json`, the LoRA weights in fp16 safetensors, a
 `recovery.json` record of the model and the pruned shape it was trained on (so it refuses
-any other), and optionally the chat template it was trained with. Recovery after pruning and
+any other), optionally the chat template it was trained with, and optionally the base weights
+it was trained on top of that slicing the original cannot give back: a recovery LoRA is trained
+after o_proj compensation, whose refit depends on the calibration text (the `mix` holds the
+model's own generations, which a CPU with other kernels may word differently, and takes minutes
+to generate); carrying the refitted o_proj makes loading the adapter give the model it was
+trained on, on any machine, with no calibration read. Recovery after pruning and
 the thinking adapter both write this format; `model.adapter` in a config merges one at load.
 The merge leaves a plain transformers model, so nothing downstream knows an adapter was used.
 
@@ -23,6 +28,7 @@ from workbench.models.anatomy import pruned_shape
 from workbench.paths import ADAPTER_RECORD, resolve_path
 
 LORA_WEIGHTS = "adapter_model.safetensors"
+BASE_WEIGHTS = "base_weights.safetensors"
 TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -47,10 +53,13 @@ def check_adapter(folder: Path, model) -> dict:
 
 
 def load_adapter(model, folder: Path) -> None:
-    """Apply a saved LoRA and merge it: the model stays a plain transformers model."""
+    """Put back the base weights the adapter was trained on top of (when it carries any), apply
+    its LoRA and merge it: the model stays a plain transformers model."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     check_adapter(folder, model)
+    if (folder / BASE_WEIGHTS).is_file():
+        _load_base(model, folder)
     lora = LoraConfig.from_pretrained(str(folder))
     # The record names the model (a source such as embedded:...), which is never the folder the
     # weights were read from; peft would warn that it "was renamed" at every load. recovery.json
@@ -66,10 +75,29 @@ def load_adapter(model, folder: Path) -> None:
     assert merged is model  # merged in place: the session's engine keeps its model
 
 
-def save_adapter(peft_model, model, folder: Path, record: dict) -> None:
+def _load_base(model, folder: Path) -> None:
+    base = load_file(folder / BASE_WEIGHTS)
+    params = dict(model.named_parameters())
+    for name, weight in base.items():
+        if name not in params or params[name].shape != weight.shape:
+            found = tuple(params[name].shape) if name in params else "no such weight"
+            raise ValueError(
+                f"adapter {folder} carries base weight {name} {tuple(weight.shape)} for this model, which has {found}"
+            )
+    with torch.no_grad():
+        for name, weight in base.items():
+            params[name].copy_(weight.to(params[name].dtype))
+
+
+def save_adapter(peft_model, model, folder: Path, record: dict, base: dict[str, torch.Tensor] | None = None) -> None:
+    """`base`: weights (by the plain model's parameter names) the LoRA was trained on top of,
+    which loading puts back before merging; written in fp16, as the LoRA is."""
     from peft import get_peft_model_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
+    if base:
+        save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in base.items()}, folder / BASE_WEIGHTS)
+        record = {**record, "base_weights": sorted(base)}
     state = {
         k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
     }
