@@ -152,7 +152,7 @@ def kl_importance(
             mask[group] = 0
             handle = mask_o_proj_input(attn, mask)
             try:
-                if stats is not None and held_stats is not None:
+                if ridge is not None and stats is not None and held_stats is not None:
                     keep = compensation.query_index(attn, [g for g in range(counts[layer]) if g != group])
                     refit, _ = compensation.fit(stats[layer], held_stats[layer], keep, unpruned[:, keep], ridge)
                     if refit is not None:
