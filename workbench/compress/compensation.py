@@ -126,7 +126,7 @@ def refit(
             o_proj.weight,
             ridge,
         )
-        if weight is not None:
+        if entry["compensated"]:
             with torch.no_grad():
                 o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
         summary[layer] = entry
@@ -139,11 +139,11 @@ def fit(
     keep: torch.Tensor,
     weight: torch.Tensor,
     ridge: float | str,
-) -> tuple[torch.Tensor | None, dict[str, float | bool]]:
+) -> tuple[torch.Tensor, dict[str, float | bool]]:
     """One layer's refit for the kept o_proj input columns `keep`, whose current (uncompensated)
-    weight is `weight` [d_out, len(keep)]: (the new weight in float64, or None where the held-out
-    error says keep `weight`; the summary entry `refit` reports). Also what the `kl` pruning
-    criterion measures each candidate removal with, so it ranks groups as they will be compensated."""
+    weight is `weight` [d_out, len(keep)]: (the fit at the chosen ridge, in float64; the summary
+    entry `refit` reports, whose `compensated` says whether the held-out error lets the fit
+    replace `weight`). Also what the `kl` pruning criterion measures each candidate removal with."""
     grid = COMPENSATE_RIDGES if ridge == "auto" else (float(ridge),)
     fits = {r: solve(stats, keep, r) for r in grid}
     entry: dict[str, float | bool] = {"error_before": round(relative_error(stats, keep, weight), 6)}
@@ -163,4 +163,4 @@ def fit(
         "error_after": round(relative_error(stats, keep, fits[chosen]), 6),
         "compensated": better,
     }
-    return (fits[chosen] if better else None), entry
+    return fits[chosen], entry
