@@ -215,15 +215,12 @@ def importance(
     if texts is None:
         texts = shipped_calibration_texts()
     device = attns[0].q_proj.weight.device
-    if criterion == "kl":
-        if compensate_ridge is None:
-            fit = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
-            return kl_importance(model, attns, fit, [], None)
-        fit_texts, held_texts = split_calibration(texts, calibration_texts)
-        fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), calibration_tokens, device)
-        held = _calibration_batches(tokenizer, held_texts, len(held_texts), calibration_tokens, device)
+    if criterion == "kl" and compensate_ridge is not None:
+        fit, held = _fit_and_held(tokenizer, texts, calibration_texts, calibration_tokens, device)
         return kl_importance(model, attns, fit, held, compensate_ridge)
     batches = _calibration_batches(tokenizer, texts, calibration_texts, calibration_tokens, device)
+    if criterion == "kl":
+        return kl_importance(model, attns, batches, [], None)
     if criterion == "taylor":
         return taylor_importance(model, attns, batches).detach().cpu()
     if criterion == "attention_entropy":
@@ -326,6 +323,14 @@ def split_calibration(texts: list[str], n: int) -> tuple[list[str], list[str]]:
     return texts[: fit - held], texts[fit - held : fit]
 
 
+def _fit_and_held(tokenizer, texts: list[str], n: int, tokens: int, device) -> tuple[list, list]:
+    """The batches a refit is fitted on and checked on (split_calibration), for compensation
+    and for the `kl` criterion's refitted measurement alike."""
+    fit_texts, held_texts = split_calibration(texts, n)
+    fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), tokens, device)
+    return fit, _calibration_batches(tokenizer, held_texts, len(held_texts), tokens, device)
+
+
 def mean_loss(model, batches: list[torch.Tensor]) -> float:
     """Mean next-token loss per predicted token over `batches`."""
     total, tokens = 0.0, 0
@@ -341,9 +346,7 @@ def _compensate(model, attns, removed, counts, opts: PruneOptions, texts: list[s
     """Prune `removed` from `model` and refit the pruned layers' o_proj where held-out
     calibration text says it helps; (per-layer summary, whole-model check)."""
     device = attns[0].q_proj.weight.device
-    fit_texts, held_texts = split_calibration(texts, opts.calibration_texts)
-    fit = _calibration_batches(tokenizer, fit_texts, len(fit_texts), opts.calibration_tokens, device)
-    held = _calibration_batches(tokenizer, held_texts, len(held_texts), opts.calibration_tokens, device)
+    fit, held = _fit_and_held(tokenizer, texts, opts.calibration_texts, opts.calibration_tokens, device)
     stats = compensation.collect(attns, list(removed), model, fit)
     held_stats = compensation.collect(attns, list(removed), model, held)
     prune_groups(model, removed)

@@ -89,6 +89,10 @@ def _load_base(model, folder: Path) -> None:
             params[name].copy_(weight.to(params[name].dtype))
 
 
+def _half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in tensors.items()}
+
+
 def save_adapter(peft_model, model, folder: Path, record: dict, base: dict[str, torch.Tensor] | None = None) -> None:
     """`base`: weights (by the plain model's parameter names) the LoRA was trained on top of,
     which loading puts back before merging; written in fp16, as the LoRA is."""
@@ -96,12 +100,9 @@ def save_adapter(peft_model, model, folder: Path, record: dict, base: dict[str, 
 
     folder.mkdir(parents=True, exist_ok=True)
     if base:
-        save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in base.items()}, folder / BASE_WEIGHTS)
+        save_file(_half(base), folder / BASE_WEIGHTS)
         record = {**record, "base_weights": sorted(base)}
-    state = {
-        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()
-    }
-    save_file(state, folder / LORA_WEIGHTS)
+    save_file(_half(get_peft_model_state_dict(peft_model)), folder / LORA_WEIGHTS)
     peft_model.peft_config["default"].save_pretrained(str(folder))
     config = model.config
     record = {
