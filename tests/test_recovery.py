@@ -223,6 +223,29 @@ def test_recovery_lowers_the_held_out_kl_to_the_unpruned_model(tmp_path, train):
     assert type(recovered.model).__name__ == "LlamaForCausalLM"  # LoRA merged: a plain model again
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_trains_under_autocast_and_scores_the_held_out_text_in_fp32(tmp_path, monkeypatch, bf16):
+    from workbench.compress import recovery
+
+    seen = []
+
+    def recording(student_logits, teacher_logits, temperature):
+        seen.append((student_logits.dtype, teacher_logits.dtype, torch.is_grad_enabled()))
+        return real(student_logits, teacher_logits, temperature)
+
+    real = recovery.kl_loss
+    monkeypatch.setattr(recovery, "kl_loss", recording)
+    session = workbench.load(recover_config(tmp_path, bf16=bf16, keep="kl", eval_texts=["reference"]), quiet=True)
+    training = {(s, t) for s, t, grad in seen if grad}
+    scoring = {(s, t) for s, t, grad in seen if not grad}
+    half = torch.bfloat16 if bf16 else torch.float32
+    assert training == {(half, half)}, training
+    assert scoring == {(torch.float32, torch.float32)}, scoring
+    report = session.reports[1]
+    assert report["kl_after"] < report["kl_before"]
+    assert all(p.dtype == torch.float32 for p in session.model.parameters())
+
+
 def test_recovery_is_reproducible_with_its_seed(tmp_path):
     first = workbench.load(recover_config(tmp_path, keep="last"), quiet=True)
     second = workbench.load(recover_config(tmp_path, keep="last"), quiet=True)

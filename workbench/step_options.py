@@ -113,6 +113,7 @@ _TRAINING = (
     "eval_windows",
     "eval_texts",
     "keep",
+    "bf16",
     "save_adapter",
     "cache_dir",
     "calibration",
@@ -165,6 +166,10 @@ class RecoverOptions(BaseModel):
     keep: Literal["perplexity", "kl", "last"] = "perplexity"
     """Which state to end with: the lowest held-out perplexity (the geometric mean over
     `eval_texts`), the lowest held-out KL to the teacher (their mean), or the last step's."""
+    bf16: bool | None = None
+    """Train under bf16 autocast (the teacher's logits too; held-out scoring stays fp32). None: on
+    CUDA only. On a CPU with AVX512-BF16 or AMX it is ~1.6x faster a step (the 2-core EPYC: 4.7 s
+    against 7.7 s for a full-model step of 4 x 256 tokens); without them it is slower than fp32."""
     seed: int = 0
     threads: int | None = Field(None, ge=1, le=1024)
     """torch CPU threads while recovering (restored afterwards); None leaves torch's setting."""

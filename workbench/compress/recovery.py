@@ -173,7 +173,7 @@ def train(
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
     device = student.get_input_embeddings().weight.device
-    cuda = device.type == "cuda"
+    bf16 = device.type == "cuda" if opts.bf16 is None else opts.bf16
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -255,7 +255,7 @@ def train(
     for step in bar:
         module.train()
         ids = data.batch(opts.batch).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             with torch.no_grad():
                 target = teacher(input_ids=ids, use_cache=False).logits
             loss = kl_loss(module(input_ids=ids, use_cache=False).logits, target, opts.temperature)
