@@ -34,6 +34,9 @@ def _prune_options(options: dict) -> dict:
     on the reference text."""
     dumped = PruneOptions.model_validate(options).model_dump(mode="json")
     dumped["calibration"] = dumped.get("calibration") or DEFAULT_CALIBRATION
+    if dumped.get("remove") is not None:  # listed groups: no criterion chose them, no ratio counted them
+        for chooser in ("criterion", "ratio", "per_layer"):
+            dumped.pop(chooser, None)
     return dumped
 
 
