@@ -51,18 +51,6 @@ def _llama(path, **kw):
     return llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, verbose=False, **kw)
 
 
-def _llamacpp_reply(llm, tokenizer, prompt: str, tokens: int = 16) -> str:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    out = []
-    for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
-        if token == llm.token_eos() or len(out) == tokens:
-            break
-        out.append(token)
-    return tokenizer.decode(out, skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("tiny_arch", ["llama", "qwen3"])
 def test_tiny_models_uniform_and_pruned_give_transformers_logits(tmp_path, tiny_arch):
     """Random tiny models have near-tied logits, so greedy tokens would hinge on float16
@@ -120,14 +108,41 @@ def test_llamacpp_tokenizes_like_the_engine(tmp_path, embedded):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
 
 
-def test_f16_greedy_replies_equal_the_engine(tmp_path, session):
+def _llamacpp_tokens(llm, ids: list[int], tokens: int = 16) -> list[int]:
+    out = []
+    for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
+        if token == llm.token_eos() or len(out) == tokens:
+            break
+        out.append(token)
+    return out
+
+
+def test_f16_greedy_replies_follow_the_model_but_at_near_ties(tmp_path, session):
+    """llama.cpp's f16 greedy tokens are the model's own, or part from them only where the
+    model's two candidates are within float16's reach of each other: which side of such a tie a
+    CPU lands on depends on its kernels (AVX2 and AVX-512 machines part on different prompts)."""
     result = session.export(tmp_path / "m.gguf", type="f16")
     assert result.arch == ("deci" if len(set(result.heads)) > 1 else "llama")
     llm = _llama(tmp_path / "m.gguf")
+    whole = 0
     for prompt in PROMPTS:
-        engine = session.chat(prompt, temperature=0, max_tokens=16).text
-        assert _llamacpp_reply(llm, session.tokenizer, prompt).strip() == engine.strip(), prompt
+        ids = session.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        theirs = _llamacpp_tokens(llm, ids)
+        assert theirs, prompt
+        for i, token in enumerate(theirs):
+            with torch.inference_mode():
+                logits = session.model(input_ids=torch.tensor([list(ids) + theirs[:i]])).logits[0, -1]
+            ours = int(logits.argmax())
+            if ours != token:
+                margin = float(logits[ours] - logits[token])
+                assert margin < 0.2, (prompt, i, session.tokenizer.decode(theirs[: i + 1]), margin)
+                break
+        else:
+            whole += 1
     llm.close()
+    assert whole >= len(PROMPTS) // 2, f"only {whole} of {len(PROMPTS)} replies followed the model to the end"
 
 
 def test_f16_greedy_token_ids_equal_transformers(tmp_path, session):
