@@ -618,18 +618,20 @@ def test_the_shipped_configs_remove_the_adapters_groups_and_read_no_calibration(
     for layer, groups in options.remove.items():  # 576 outputs; 3 KV groups of 3 x 64-wide query heads
         assert base[f"model.layers.{layer}.self_attn.o_proj.weight"].shape == (576, (3 - len(groups)) * 192)
     assert record["prune"]["options"]["compensate"] and record["prune"]["options"]["calibration"] == "mix"
+    assert not {"criterion", "ratio", "per_layer"} & set(record["prune"]["options"])  # listed: nothing chose them
 
 
 def test_the_shipped_pruned_25_holds_on_prose_it_was_not_fitted_on(embedded, embedded_cache, monkeypatch):
     """The config loads the trained model from the adapter alone (no calibration read, nothing
-    measured) and that model stays near the original on fiction: 1.198x perplexity and KL 0.19 on
-    8 windows when shipped (docs/recovery.md), 1.61x and 0.53 for the adapter before it."""
+    measured) and that model stays near the original on fiction: 1.148x perplexity and KL 0.16 on
+    8 windows when shipped (docs/recovery.md); on these 2 windows 1.145x and 0.173, against 1.205x
+    and 0.205 for the rank-16 adapter before it and 1.53x and 0.51 without its base weights."""
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
     pruned = workbench.load("configs/pruned-25.yaml", quiet=True)
     assert pruned.reports[0]["calibration"] is None and pruned.reports[0]["groups_from"] == "given"
     assert sum(pruned.model.config.key_value_heads_per_layer) == 90 - 22
     d = divergence(embedded.model, pruned.model, pruned.tokenizer, prose_texts(), max_windows=2)
-    assert d.compressed_perplexity / d.original_perplexity < 1.3 and d.kl_mean < 0.25, d
+    assert d.compressed_perplexity / d.original_perplexity < 1.2 and d.kl_mean < 0.2, d
 
 
 def test_the_shipped_adapter_loads_without_peft_warning_of_its_base_model(embedded, embedded_cache, monkeypatch):
