@@ -108,45 +108,12 @@ def test_llamacpp_tokenizes_like_the_engine(tmp_path, embedded):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
 
 
-def _llamacpp_tokens(llm, ids: list[int], tokens: int = 16) -> list[int]:
-    out = []
-    for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
-        if token == llm.token_eos() or len(out) == tokens:
-            break
-        out.append(token)
-    return out
-
-
-def test_f16_greedy_replies_follow_the_model_but_at_near_ties(tmp_path, session):
-    """llama.cpp's f16 greedy tokens are the model's own, or part from them only where the
-    model's two candidates are within float16's reach of each other: which side of such a tie a
-    CPU lands on depends on its kernels (AVX2 and AVX-512 machines part on different prompts)."""
+def test_f16_greedy_token_ids_equal_transformers(tmp_path, session):
+    """llama.cpp's f16 greedy tokens are transformers' own, same ids in. (The engine's replies are
+    not compared: its cached decode and llama.cpp can land on two sides of a near-tie, as they did
+    on an AVX-512 EPYC for one of these prompts.)"""
     result = session.export(tmp_path / "m.gguf", type="f16")
     assert result.arch == ("deci" if len(set(result.heads)) > 1 else "llama")
-    llm = _llama(tmp_path / "m.gguf")
-    whole = 0
-    for prompt in PROMPTS:
-        ids = session.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        theirs = _llamacpp_tokens(llm, ids)
-        assert theirs, prompt
-        for i, token in enumerate(theirs):
-            with torch.inference_mode():
-                logits = session.model(input_ids=torch.tensor([list(ids) + theirs[:i]])).logits[0, -1]
-            ours = int(logits.argmax())
-            if ours != token:
-                margin = float(logits[ours] - logits[token])
-                assert margin < 0.2, (prompt, i, session.tokenizer.decode(theirs[: i + 1]), margin)
-                break
-        else:
-            whole += 1
-    llm.close()
-    assert whole >= len(PROMPTS) // 2, f"only {whole} of {len(PROMPTS)} replies followed the model to the end"
-
-
-def test_f16_greedy_token_ids_equal_transformers(tmp_path, session):
-    session.export(tmp_path / "m.gguf", type="f16")
     ids = [
         list(
             session.tokenizer.apply_chat_template(
