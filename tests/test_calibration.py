@@ -46,6 +46,28 @@ def test_jsonl_chats_are_rendered_in_the_models_chat_template(tmp_path):
     assert "Teal." in data.texts[0] and data.name == str(path)
 
 
+def test_joined_specs_are_read_as_one_interleaved_set_recorded_by_part(tmp_path):
+    path = tmp_path / "digits.txt"
+    path.write_text(f"{DIGITS}\n\n{COUNTING}\n")
+    session = workbench.load("tiny:llama", quiet=True)
+    joined = cal.resolve(session, f"reference+{path}")
+    reference = calibration_texts()
+    assert joined.texts[:5] == [reference[0], DIGITS.strip(), reference[1], COUNTING.strip(), reference[2]]
+    assert len(joined.texts) == len(reference) + 2
+    assert joined.record()["sources"] == {"reference": len(reference), str(path): 2}
+    assert joined.name == f"reference+{path}" and joined.sha256 != cal.resolve(session, "reference").sha256
+    plus = tmp_path / "a+b.txt"  # a path that exists is one path, `+` and all
+    plus.write_text("one document")
+    assert cal.resolve(session, str(plus)).texts == ["one document"]
+
+
+def test_the_shipped_books_are_prose_of_two_kinds_none_of_it_held_out():
+    books = read_calibration("data/recovery/books.txt")
+    assert books[0].startswith("CHAPTER I\n\nDown the Rabbit-Hole") and books[1].startswith("INTRODUCTION")
+    assert "`" not in "".join(books) and all(len(b) <= 5600 for b in books)
+    assert check_calibration("mix+data/recovery/books.txt") == "mix+data/recovery/books.txt"
+
+
 # --- what a report records -------------------------------------------------------------------
 
 
@@ -184,6 +206,21 @@ def test_held_out_text_is_refused_as_calibration(tmp_path):
     copied.write_text("My own notes.\n\f\n" + held_out_texts("prose")[3])
     with pytest.raises(ValueError, match="contains a document of the held-out prose text"):
         check_calibration(str(copied))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mix+", "an empty part between '\\+'"),
+        ("mix++reference", "an empty part"),
+        ("mix+reference+mix", "names a part twice"),
+        ("mix+nowhere.txt", "calibration 'nowhere.txt': no such file or folder"),
+        ("reference+data/prose.txt", "prose.txt is held-out evaluation text"),
+    ],
+)
+def test_a_bad_part_of_a_joined_spec_is_named_when_the_config_is_read(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        prune_config(calibration=spec)
 
 
 def test_an_empty_folder_is_refused(tmp_path):

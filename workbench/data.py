@@ -59,8 +59,8 @@ def prose_texts() -> list[str]:
 
 CALIBRATION_BUILTINS = {
     "reference": "data/calibration.txt: 40 CPython Language Reference topics (technical prose)",
-    "mix": "the reference text, the original model's own replies to data/recovery/prompts.txt, "
-    "and everyday sentences (data/speech_sentences.txt), interleaved",
+    "mix": "the reference text, the original model's own replies to data/recovery/prompts.txt and sampled "
+    "continuations of data/recovery/openings.txt, and everyday sentences (data/speech_sentences.txt), interleaved",
 }
 """The calibration data a step may name instead of a path (workbench.compress.calibration builds them)."""
 
@@ -183,10 +183,30 @@ def read_calibration(spec: str) -> list[Document]:
     return documents
 
 
+CALIBRATION_JOIN = "+"
+"""Joins calibration specs into one interleaved set: `mix+data/recovery/fiction.txt` is the mix
+with the user's text beside it (a path that exists is read as one path, `+` and all)."""
+
+
+def calibration_parts(spec: str) -> list[str]:
+    """The specs a calibration value joins (one for a plain name or path), each a built-in name
+    or a path that exists; the error names the part that is neither."""
+    if spec in CALIBRATION_BUILTINS or resolve_path(spec).exists() or CALIBRATION_JOIN not in spec:
+        return [spec]
+    parts = [part.strip() for part in spec.split(CALIBRATION_JOIN)]
+    if not all(parts):
+        raise ValueError(f"calibration {spec!r}: an empty part between {CALIBRATION_JOIN!r}; give name+path+...")
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"calibration {spec!r} names a part twice")
+    return parts
+
+
 def check_calibration(spec: str | None) -> str | None:
-    """A config's calibration value, checked when the config is read (a built-in name, or a
-    readable path); the error names the problem."""
-    if spec is None or spec in CALIBRATION_BUILTINS:
+    """A config's calibration value, checked when the config is read (a built-in name, a
+    readable path, or several joined by `+`); the error names the problem."""
+    if spec is None:
         return spec
-    read_calibration(spec)
+    for part in calibration_parts(spec):
+        if part not in CALIBRATION_BUILTINS:
+            read_calibration(part)
     return spec

@@ -17,6 +17,9 @@ built-in name:
   sampled text reaches the parts of its distribution that neither a reference manual nor an
   assistant's replies do.
 
+Specs joined by `+` (`mix+data/recovery/fiction.txt`) are read as one set, their texts
+interleaved: the mix with text of the user's own kind beside it, not instead of it.
+
 The replies come from the model as it is when the mix is first resolved for a session: the
 pipeline resolves every step's calibration before its first step runs, so a step after
 pruning still reads the original model's text. They are generated once and cached on disk by
@@ -35,6 +38,7 @@ from workbench.data import (
     CALIBRATION_BUILTINS,
     DEFAULT_CALIBRATION,
     Document,
+    calibration_parts,
     calibration_texts,
     read_calibration,
 )
@@ -65,7 +69,7 @@ class Calibration:
     sha256: str
     """of the texts, joined by form feeds: two runs fitted on the same digest saw the same text"""
     sources: dict[str, int] | None = None
-    """mix only: texts of each kind"""
+    """texts of each kind (a mix) or of each joined spec (`mix+path`)"""
 
     @classmethod
     def of(cls, name: str, texts: list[str], sources: dict[str, int] | None = None) -> Calibration:
@@ -107,6 +111,10 @@ def resolve(session, spec: str | None, *, model=None) -> Calibration:
 
 
 def _build(session, name: str, model) -> Calibration:
+    parts = calibration_parts(name)
+    if len(parts) > 1:
+        joined = [resolve(session, part, model=model) for part in parts]
+        return Calibration.of(name, interleave(*(c.texts for c in joined)), {c.name: len(c.texts) for c in joined})
     if name == "reference":
         return Calibration.of(name, calibration_texts())
     if name == "mix":
