@@ -349,6 +349,34 @@ def test_an_adapter_carries_the_compensated_base_it_was_trained_on(tmp_path):
     assert (logits(without.model) - logits(trained.model)).abs().max() > 10 * 2e-3
 
 
+def test_resume_goes_on_from_a_saved_adapter_and_records_where_it_started(tmp_path):
+    """A second stage starts from the first one's compensated o_proj and LoRA (its prune only
+    cuts the same groups), not from the sliced model and a zero LoRA; its adapter carries that
+    base and names the first."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    groups = {0: [1], 1: [0]}
+    prune = {"remove": groups, "compensate": True, "compensate_ridge": 0.01, "calibration_texts": 4}
+    kl = {"keep": "kl", "eval_texts": ["reference"]}
+    trained = workbench.load(recover_config(tmp_path, prune=prune, save_adapter=str(first), **kl), quiet=True)
+    resumed = workbench.load(
+        recover_config(tmp_path, prune={"remove": groups}, resume=str(first), save_adapter=str(second), **kl),
+        quiet=True,
+    )
+    start, end = trained.reports[1], resumed.reports[1]
+    assert end["kl_before"] == pytest.approx(start["kl_after"], rel=1e-2)  # fp16-stored
+    assert end["perplexity_before"] == pytest.approx(start["perplexity_after"], rel=2e-3)
+    assert end["kl_before"] < 0.95 * start["kl_before"] and end["kl_after"] <= end["kl_before"]
+    for name, weight in load_file(first / "base_weights.safetensors").items():
+        assert torch.equal(load_file(second / "base_weights.safetensors")[name], weight)  # not the sliced o_proj
+    record = json.loads((second / "recovery.json").read_text())
+    assert record["resumed_from"]["adapter"] == str(first)
+    assert record["resumed_from"]["best_step"] == start["best_step"]
+    with pytest.raises(ConfigError, match=r"is a LoRA of rank 16, alpha 32; this step asks for rank 8, alpha 16"):
+        recover_config(tmp_path, prune={"remove": groups}, resume=str(first), rank=8)
+    with pytest.raises(ValueError, match=r"trained on a model with KV heads per layer \[1, 1\]"):
+        workbench.load(recover_config(tmp_path, prune={"remove": {0: [1]}}, resume=str(first)), quiet=True)
+
+
 def test_a_base_weight_the_model_has_no_place_for_is_refused_by_name(tmp_path):
     adapter = tmp_path / "adapter"
     workbench.load(recover_config(tmp_path, save_adapter=str(adapter)), quiet=True)
@@ -457,6 +485,14 @@ def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tm
         (
             [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "openings": "/nowhere.txt"}],
             "openings file '/nowhere.txt' does not exist",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "resume": "/nowhere"}],
+            "resume '/nowhere': no recovery.json and adapter_config.json there",
+        ),
+        (
+            [{"step": "prune_heads", "ratio": 0.2}, {"step": "recover", "train": "attention", "resume": "x"}],
+            "resume only apply to train: lora",
         ),
     ],
 )

@@ -8,6 +8,7 @@ training stack. `compress/` maps each name in `STEP_OPTIONS` to the function tha
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,7 +94,7 @@ class PruneOptions(BaseModel):
 # --- recover -------------------------------------------------------------------------------
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_LORA_ONLY = ("rank", "alpha", "dropout", "targets")
+_LORA_ONLY = ("rank", "alpha", "dropout", "targets", "resume")
 _TRAINING = (
     "train",
     "steps",
@@ -177,12 +178,39 @@ class RecoverOptions(BaseModel):
     """Where teacher replies are cached; default the workbench cache folder."""
     save_adapter: str | None = None
     """Write the trained LoRA here (lora only)."""
+    resume: str | None = None
+    """Go on training a folder written by save_adapter: its base weights and LoRA are the start
+    (same rank, alpha and targets), not the compensated model and a zero LoRA. A second stage on
+    other text costs its own steps, not the first stage's again."""
     calibration: CalibrationSpec = None
     """Calibration text (see CALIBRATION_DOC); None: `mix`."""
 
     @property
     def reads_calibration(self) -> bool:
         return self.adapter is None and self.calibration_share > 0
+
+    def _check_resume(self) -> None:
+        assert self.resume is not None
+        folder = resolve_path(self.resume)
+        lora_file = folder / "adapter_config.json"
+        if not (folder / ADAPTER_RECORD).is_file() or not lora_file.is_file():
+            raise ValueError(
+                f"resume {self.resume!r}: no {ADAPTER_RECORD} and adapter_config.json there "
+                "(not a folder written by save_adapter)"
+            )
+        lora = json.loads(lora_file.read_text())
+        theirs = {
+            "rank": lora.get("r"),
+            "alpha": lora.get("lora_alpha"),
+            "targets": sorted(lora.get("target_modules") or []),
+        }
+        ours = {"rank": self.rank, "alpha": self.alpha or 2 * self.rank, "targets": sorted(self.targets)}
+        differ = [k for k in ours if ours[k] != theirs[k]]
+        if differ:
+            raise ValueError(
+                f"resume {self.resume!r} is a LoRA of {', '.join(f'{k} {theirs[k]}' for k in differ)}; "
+                f"this step asks for {', '.join(f'{k} {ours[k]}' for k in differ)}: give the same to go on training it"
+            )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -229,6 +257,8 @@ class RecoverOptions(BaseModel):
             raise ValueError(f"prompts file {self.prompts!r} does not exist")
         if self.save_adapter is not None and resolve_path(self.save_adapter).is_file():
             raise ValueError(f"save_adapter {self.save_adapter!r} is a file; give a folder")
+        if self.resume is not None:
+            self._check_resume()
         return self
 
     @property

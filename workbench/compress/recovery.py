@@ -43,7 +43,7 @@ from workbench.compress import recovery_data as rd
 from workbench.compress.calibration import resolve
 from workbench.data import held_out_texts
 from workbench.metrics import token_windows
-from workbench.models.adapters import load_adapter, save_adapter
+from workbench.models.adapters import check_adapter, load_adapter, load_base, load_lora, save_adapter
 from workbench.models.anatomy import attention_layers, pruned_shape
 from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
 from workbench.step_options import RecoverOptions
@@ -135,6 +135,8 @@ def _trainable(model, opts: RecoverOptions):
             init_lora_weights=True,
         )
         peft_model = get_peft_model(model, lora)
+        if opts.resume is not None:
+            load_lora(peft_model, resolve_path(opts.resume), torch.float32)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         return peft_model, params, peft_model
     params = []
@@ -238,13 +240,13 @@ def train(
         ppl, kl = overall(result)
         return {"perplexity": ppl, "kl": kl, "last": 0.0}[opts.keep]
 
-    first = evaluate(student)
+    module, params, peft_model = _trainable(student, opts)
+    first = evaluate(module)  # where training starts: a resumed LoRA counts, a new one adds zero
     report.perplexity_before, report.kl_before = overall(first)
     report.held_out = {
         name: {"perplexity_before": round(p, 4), "kl_before": round(k, 5)} for name, (p, k) in first.items()
     }
     kept = first
-    module, params, peft_model = _trainable(student, opts)
     report.trainable_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=opts.peak_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, opts))
@@ -329,6 +331,11 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             "recover: the model has the same heads as its teacher; it heals a pruned model, so put prune_heads first"
         )
     calibration = resolve(session, opts.calibration, model=teacher) if opts.reads_calibration else None
+    resumed = None
+    if opts.resume is not None:
+        folder = resolve_path(opts.resume)
+        resumed = check_adapter(folder, model)  # the pruned shape it was trained on
+        load_base(model, folder)
     base = pruned_o_proj(model, teacher) if opts.save_adapter is not None else None
     with _threads(opts.threads):
         report, peft_model = train(
@@ -353,6 +360,8 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
                     "seconds": report.seconds,
                     "history": report.history,
                 }
+                if resumed is not None:
+                    record["resumed_from"] = {"adapter": opts.resume, **resumed}
                 # peft records the path the model was read from (a cache or temporary folder of
                 # the training machine) and warns when it differs at load; the source is what
                 # names the model (recovery.json checks its shape).

@@ -55,24 +55,36 @@ def check_adapter(folder: Path, model) -> dict:
 def load_adapter(model, folder: Path) -> None:
     """Put back the base weights the adapter was trained on top of (when it carries any), apply
     its LoRA and merge it: the model stays a plain transformers model."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model
 
     check_adapter(folder, model)
-    if (folder / BASE_WEIGHTS).is_file():
-        _load_base(model, folder)
+    load_base(model, folder)
     lora = LoraConfig.from_pretrained(str(folder))
     # The record names the model (a source such as embedded:...), which is never the folder the
     # weights were read from; peft would warn that it "was renamed" at every load. recovery.json
     # is what checks that the adapter fits this model.
     lora.base_model_name_or_path = None
     peft_model = get_peft_model(model, lora)
-    weights = {k: v.to(model.dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
+    load_lora(peft_model, folder, model.dtype)
+    merged = peft_model.merge_and_unload()
+    assert merged is model  # merged in place: the session's engine keeps its model
+
+
+def load_lora(peft_model, folder: Path, dtype: torch.dtype) -> None:
+    """The folder's LoRA weights into a peft wrapper of the same rank and targets."""
+    from peft import set_peft_model_state_dict
+
+    weights = {k: v.to(dtype) for k, v in load_file(folder / LORA_WEIGHTS).items()}
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter {folder} holds weights this model has no place for: {unexpected[:3]}")
-    merged = peft_model.merge_and_unload()
-    assert merged is model  # merged in place: the session's engine keeps its model
+
+
+def load_base(model, folder: Path) -> None:
+    """The base weights the adapter was trained on top of, when it carries any."""
+    if (folder / BASE_WEIGHTS).is_file():
+        _load_base(model, folder)
 
 
 def _load_base(model, folder: Path) -> None:
