@@ -1,5 +1,6 @@
-"""Regenerate data/prose.txt, the held-out prose text (run with any Python 3.11; needs network access
-to Debian's archive and PyPI only when the sources are not on the machine yet).
+"""Regenerate data/prose.txt, the held-out prose text, and data/recovery/books.txt, prose that
+`recover` may train on (run with any Python 3.11; needs network access to Debian's archive and PyPI
+only when the sources are not on the machine yet).
 
 Three public-domain works of narrative prose, by three authors, none of them ever used for
 calibration or training:
@@ -27,6 +28,15 @@ would have fitted on it (the text is wrapped at 72 columns). Lines keep their or
 paragraphs are separated by a blank line, documents by a line holding only a form feed, as in
 data/evaluation.txt. The output is the same byte for byte on every run.
 
+data/recovery/books.txt is text of two other works, by other authors, for distillation: Lewis
+Carroll's Alice's Adventures in Wonderland (1865; Project Gutenberg's Millennium Fulcrum Edition
+2.9) and the Library of Congress's Workshop on Electronic Texts: Proceedings (1992, a US government
+publication), both as the Canterbury compression corpus has them (alice29.txt, lcet10.txt), from
+the PyPI sdist of Brotli 1.2.1 (tests/testdata). All of Alice, in documents of whole paragraphs up
+to MAX_CHARS characters, and as many characters of the Proceedings' body (its introduction on,
+before the appendices), alternating; lines lose their indentation and Alice's `quotes' become
+'quotes'.
+
     python scripts/make_prose_data.py [--sources DIR]
 
 --sources: a folder holding the downloaded .deb and .tar.gz files (they are downloaded into a
@@ -52,12 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "prose.txt"
+BOOKS_OUT = OUT.parent / "recovery" / "books.txt"
 MAX_CHARS = 5600
 WRAP = 72  # Botchan's line width
 
 JANEAUSTENR = ("r-cran-janeaustenr", "1.0.0-1", "janeaustenr")
 TOKENIZERS = ("r-cran-tokenizers", "0.3.0-1", "tokenizers")
 SENTENCEPIECE = ("sentencepiece", "0.2.3", "sentencepiece-0.2.3/test/botchan.txt")
+ALICE = ("brotli", "1.2.1", "brotli-1.2.1/tests/testdata/alice29.txt")
+LCET = ("brotli", "1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt")
 
 SHA256 = {
     "janeaustenr/data/Rdata.rdx": "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f",
@@ -65,6 +78,8 @@ SHA256 = {
     "tokenizers/data/Rdata.rdx": "597c9d0f30a6fd0f70a87130d5b424e6cf690894efd8ac283e75cd44d58847cd",
     "tokenizers/data/Rdata.rdb": "2a7581d1d9c2f49fd8c8493e556f984f4a5cdc071eeb6248b0fa719be6b088fe",
     "sentencepiece-0.2.3/test/botchan.txt": "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7",
+    "brotli-1.2.1/tests/testdata/alice29.txt": "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0",
+    "brotli-1.2.1/tests/testdata/lcet10.txt": "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f",
 }
 
 # (novel in janeaustenr, documents taken from it)
@@ -349,6 +364,35 @@ def restore_paragraphs(lines: list[str]) -> list[str]:
     return out
 
 
+def chunked(paragraphs_: list[str]) -> list[str]:
+    """Consecutive paragraphs, whole, in documents of up to MAX_CHARS characters."""
+    docs: list[str] = []
+    for p in paragraphs_:
+        if docs and len(docs[-1]) + 2 + len(p) <= MAX_CHARS:
+            docs[-1] += "\n\n" + p
+        else:
+            docs.append(p)
+    return docs
+
+
+def books(alice: str, lcet: str) -> list[str]:
+    """data/recovery/books.txt's documents (the module docstring says what they are)."""
+    alice_lines = [line.strip().replace("`", "'") for line in alice.replace("\r\n", "\n").split("\n")]
+    start = next(i for i, line in enumerate(alice_lines) if line == "CHAPTER I")
+    end = max(i for i, line in enumerate(alice_lines) if line == "THE END")
+    alice_docs = chunked(paragraphs(alice_lines[start:end]))
+    lcet_lines = [line.strip() for line in lcet.replace("\r\n", "\n").split("\n")]
+    start = lcet_lines.index("INTRODUCTION")
+    end = next(i for i, line in enumerate(lcet_lines) if line.startswith("Appendix I:") and i > start)
+    lcet_docs, chars = [], 0
+    for doc in chunked(paragraphs(lcet_lines[start:end])):
+        if chars >= sum(map(len, alice_docs)):
+            break
+        lcet_docs.append(doc)
+        chars += len(doc)
+    return interleave([alice_docs, lcet_docs])
+
+
 def interleave(groups: list[list[str]]) -> list[str]:
     """Round robin over the groups until all are used up."""
     out = []
@@ -369,6 +413,7 @@ def main() -> None:
         austen_objects = r_lazyload(*r_package_data(JANEAUSTENR, sources))
         (moby,) = r_lazyload(*r_package_data(TOKENIZERS, sources))["mobydick"]  # type: ignore[misc]
         botchan = sdist_file(SENTENCEPIECE, sources).decode("utf-8")
+        alice, lcet = (sdist_file(f, sources).decode("latin-1") for f in (ALICE, LCET))
 
     austen: list[str] = []
     for novel, count in AUSTEN:
@@ -391,6 +436,11 @@ def main() -> None:
     print(f"{OUT.name}: {len(docs)} documents, {sum(map(len, docs))} characters")
     for name, group in (("Austen", austen), ("Melville", melville), ("Natsume", natsume)):
         print(f"  {name}: {len(group)} documents, {sum(map(len, group))} characters")
+
+    training = books(alice, lcet)
+    assert not set(training) & set(docs)
+    BOOKS_OUT.write_text("\n\f\n".join(training) + "\n", encoding="utf-8")
+    print(f"{BOOKS_OUT.name}: {len(training)} documents, {sum(map(len, training))} characters")
 
 
 if __name__ == "__main__":
