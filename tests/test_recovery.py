@@ -371,10 +371,14 @@ def test_resume_goes_on_from_a_saved_adapter_and_records_where_it_started(tmp_pa
     record = json.loads((second / "recovery.json").read_text())
     assert record["resumed_from"]["adapter"] == str(first)
     assert record["resumed_from"]["best_step"] == start["best_step"]
+    assert record["prune"] == json.loads((first / "recovery.json").read_text())["prune"]  # whose base it is
+    assert record["prune"]["options"]["compensate"]
     with pytest.raises(ConfigError, match=r"is a LoRA of rank 16, alpha 32; this step asks for rank 8, alpha 16"):
         recover_config(tmp_path, prune={"remove": groups}, resume=str(first), rank=8)
     with pytest.raises(ValueError, match=r"trained on a model with KV heads per layer \[1, 1\]"):
         workbench.load(recover_config(tmp_path, prune={"remove": {0: [1]}}, resume=str(first)), quiet=True)
+    with pytest.raises(ValueError, match=r"was trained after removing KV groups \{0: \[1\], 1: \[0\]\}"):
+        workbench.load(recover_config(tmp_path, prune={"remove": {0: [0], 1: [1]}}, resume=str(first)), quiet=True)
 
 
 def test_a_base_weight_the_model_has_no_place_for_is_refused_by_name(tmp_path):
@@ -659,15 +663,16 @@ def test_the_shipped_configs_remove_the_adapters_groups_and_read_no_calibration(
 
 def test_the_shipped_pruned_25_holds_on_prose_it_was_not_fitted_on(embedded, embedded_cache, monkeypatch):
     """The config loads the trained model from the adapter alone (no calibration read, nothing
-    measured) and that model stays near the original on fiction: 1.148x perplexity and KL 0.16 on
-    8 windows when shipped (docs/recovery.md); on these 2 windows 1.145x and 0.173, against 1.205x
-    and 0.205 for the rank-16 adapter before it and 1.53x and 0.51 without its base weights."""
+    measured) and that model stays near the original on fiction: 1.094x perplexity and KL 0.14 on
+    8 windows when shipped (docs/recovery.md); on these 2 windows 1.081x and 0.148, against 1.145x
+    and 0.173 for its first stage alone, 1.205x and 0.205 for the rank-16 adapter before it and
+    1.53x and 0.51 without its base weights."""
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(embedded_cache))
     pruned = workbench.load("configs/pruned-25.yaml", quiet=True)
     assert pruned.reports[0]["calibration"] is None and pruned.reports[0]["groups_from"] == "given"
     assert sum(pruned.model.config.key_value_heads_per_layer) == 90 - 22
     d = divergence(embedded.model, pruned.model, pruned.tokenizer, prose_texts(), max_windows=2)
-    assert d.compressed_perplexity / d.original_perplexity < 1.2 and d.kl_mean < 0.2, d
+    assert d.compressed_perplexity / d.original_perplexity < 1.12 and d.kl_mean < 0.16, d
 
 
 def test_the_shipped_adapter_loads_without_peft_warning_of_its_base_model(embedded, embedded_cache, monkeypatch):

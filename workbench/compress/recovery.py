@@ -335,6 +335,13 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
     if opts.resume is not None:
         folder = resolve_path(opts.resume)
         resumed = check_adapter(folder, model)  # the pruned shape it was trained on
+        theirs = {int(k): v for k, v in (resumed.get("prune") or {}).get("removed", {}).items()}
+        ours = {int(k): v for k, v in (prune or {}).get("removed", {}).items()}
+        if theirs and ours and theirs != ours:
+            raise ValueError(
+                f"resume {opts.resume!r} was trained after removing KV groups {theirs}; this prune removes {ours}: "
+                "its base and LoRA fit only those groups (list them with remove:)"
+            )
         load_base(model, folder)
     base = pruned_o_proj(model, teacher) if opts.save_adapter is not None else None
     with _threads(opts.threads):
@@ -352,7 +359,8 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
                 record = {
                     "options": opts.model_dump(mode="json"),
                     "calibration_data": report.calibration,
-                    "prune": prune or {},
+                    # resumed: the groups and the base are the first stage's prune (this one only cut them)
+                    "prune": (resumed.get("prune") if resumed is not None else prune) or {},
                     "perplexity_before": report.perplexity_before,
                     "perplexity_after": report.perplexity_after,
                     "held_out": report.held_out,
