@@ -418,6 +418,24 @@ def test_an_adapter_for_other_pruned_shapes_is_refused_with_both_shapes_named(tm
         workbench.load(config, quiet=True)
 
 
+def test_an_adapter_for_other_groups_of_the_same_shape_is_refused_with_both_named(tmp_path):
+    adapter = tmp_path / "adapter"
+    workbench.load(recover_config(tmp_path, prune={"remove": {0: [1], 1: [0]}}, save_adapter=str(adapter)), quiet=True)
+    config = parse_config(
+        {
+            "model": {"source": "tiny:llama"},
+            "compression": [
+                {"step": "prune_heads", "remove": {0: [0], 1: [1]}},  # the same shape, [1, 1]
+                {"step": "recover", "adapter": str(adapter)},
+            ],
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"removing KV groups \{0: \[1\], 1: \[0\]\}; this prune removes \{0: \[0\], 1: \[1\]\}"
+    ):
+        workbench.load(config, quiet=True)
+
+
 @pytest.mark.parametrize(
     ("steps", "message"),
     [

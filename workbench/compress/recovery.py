@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import sys
 import time
@@ -45,7 +44,7 @@ from workbench.data import held_out_texts
 from workbench.metrics import token_windows
 from workbench.models.adapters import check_adapter, load_adapter, load_base, load_lora, save_adapter
 from workbench.models.anatomy import attention_layers, pruned_shape
-from workbench.paths import ADAPTER_RECORD, cache_root, resolve_path
+from workbench.paths import cache_root, resolve_path
 from workbench.step_options import RecoverOptions
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -310,8 +309,9 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
     if opts.adapter is not None:
         folder = resolve_path(opts.adapter)
         start = time.perf_counter()
+        record = check_adapter(folder, model)  # the shape first: it names both shapes
+        _check_groups(f"adapter {opts.adapter!r}", record, prune)
         load_adapter(model, folder)
-        record = json.loads((folder / ADAPTER_RECORD).read_text())
         return RecoverReport(
             step="recover",
             mode="adapter",
@@ -335,13 +335,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
     if opts.resume is not None:
         folder = resolve_path(opts.resume)
         resumed = check_adapter(folder, model)  # the pruned shape it was trained on
-        theirs = {int(k): v for k, v in (resumed.get("prune") or {}).get("removed", {}).items()}
-        ours = {int(k): v for k, v in (prune or {}).get("removed", {}).items()}
-        if theirs and ours and theirs != ours:
-            raise ValueError(
-                f"resume {opts.resume!r} was trained after removing KV groups {theirs}; this prune removes {ours}: "
-                "its base and LoRA fit only those groups (list them with remove:)"
-            )
+        _check_groups(f"resume {opts.resume!r}", resumed, prune)
         load_base(model, folder)
     base = pruned_o_proj(model, teacher) if opts.save_adapter is not None else None
     with _threads(opts.threads):
@@ -379,6 +373,18 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             merged = peft_model.merge_and_unload()
             assert merged is model
     return report
+
+
+def _check_groups(what: str, record: dict, prune: dict | None) -> None:
+    """The pruned shape (KV heads per layer) can match while the groups differ: other heads'
+    q/k/v would then meet a LoRA and o_proj fitted to the ones removed, silently."""
+    theirs = {int(k): sorted(v) for k, v in (record.get("prune") or {}).get("removed", {}).items() if v}
+    ours = {int(k): sorted(v) for k, v in (prune or {}).get("removed", {}).items() if v}
+    if theirs and ours and theirs != ours:
+        raise ValueError(
+            f"{what} was trained after removing KV groups {theirs}; this prune removes {ours}: "
+            "it fits only those groups (list them with remove:)"
+        )
 
 
 def pruned_o_proj(model, teacher) -> dict[str, torch.Tensor]:
