@@ -384,9 +384,9 @@ def books(alice: str, lcet: str) -> list[str]:
     lcet_lines = [line.strip() for line in lcet.replace("\r\n", "\n").split("\n")]
     start = lcet_lines.index("INTRODUCTION")
     end = next(i for i, line in enumerate(lcet_lines) if line.startswith("Appendix I:") and i > start)
-    lcet_docs, chars = [], 0
+    lcet_docs, chars, wanted = [], 0, sum(map(len, alice_docs))
     for doc in chunked(paragraphs(lcet_lines[start:end])):
-        if chars >= sum(map(len, alice_docs)):
+        if chars >= wanted:
             break
         lcet_docs.append(doc)
         chars += len(doc)

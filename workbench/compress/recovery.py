@@ -309,9 +309,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
     if opts.adapter is not None:
         folder = resolve_path(opts.adapter)
         start = time.perf_counter()
-        record = check_adapter(folder, model)  # the shape first: it names both shapes
-        _check_groups(f"adapter {opts.adapter!r}", record, prune)
-        load_adapter(model, folder)
+        record = load_adapter(model, folder, (prune or {}).get("removed"))
         return RecoverReport(
             step="recover",
             mode="adapter",
@@ -334,8 +332,7 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
     resumed = None
     if opts.resume is not None:
         folder = resolve_path(opts.resume)
-        resumed = check_adapter(folder, model)  # the pruned shape it was trained on
-        _check_groups(f"resume {opts.resume!r}", resumed, prune)
+        resumed = check_adapter(folder, model, (prune or {}).get("removed"))  # its shape and groups
         load_base(model, folder)
     base = pruned_o_proj(model, teacher) if opts.save_adapter is not None else None
     with _threads(opts.threads):
@@ -373,18 +370,6 @@ def recover(session, *, teacher=None, prune: dict | None = None, **options) -> R
             merged = peft_model.merge_and_unload()
             assert merged is model
     return report
-
-
-def _check_groups(what: str, record: dict, prune: dict | None) -> None:
-    """The pruned shape (KV heads per layer) can match while the groups differ: other heads'
-    q/k/v would then meet a LoRA and o_proj fitted to the ones removed, silently."""
-    theirs = {int(k): sorted(v) for k, v in (record.get("prune") or {}).get("removed", {}).items() if v}
-    ours = {int(k): sorted(v) for k, v in (prune or {}).get("removed", {}).items() if v}
-    if theirs and ours and theirs != ours:
-        raise ValueError(
-            f"{what} was trained after removing KV groups {theirs}; this prune removes {ours}: "
-            "it fits only those groups (list them with remove:)"
-        )
 
 
 def pruned_o_proj(model, teacher) -> dict[str, torch.Tensor]:

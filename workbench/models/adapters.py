@@ -32,8 +32,11 @@ BASE_WEIGHTS = "base_weights.safetensors"
 TEMPLATE_FILE = "chat_template.jinja"
 
 
-def check_adapter(folder: Path, model) -> dict:
-    """The adapter's record, after checking it was trained on a model of this shape."""
+def check_adapter(folder: Path, model, removed: dict | None = None) -> dict:
+    """The adapter's record, after checking it was trained on a model of this shape and, given the
+    prune's `removed` groups, after removing those: the shape (KV heads per layer) can match while
+    the groups differ, and other heads' q/k/v would then meet a LoRA and o_proj fitted to the ones
+    removed, silently."""
     record = json.loads((folder / ADAPTER_RECORD).read_text())
     shape = pruned_shape(model)
     if record.get("kv_heads_per_layer") != shape:
@@ -49,15 +52,23 @@ def check_adapter(folder: Path, model) -> dict:
                 f"adapter {folder} was trained on a model with {key}={record['model'][key]}, "
                 f"this one has {getattr(config, key, None)}"
             )
+    theirs = {int(k): sorted(v) for k, v in (record.get("prune") or {}).get("removed", {}).items() if v}
+    ours = {int(k): sorted(v) for k, v in (removed or {}).items() if v}
+    if theirs and ours and theirs != ours:
+        raise ValueError(
+            f"adapter {folder} was trained after removing KV groups {theirs}; this prune removes {ours}: "
+            "it fits only those groups (list them with remove:)"
+        )
     return record
 
 
-def load_adapter(model, folder: Path) -> None:
+def load_adapter(model, folder: Path, removed: dict | None = None) -> dict:
     """Put back the base weights the adapter was trained on top of (when it carries any), apply
-    its LoRA and merge it: the model stays a plain transformers model."""
+    its LoRA and merge it: the model stays a plain transformers model. Returns its record
+    (checked as check_adapter checks it)."""
     from peft import LoraConfig, get_peft_model
 
-    check_adapter(folder, model)
+    record = check_adapter(folder, model, removed)
     load_base(model, folder)
     lora = LoraConfig.from_pretrained(str(folder))
     # The record names the model (a source such as embedded:...), which is never the folder the
@@ -68,6 +79,7 @@ def load_adapter(model, folder: Path) -> None:
     load_lora(peft_model, folder, model.dtype)
     merged = peft_model.merge_and_unload()
     assert merged is model  # merged in place: the session's engine keeps its model
+    return record
 
 
 def load_lora(peft_model, folder: Path, dtype: torch.dtype) -> None:
